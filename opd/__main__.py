@@ -1,0 +1,3 @@
+from opd.cli import main
+
+raise SystemExit(main())

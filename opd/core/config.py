@@ -1,0 +1,100 @@
+"""Every knob of the OPD algorithm, each with its single default, validated at construction.
+
+Engines, launchers and YAML only pass values through to this object; no other layer holds a default for these.
+Engine-level settings (paths, batch sizes, lengths, optimiser) live in the engine's own config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+TOP_K_STRATEGIES = ("only_stu", "only_tch", "intersection", "union", "union-intersection")
+REWARD_WEIGHT_MODES = ("student_p", "teacher_p", "none")
+ADV_ESTIMATORS = ("token_reward_direct", "token_reward_direct_plus_grpo", "token_grpo", "grpo")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_LOSS_TYPES = ("low_var_kl", "k1", "k2")
+TEACHABILITY_MODES = ("off", "mask", "weight")
+FULL_VOCAB = -1  # LOG_PROB_TOP_K=-1: exact reverse KL over the whole vocabulary
+
+
+@dataclass(frozen=True)
+class OPDConfig:
+    # --- supervision support (spec §1-§3) ---
+    top_k: int = 16  # LOG_PROB_TOP_K: 0 = sampled token, K > 0 = top-k support, -1 = full vocabulary
+    top_k_strategy: str = "only_stu"  # TOP_K_STRATEGY
+    reward_weight_mode: str = "student_p"  # REWARD_WEIGHT_MODE
+    temperature: float = 1.0  # student (rollout) temperature applied to student logits
+    teacher_temperature: float = 1.0  # TEACHER_TEMPERATURE
+    tail_bucket: bool = False  # one extra slot holding the probability mass outside the top-k support
+    teachability: str = "off"  # off | mask | weight: act on low shared top-k mass
+    teachability_threshold: float = 0.5  # shared (overlap) mass below which a position is masked / down-weighted
+    chunk_size: int = 1024  # positions per chunk in the logits kernels (bounds peak memory)
+    # --- advantages (spec §4) ---
+    adv_estimator: str = "token_reward_direct"  # ADV_ESTIMATOR
+    grpo_outcome_weight: float = 1.0  # GRPO_OUTCOME_WEIGHT
+    norm_adv_by_std: bool = True  # GRPO std normalisation
+    # --- update (spec §5) ---
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float = 3.0  # dual clip for negative advantages
+    loss_agg_mode: str = "token-mean"  # LOSS_AGG_MODE
+    use_kl: bool = False  # USE_KL: KL-to-reference loss
+    kl_coef: float = 0.005
+    kl_loss_type: str = "low_var_kl"
+    enable_format_reward: bool = False  # ENABLE_FORMAT_REWARD: responses without \boxed get no loss
+
+    def __post_init__(self) -> None:
+        def check_choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"OPDConfig.{name}={value!r} is not valid; allowed: {', '.join(allowed)}")
+
+        check_choice("top_k_strategy", TOP_K_STRATEGIES)
+        check_choice("reward_weight_mode", REWARD_WEIGHT_MODES)
+        check_choice("adv_estimator", ADV_ESTIMATORS)
+        check_choice("loss_agg_mode", LOSS_AGG_MODES)
+        check_choice("kl_loss_type", KL_LOSS_TYPES)
+        check_choice("teachability", TEACHABILITY_MODES)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < FULL_VOCAB:
+            raise ValueError(f"OPDConfig.top_k={self.top_k!r} is not valid; expected an int >= 0, or -1 for full vocabulary")
+        for name in ("temperature", "teacher_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"OPDConfig.{name}={getattr(self, name)!r} is not valid; expected > 0")
+        for name in ("clip_ratio_low", "clip_ratio_high"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"OPDConfig.{name}={getattr(self, name)!r} is not valid; expected in [0, 1)")
+        if not self.clip_ratio_c > 1:
+            raise ValueError(f"OPDConfig.clip_ratio_c={self.clip_ratio_c!r} is not valid; expected > 1")
+        if not 0 <= self.teachability_threshold <= 1:
+            raise ValueError(
+                f"OPDConfig.teachability_threshold={self.teachability_threshold!r} is not valid; expected in [0, 1]"
+            )
+        if self.chunk_size < 1:
+            raise ValueError(f"OPDConfig.chunk_size={self.chunk_size!r} is not valid; expected >= 1")
+        if self.kl_coef < 0:
+            raise ValueError(f"OPDConfig.kl_coef={self.kl_coef!r} is not valid; expected >= 0")
+        if self.tail_bucket and self.top_k <= 0:
+            raise ValueError("OPDConfig.tail_bucket=True needs a top-k support (top_k > 0)")
+        if self.teachability != "off" and self.top_k <= 0:
+            raise ValueError(f"OPDConfig.teachability={self.teachability!r} needs a top-k support (top_k > 0)")
+        if self.adv_estimator == "token_grpo" and self.top_k != 0:
+            raise ValueError("OPDConfig.adv_estimator='token_grpo' needs top_k=0 (one reward per token)")
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.top_k == FULL_VOCAB
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.adv_estimator != "grpo"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "OPDConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown OPDConfig field(s) {unknown}; valid: {', '.join(sorted(known))}")
+        return cls(**values)
