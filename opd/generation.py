@@ -1,0 +1,152 @@
+"""KV-cached batched sampling for any Hugging Face causal LM: the transformers rollout backend.
+
+Why our own loop rather than `model.generate`: it is ~2x faster for tiny models (no per-step processor stack), the
+random stream is one explicit `torch.Generator` (so a resumed run replays the same samples), and it returns exactly the
+response token ids the trainer needs (EOS included when generated, nothing after it).
+Prompts are left-padded so every row's next token sits in the last column; position ids skip the padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+def render_prompt_ids(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
+    """Token ids of a chat prompt rendered with the tokenizer's chat template (+ generation prompt).
+
+    Rendering to text first and tokenising without special tokens keeps a template's own BOS from being doubled.
+    `template_kwargs` (e.g. enable_thinking=True) go to the template.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat_template; cannot render prompts")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _filter_top_p(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside the smallest set whose probability reaches top_p."""
+    sorted_logits, sorted_idx = torch.sort(logits_BV, descending=True, dim=-1)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    # drop a token when the mass *before* it already reaches top_p (the top-1 token always stays)
+    drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
+    return logits_BV.masked_fill(drop, float("-inf"))
+
+
+def _apply_repetition_penalty(logits_BV: torch.Tensor, seen_BL: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on every token already in the row (prompt or response); -1 entries are padding."""
+    counts = torch.zeros(logits_BV.shape, dtype=torch.long, device=logits_BV.device)
+    counts.scatter_add_(-1, seen_BL.clamp_min(0), (seen_BL >= 0).long())
+    penalised = torch.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return torch.where(counts > 0, penalised, logits_BV)
+
+
+def next_token_logits_to_ids(
+    logits_BV: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Sample one token per row (greedy when temperature == 0)."""
+    if temperature == 0:
+        return logits_BV.argmax(-1)
+    logits = logits_BV.float() / temperature
+    if top_p < 1.0:
+        logits = _filter_top_p(logits, top_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_token_ids: int | Sequence[int],
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[list[int]]:
+    """Sample one response per prompt (repeat a prompt n times for n samples).
+
+    Returns the response ids per prompt, in prompt order, each ending at (and including) its first EOS, or
+    `max_new_tokens` long when truncated. The model is put in eval mode for the call and restored afterwards.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    eos = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids))
+    device = next(model.parameters()).device
+    eos = eos.to(device)
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    bar = tqdm(total=len(prompts), desc="sampling", unit="seq", disable=not progress, leave=False)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            out.extend(
+                _sample_batch(
+                    model, chunk, max_new_tokens, eos, pad_token_id, temperature, top_p, repetition_penalty, generator, device
+                )
+            )
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return out
+
+
+def _sample_batch(model, prompts, max_new_tokens, eos, pad_id, temperature, top_p, rep_penalty, generator, device):
+    B = len(prompts)
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError("empty prompt (0 tokens) cannot be sampled from")
+    L = max(lengths)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, L - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        attn[i, L - len(p) :] = 1
+    input_ids, attn = input_ids.to(device), attn.to(device)
+    position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
+    seen = input_ids.masked_fill(attn == 0, -1) if rep_penalty != 1.0 else None
+
+    outputs = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    past = outputs.past_key_values
+    logits = outputs.logits[:, -1, :]
+    next_pos = position_ids[:, -1] + 1
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    generated = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    n_gen = torch.zeros(B, dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        if seen is not None:
+            logits = _apply_repetition_penalty(logits.float(), seen, rep_penalty)
+        tok = next_token_logits_to_ids(logits, temperature=temperature, top_p=top_p, generator=generator)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        generated[:, step] = tok
+        n_gen += (~done).long()
+        done = done | torch.isin(tok, eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if seen is not None:
+            seen = torch.cat([seen, tok.masked_fill(done, -1)[:, None]], dim=1)
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+        outputs = model(
+            input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], past_key_values=past, use_cache=True
+        )
+        past = outputs.past_key_values
+        logits = outputs.logits[:, -1, :]
+        next_pos = next_pos + 1
+    gen = generated.cpu().tolist()
+    return [row[: int(n)] for row, n in zip(gen, n_gen.cpu().tolist())]
