@@ -1,0 +1,144 @@
+"""The rule grader: one verdict for a (response, ground truth) pair, used by evaluation and as the RL reward.
+
+Order of checks, cheapest first: extract the final answer (no answer = wrong); normalised string match;
+word answers compared case-insensitively (never through sympy, which reads "ab" as a*b == b*a); exact
+fraction comparison when both sides are plain numbers; otherwise math-verify in a worker process under a
+hard timeout, after size caps that refuse huge exponents/towers/factorials. A refused, timed-out or failing
+symbolic check grades as wrong, never raises. ``grade_batch`` spreads the symbolic checks of many answers
+over a few worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from .extract import extract_answer, extract_boxed
+from .normalize import is_text_answer, normalize_answer, parse_number, safe_for_symbolic, text_key
+from .symbolic import DEFAULT_TIMEOUT_S, SymbolicChecker, SymbolicTimeout, symbolic_equal
+
+__all__ = ["GradeResult", "grade_answer", "grade_response", "score_response", "grade_batch"]
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    """Verdict plus how it was reached (``method``), so reports can count format errors and timeouts."""
+
+    score: float  # 1.0 correct, 0.0 otherwise
+    extracted: str | None  # the final answer found in the response (None: format error)
+    method: str  # no_answer | string | text | numeric | symbolic | refused | timeout
+
+    @property
+    def correct(self) -> bool:
+        return self.score == 1.0
+
+
+def _fast_verdict(pred: str, gt: str) -> tuple[bool, str] | None:
+    """Decide without sympy when possible; None means "needs the symbolic check"."""
+    n_pred, n_gt = normalize_answer(pred), normalize_answer(gt)
+    if n_pred == n_gt and n_gt:
+        return True, "string"
+    if is_text_answer(gt):
+        return text_key(pred) == text_key(gt), "text"
+    v_pred, v_gt = parse_number(n_pred), parse_number(n_gt)
+    if v_pred is not None and v_gt is not None:
+        return v_pred == v_gt, "numeric"
+    if not n_pred or not safe_for_symbolic(pred) or not safe_for_symbolic(gt):
+        return False, "refused"
+    return None
+
+
+def _clean_gt(ground_truth: str) -> str:
+    if not isinstance(ground_truth, str):
+        ground_truth = str(ground_truth)
+    boxed = extract_boxed(ground_truth) if "\\boxed" in ground_truth or "\\fbox" in ground_truth else None
+    return boxed if boxed is not None else ground_truth.strip()
+
+
+def grade_answer(
+    pred: str | None, ground_truth: str, *, timeout: float = DEFAULT_TIMEOUT_S, checker: SymbolicChecker | None = None
+) -> GradeResult:
+    """Grade an already extracted answer against the ground truth."""
+    if pred is None:
+        return GradeResult(0.0, None, "no_answer")
+    gt = _clean_gt(ground_truth)
+    fast = _fast_verdict(pred, gt)
+    if fast is not None:
+        return GradeResult(float(fast[0]), pred, fast[1])
+    try:
+        ok = symbolic_equal(pred, gt, timeout=timeout, checker=checker)
+    except SymbolicTimeout:
+        return GradeResult(0.0, pred, "timeout")
+    return GradeResult(float(ok), pred, "symbolic")
+
+
+def grade_response(
+    response: str, ground_truth: str, *, timeout: float = DEFAULT_TIMEOUT_S, checker: SymbolicChecker | None = None
+) -> GradeResult:
+    """Extract the final answer of ``response`` and grade it."""
+    return grade_answer(extract_answer(response), ground_truth, timeout=timeout, checker=checker)
+
+
+def score_response(response: str, ground_truth: str) -> float:
+    """1.0 if the response's final answer equals the ground truth, else 0.0 (the rule reward)."""
+    return grade_response(response, ground_truth).score
+
+
+def grade_batch(
+    responses: list[str],
+    ground_truths: list[str],
+    *,
+    workers: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    progress: bool = False,
+) -> list[GradeResult]:
+    """Grade many responses: fast paths in this process, symbolic checks over ``workers`` worker processes."""
+    if len(responses) != len(ground_truths):
+        raise ValueError(f"grade_batch: {len(responses)} responses but {len(ground_truths)} ground truths")
+    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    results: list[GradeResult | None] = [None] * len(responses)
+    pending: list[tuple[int, str, str]] = []
+    for i, (resp, gt) in enumerate(zip(responses, ground_truths)):
+        pred = extract_answer(resp)
+        if pred is None:
+            results[i] = GradeResult(0.0, None, "no_answer")
+            continue
+        clean = _clean_gt(gt)
+        fast = _fast_verdict(pred, clean)
+        if fast is not None:
+            results[i] = GradeResult(float(fast[0]), pred, fast[1])
+        else:
+            pending.append((i, pred, clean))
+    if pending:
+        n = min(workers, len(pending))
+        pool: queue.Queue[SymbolicChecker] = queue.Queue()
+        checkers = [SymbolicChecker() for _ in range(n)]
+        for c in checkers:
+            pool.put(c)
+
+        def run(item: tuple[int, str, str]) -> tuple[int, GradeResult]:
+            checker = pool.get()
+            try:
+                return item[0], grade_answer(item[1], item[2], timeout=timeout, checker=checker)
+            finally:
+                pool.put(checker)
+
+        try:
+            with ThreadPoolExecutor(n) as ex:
+                bar = tqdm(total=len(pending), desc="symbolic checks", disable=not progress)
+                for i, res in ex.map(run, pending):
+                    results[i] = res
+                    bar.update()
+                bar.close()
+        finally:
+            for c in checkers:
+                c.close()
+    return [r for r in results if r is not None] if all(r is not None for r in results) else _missing(results)
+
+
+def _missing(results: list[GradeResult | None]) -> list[GradeResult]:
+    raise RuntimeError(f"grade_batch lost {sum(r is None for r in results)} results")  # cannot happen; guards refactors
