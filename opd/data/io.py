@@ -1,0 +1,129 @@
+"""File helpers shared by the data tools: atomic writes and streaming readers for parquet / JSON / JSONL inputs.
+
+Atomic writes (temporary file in the target folder, then os.replace) mean an interrupted tool never leaves a
+half-written output that a later step would read as complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from opd.data.schema import DataError
+
+INPUT_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:
+    """Files named directly, plus the parquet/JSON/JSONL files inside named folders (sorted, e.g. HF shards)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in INPUT_SUFFIXES)
+            if not found:
+                raise DataError(f"folder holds no {'/'.join(INPUT_SUFFIXES)} files", file=p)
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError("no such file or folder", file=p)
+    return out
+
+
+def iter_records(path: Path, columns: list[str] | None = None, batch_rows: int = 4096) -> Iterator[dict]:
+    """Stream rows of one parquet / JSON / JSONL file as dicts (parquet in record batches, reading only `columns`).
+
+    A `.json` file may hold a list of records, {"data"|"rows"|"train"|"test": [...]}, or (as many HF uploads do)
+    one record per line.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise DataError(f"not a readable parquet file ({e})", file=path) from e
+        names = pf.schema_arrow.names
+        cols = None if columns is None else [c for c in columns if c in names]
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+            yield from batch.to_pylist()
+    elif suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1 << 16).lstrip()
+        if suffix == ".json" and head.startswith("["):
+            yield from _json_records(path)
+        elif suffix == ".json" and head.startswith("{") and not _looks_like_jsonl(path):
+            yield from _json_records(path)
+        else:
+            yield from _jsonl_records(path)
+    else:
+        raise DataError(f"unsupported file type {suffix!r}; expected one of {INPUT_SUFFIXES}", file=path)
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        json.loads(first)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _json_records(path: Path) -> Iterator[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON at line {e.lineno} ({e.msg})", file=path) from e
+    if isinstance(data, dict):
+        for key in ("data", "rows", "train", "test"):
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+        else:
+            raise DataError("a JSON object file must hold a list under 'data', 'rows', 'train' or 'test'", file=path)
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise DataError(f"expected a JSON object, got {type(rec).__name__}", file=path, row=i)
+        yield rec
+
+
+def _jsonl_records(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        row = 0
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON on line {lineno} ({e.msg})", file=path, row=row) from e
+            if not isinstance(rec, dict):
+                raise DataError(f"line {lineno}: expected a JSON object, got {type(rec).__name__}", file=path, row=row)
+            yield rec
+            row += 1

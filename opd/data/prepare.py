@@ -1,0 +1,303 @@
+"""`opd data prepare`: convert local copies of public math prompt sets and benchmarks into the RL parquet schema.
+
+Recognised layouts (`--format auto` picks one from the columns):
+  dapo          DAPO-Math-17k parquet, already RL-shaped (prompt = [user message with the DAPO template],
+                reward_model.ground_truth, extra_info.index); the raw problem is recovered by stripping the template.
+  deepmath      DeepMath-103K: question, final_answer, difficulty, topic, r1_solution_1..3 (solutions not read).
+  openthoughts  OpenThoughts3-1.2M: conversations [{from, value}], domain, source, difficulty; only domain == "math"
+                rows are kept and the answer is the last \\boxed{} of the assistant ("gpt") turn.
+  benchmark     AIME / AMC / MATH-500 style: problem|question|Problem|Question and answer|Answer|final_answer,
+                optional id column (id, ID, unique_id, problem_id, idx); MATH-500's subject/level are kept.
+Each output row's prompt is the raw problem wrapped in --template (dapo, boxed, none, or a text file with one
+{problem} placeholder); the raw problem stays in extra_info.question. Structurally malformed input (missing column,
+wrong type) stops with an error naming the file, row and column; rows without usable content (empty question or
+answer, non-math domain, no boxed answer, repeated question) are dropped and counted by reason.
+Nothing is downloaded: inputs are local files or folders (e.g. a `huggingface-cli download` snapshot).
+
+  opd data prepare --input DAPO-Math-17k/data --output data/dapo_boxed.parquet --template boxed
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opd.data.io import expand_inputs, iter_records
+from opd.data.schema import DataError, make_rl_row, write_rl_parquet
+from opd.data.templates import apply_template, load_template, strip_template
+
+QUESTION_COLUMNS = ("problem", "question", "Problem", "Question")
+ANSWER_COLUMNS = ("answer", "Answer", "final_answer", "expected_answer")
+ID_COLUMNS = ("id", "ID", "unique_id", "problem_id", "idx")
+
+
+class Drop(Exception):
+    """A row without usable content: dropped and counted, not an error."""
+
+
+@dataclass(frozen=True)
+class Converted:
+    question: str
+    answer: str
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    default_source: str
+    columns: tuple[str, ...] | None  # parquet columns to read (None = all)
+    convert: Callable[[dict, Path, int], Converted]
+
+
+def _text(rec: dict, col: str, file: Path, row: int, *, what: str) -> str:
+    """A string cell; integers (AIME answers) become their decimal text; null/blank -> Drop."""
+    if col not in rec:
+        raise DataError("missing column", file=file, row=row, column=col)
+    v = rec[col]
+    if v is None:
+        raise Drop(f"empty {what}")
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise DataError(f"expected a string, got {type(v).__name__} {str(v)[:60]!r}", file=file, row=row, column=col)
+    if isinstance(v, float):
+        if v != v:  # NaN from pandas-written files
+            raise Drop(f"empty {what}")
+        v = int(v) if v.is_integer() else v
+    v = str(v).strip()
+    if not v:
+        raise Drop(f"empty {what}")
+    return v
+
+
+def _first_present(rec: dict, names: tuple[str, ...], file: Path, row: int, kind: str) -> str:
+    for n in names:
+        if n in rec:
+            return n
+    raise DataError(f"no {kind} column; expected one of {list(names)}, found {sorted(rec)}", file=file, row=row)
+
+
+def _scalar_extras(rec: dict, cols: tuple[str, ...]) -> dict[str, Any]:
+    return {c: rec[c] for c in cols if isinstance(rec.get(c), (str, int, float)) and not isinstance(rec.get(c), bool)}
+
+
+def _convert_dapo(rec: dict, file: Path, row: int) -> Converted:
+    prompt = rec.get("prompt")
+    if "prompt" not in rec:
+        raise DataError("missing column", file=file, row=row, column="prompt")
+    if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(m, dict) for m in prompt):
+        raise DataError(f"expected a list of chat messages, got {type(prompt).__name__}", file=file, row=row, column="prompt")
+    users = [m for m in prompt if m.get("role") == "user"]
+    if not users or not isinstance(users[-1].get("content"), str):
+        raise DataError("no user message with string content", file=file, row=row, column="prompt")
+    question = strip_template(users[-1]["content"], normalize=False)
+    if not question:
+        raise Drop("empty question")
+    rm = rec.get("reward_model")
+    if "reward_model" not in rec:
+        raise DataError("missing column", file=file, row=row, column="reward_model")
+    if not isinstance(rm, dict) or "ground_truth" not in rm:
+        raise DataError(f"expected {{'ground_truth': ...}}, got {rm!r}"[:120], file=file, row=row, column="reward_model")
+    answer = _text({"reward_model.ground_truth": rm["ground_truth"]}, "reward_model.ground_truth", file, row, what="answer")
+    info = rec.get("extra_info") if isinstance(rec.get("extra_info"), dict) else {}
+    extra = {"source_id": str(info["index"])} if info.get("index") is not None else {}
+    return Converted(question, answer, extra)
+
+
+def _convert_deepmath(rec: dict, file: Path, row: int) -> Converted:
+    q = _text(rec, "question", file, row, what="question")
+    a = _text(rec, "final_answer", file, row, what="answer")
+    return Converted(q, a, _scalar_extras(rec, ("difficulty", "topic")))
+
+
+def _convert_openthoughts(rec: dict, file: Path, row: int) -> Converted:
+    from opd.grading.extract import extract_boxed
+
+    if "domain" in rec and rec["domain"] != "math":
+        raise Drop("domain is not math")
+    conv = rec.get("conversations")
+    if "conversations" not in rec:
+        raise DataError("missing column", file=file, row=row, column="conversations")
+    if not isinstance(conv, (list, tuple)) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conv):
+        raise DataError("expected a list of {from, value} turns", file=file, row=row, column="conversations")
+    human = [t["value"] for t in conv if t.get("from") in ("human", "user")]
+    gpt = [t["value"] for t in conv if t.get("from") in ("gpt", "assistant")]
+    if not human or not human[0].strip():
+        raise Drop("empty question")
+    answer = extract_boxed(gpt[-1]) if gpt else None
+    if not answer:
+        raise Drop("no \\boxed answer in the assistant turn")
+    return Converted(human[0].strip(), answer, _scalar_extras(rec, ("source", "difficulty")))
+
+
+def _convert_benchmark(rec: dict, file: Path, row: int) -> Converted:
+    q = _text(rec, _first_present(rec, QUESTION_COLUMNS, file, row, "question"), file, row, what="question")
+    a = _text(rec, _first_present(rec, ANSWER_COLUMNS, file, row, "answer"), file, row, what="answer")
+    extra = _scalar_extras(rec, ("subject", "level"))
+    for c in ID_COLUMNS:
+        if rec.get(c) is not None:
+            extra["source_id"] = str(rec[c])
+            break
+    return Converted(q, a, extra)
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("dapo", "DAPO-Math-17k", ("prompt", "reward_model", "extra_info"), _convert_dapo),
+        Format("deepmath", "DeepMath-103K", ("question", "final_answer", "difficulty", "topic"), _convert_deepmath),
+        Format("openthoughts", "OpenThoughts3-math", ("conversations", "domain", "source", "difficulty"), _convert_openthoughts),
+        Format("benchmark", "", None, _convert_benchmark),
+    )
+}
+
+
+def detect_format(columns: list[str], file: Path) -> Format:
+    cols = set(columns)
+    if {"prompt", "reward_model"} <= cols:
+        return FORMATS["dapo"]
+    if "conversations" in cols:
+        return FORMATS["openthoughts"]
+    if {"question", "final_answer"} <= cols:
+        return FORMATS["deepmath"]
+    if cols & set(QUESTION_COLUMNS) and cols & set(ANSWER_COLUMNS):
+        return FORMATS["benchmark"]
+    raise DataError(
+        f"cannot tell the layout from columns {sorted(cols)}; pass --format ({', '.join(FORMATS)})", file=file
+    )
+
+
+def _columns_of(path: Path) -> list[str]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).schema_arrow.names
+        except Exception as e:
+            raise DataError(f"not a readable parquet file ({e})", file=path) from e
+    for rec in iter_records(path):
+        return list(rec)
+    return []
+
+
+@dataclass
+class PrepareResult:
+    rows: list[dict]
+    read: int
+    dropped: dict[str, int]
+    formats: dict[str, str]  # file -> format name
+
+
+def convert_files(
+    paths: list[Path],
+    *,
+    fmt: str = "auto",
+    template: str,
+    data_source: str | None = None,
+    split: str = "train",
+    dedup_questions: bool = True,
+    limit: int | None = None,
+    progress: bool = True,
+) -> PrepareResult:
+    """Convert every input file into schema rows (indices 0..n-1 in input order)."""
+    from tqdm.auto import tqdm
+
+    rows: list[dict] = []
+    dropped: collections.Counter[str] = collections.Counter()
+    formats: dict[str, str] = {}
+    seen: set[str] = set()
+    read = 0
+    bar = tqdm(desc="prepare", unit="row", disable=not progress)
+    try:
+        for path in paths:
+            if fmt == "auto":
+                f = detect_format(_columns_of(path), path)
+            elif fmt in FORMATS:
+                f = FORMATS[fmt]
+            else:
+                raise ValueError(f"unknown --format {fmt!r}; choose auto or one of {sorted(FORMATS)}")
+            formats[str(path)] = f.name
+            source = data_source or f.default_source or path.stem
+            for i, rec in enumerate(iter_records(path, list(f.columns) if f.columns else None)):
+                read += 1
+                bar.update(1)
+                try:
+                    c = f.convert(rec, path, i)
+                    key = re.sub(r"\s+", " ", c.question).strip()
+                    if dedup_questions and key in seen:
+                        raise Drop("repeated question")
+                    seen.add(key)
+                except Drop as d:
+                    dropped[str(d)] += 1
+                    continue
+                rows.append(
+                    make_rl_row(
+                        data_source=source,
+                        prompt_text=apply_template(template, c.question),
+                        ground_truth=c.answer,
+                        index=len(rows),
+                        split=split,
+                        question=c.question,
+                        extra=c.extra,
+                    )
+                )
+                if limit is not None and len(rows) >= limit:
+                    return PrepareResult(rows, read, dict(dropped), formats)
+    finally:
+        bar.close()
+    return PrepareResult(rows, read, dict(dropped), formats)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="opd data prepare",
+        description=__doc__.split("\n\n")[0]
+        + " Inputs are local parquet/JSON/JSONL files or folders of them; nothing is downloaded.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1],
+    )
+    p.add_argument("--input", nargs="+", required=True, help="input files or folders (parquet, JSON, JSONL)")
+    p.add_argument("--output", required=True, help="output RL parquet (written atomically)")
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="input layout (default: detect)")
+    p.add_argument("--template", default="boxed", help="dapo, boxed, none, or a text file with one {problem} (default boxed)")
+    p.add_argument("--data-source", help="data_source value (default: the layout's dataset name, or the file stem)")
+    p.add_argument("--split", default="train", help="extra_info.split value (default train)")
+    p.add_argument("--keep-repeats", action="store_true", help="keep repeated questions (DAPO-Math-17k repeats each ~100x)")
+    p.add_argument("--limit", type=int, help="stop after this many kept rows")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        template = load_template(args.template)
+        res = convert_files(
+            expand_inputs(args.input),
+            fmt=args.format,
+            template=template,
+            data_source=args.data_source,
+            split=args.split,
+            dedup_questions=not args.keep_repeats,
+            limit=args.limit,
+            progress=not args.no_progress,
+        )
+        if not res.rows:
+            raise DataError(f"no usable rows (dropped: {res.dropped})", file=args.input[0])
+        write_rl_parquet(res.rows, args.output)
+    except (DataError, ValueError) as e:
+        print(f"opd data prepare: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"output": args.output, "read": res.read, "kept": len(res.rows), "dropped": res.dropped,
+                      "formats": res.formats}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
