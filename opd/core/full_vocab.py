@@ -1,0 +1,142 @@
+"""Full-vocabulary OPD: the exact per-position reverse KL and its policy-gradient loss term (LOG_PROB_TOP_K = -1).
+
+The support is the whole vocabulary, so the candidate "slots" would be [N, T, V]: far too large to store. Both
+functions therefore walk positions in chunks of `chunk_size` rows, upcasting one chunk of each model's logits to
+float32 at a time; peak extra memory is a few chunk_size * V float32 buffers, whatever N * T is.
+
+Loss term. With A_t(v) = w_t(v) * (lq_t(v) - lp_t(v)) (w = p for student_p, q for teacher_p, 1/V for none: the
+vocabulary-normalised weights of spec §3), the on-policy PPO surrogate at ratio 1 is
+    L_t = -sum_v A_t(v)            (value; equals KL_t exactly for student_p)
+    grad L_t = -sum_v sg(A_t(v)) * grad lp_t(v)
+and with lp = x / tau - logsumexp(x / tau) this is, per logit x_u,
+    dL_t / dx_u = -(A_t(u) - p_t(u) * sum_v A_t(v)) / tau.
+A custom autograd.Function recomputes A chunk by chunk in backward, so nothing [N, T, V]-sized in float32 is kept.
+Logits are expected finite (real model outputs); -inf logits would make A undefined.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.core.logits import DEFAULT_CHUNK_SIZE, _check_temperature, _float_chunk
+
+FULL_VOCAB_WEIGHT_MODES = ("student_p", "teacher_p", "none")
+
+
+def _check_pair(student_logits_NTV: torch.Tensor, teacher_logits_NTV: torch.Tensor, chunk_size: int) -> None:
+    if student_logits_NTV.shape != teacher_logits_NTV.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits_NTV.shape)} and teacher logits {tuple(teacher_logits_NTV.shape)} "
+            "differ; teacher and student must share the vocabulary and score the same positions"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} is not valid; expected >= 1")
+
+
+def _chunk_logprobs(rows_RV: torch.Tensor, temperature: float) -> torch.Tensor:
+    x_RV = _float_chunk(rows_RV, temperature)
+    return x_RV.sub_(torch.logsumexp(x_RV, dim=-1, keepdim=True))
+
+
+@torch.no_grad()
+def full_vocab_reverse_kl(
+    student_logits_NTV: torch.Tensor,
+    teacher_logits_NTV: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Exact KL_t = sum_v p_t(v) (lp_t(v) - lq_t(v)), float32 [N, T]; no gradient.
+
+    p = softmax(student / temperature), q = softmax(teacher / teacher_temperature). Terms with p = 0 count as 0.
+    """
+    _check_temperature(temperature)
+    _check_temperature(teacher_temperature)
+    _check_pair(student_logits_NTV, teacher_logits_NTV, chunk_size)
+    vocab = student_logits_NTV.shape[-1]
+    s_RV = student_logits_NTV.reshape(-1, vocab)
+    t_RV = teacher_logits_NTV.reshape(-1, vocab)
+    kl_R = torch.empty(s_RV.shape[0], dtype=torch.float32, device=s_RV.device)
+    for start in range(0, s_RV.shape[0], chunk_size):
+        stop = min(start + chunk_size, s_RV.shape[0])
+        lp_RV = _chunk_logprobs(s_RV[start:stop], temperature)
+        diff_RV = _chunk_logprobs(t_RV[start:stop], teacher_temperature).neg_().add_(lp_RV)  # lp - lq
+        kl_R[start:stop] = diff_RV.mul_(lp_RV.exp_()).nan_to_num_(nan=0.0).sum(-1)
+    return kl_R.reshape(student_logits_NTV.shape[:-1])
+
+
+def _chunk_advantage(s_rows, t_rows, tau, teacher_tau, weight_mode):
+    """(A [R, V], p [R, V]) for one chunk: A = w * (lq - lp) with vocabulary-normalised weights."""
+    lp_RV = _chunk_logprobs(s_rows, tau)
+    lq_RV = _chunk_logprobs(t_rows, teacher_tau)
+    p_RV = lp_RV.exp()
+    q_RV = lq_RV.exp() if weight_mode == "teacher_p" else None
+    log_ratio_RV = lq_RV.sub_(lp_RV)
+    del lp_RV
+    if weight_mode == "student_p":
+        adv_RV = log_ratio_RV.mul_(p_RV)
+    elif weight_mode == "teacher_p":
+        adv_RV = log_ratio_RV.mul_(q_RV)
+    else:  # none: uniform 1 / V
+        adv_RV = log_ratio_RV.div_(s_rows.shape[-1])
+    return adv_RV, p_RV
+
+
+class _FullVocabPG(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_RV, teacher_RV, tau, teacher_tau, weight_mode, chunk_size):  # type: ignore[override]
+        loss_R = torch.empty(student_RV.shape[0], dtype=torch.float32, device=student_RV.device)
+        for start in range(0, student_RV.shape[0], chunk_size):
+            stop = min(start + chunk_size, student_RV.shape[0])
+            adv_RV, _ = _chunk_advantage(student_RV[start:stop], teacher_RV[start:stop], tau, teacher_tau, weight_mode)
+            loss_R[start:stop] = -adv_RV.sum(-1)
+        # References only: no copies. The teacher logits stay alive until backward (A is recomputed from them).
+        ctx.save_for_backward(student_RV, teacher_RV)
+        ctx.args = (tau, teacher_tau, weight_mode, chunk_size)
+        return loss_R
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_R):  # type: ignore[override]
+        student_RV, teacher_RV = ctx.saved_tensors
+        tau, teacher_tau, weight_mode, chunk_size = ctx.args
+        grad_student_RV = torch.empty_like(student_RV)
+        grad_R = grad_R.to(torch.float32)
+        for start in range(0, student_RV.shape[0], chunk_size):
+            stop = min(start + chunk_size, student_RV.shape[0])
+            adv_RV, p_RV = _chunk_advantage(student_RV[start:stop], teacher_RV[start:stop], tau, teacher_tau,
+                                            weight_mode)
+            # dL/dx = -(A - p * sum A) / tau, times the incoming gradient of each row
+            g_RV = p_RV.mul_(adv_RV.sum(-1, keepdim=True)).sub_(adv_RV)
+            g_RV.mul_((grad_R[start:stop] / tau)[:, None])
+            grad_student_RV[start:stop] = g_RV
+        return grad_student_RV, None, None, None, None, None
+
+
+def full_vocab_pg_loss_NT(
+    student_logits_NTV: torch.Tensor,
+    teacher_logits_NTV: torch.Tensor,
+    weight_mode: str = "student_p",
+    *,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Per-position surrogate L_t = -sum_v A_t(v), float32 [N, T], with grad = -sum_v sg(A_t(v)) grad lp_t(v).
+
+    Differentiable w.r.t. the student logits only (the teacher is a constant). Aggregate over positions (mask,
+    token-mean, ...) as for any other per-token loss. Extra memory: O(chunk_size * V) float32 scratch plus the
+    gradient itself (in the student logits' dtype); the teacher logits are referenced until backward.
+    """
+    if weight_mode not in FULL_VOCAB_WEIGHT_MODES:
+        raise ValueError(f"weight_mode={weight_mode!r} is not valid; allowed: {', '.join(FULL_VOCAB_WEIGHT_MODES)}")
+    _check_temperature(temperature)
+    _check_temperature(teacher_temperature)
+    _check_pair(student_logits_NTV, teacher_logits_NTV, chunk_size)
+    vocab = student_logits_NTV.shape[-1]
+    loss_R = _FullVocabPG.apply(
+        student_logits_NTV.reshape(-1, vocab), teacher_logits_NTV.detach().reshape(-1, vocab),
+        float(temperature), float(teacher_temperature), weight_mode, int(chunk_size),
+    )
+    return loss_R.reshape(student_logits_NTV.shape[:-1])
