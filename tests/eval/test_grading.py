@@ -1,0 +1,144 @@
+"""Tests of opd.grading: the hand-made verdict table, extraction, adversarial inputs and the timeout machinery."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from opd.grading import (
+    SymbolicChecker,
+    SymbolicTimeout,
+    extract_answer,
+    grade_answer,
+    grade_batch,
+    grade_response,
+    score_response,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from grader_cases import CASES  # noqa: E402
+
+
+def test_case_table_is_large_and_covers_the_required_kinds():
+    assert len(CASES) >= 60
+    kinds = {c[0] for c in CASES}
+    for needed in ("fraction", "radical", "interval", "set", "tuple", "unit", "text", "latex", "no_box",
+                   "nested", "several_boxes", "answer_line"):
+        assert needed in kinds, needed
+    # both verdicts appear in every kind with a wrong-answer case, so a grader that always says 1 fails
+    assert sum(c[3] == 0.0 for c in CASES) >= 20
+
+
+@pytest.mark.parametrize("kind,response,gt,expected", CASES, ids=[f"{i}-{c[0]}" for i, c in enumerate(CASES)])
+def test_case_table(kind, response, gt, expected):
+    assert score_response(response, gt) == expected
+
+
+def test_batch_equals_one_by_one():
+    responses = [c[1] for c in CASES]
+    gts = [c[2] for c in CASES]
+    batch = grade_batch(responses, gts, workers=2)
+    single = [grade_response(r, g) for r, g in zip(responses, gts)]
+    assert batch == single
+    assert [r.score for r in batch] == [c[3] for c in CASES]
+
+
+def test_batch_rejects_length_mismatch():
+    with pytest.raises(ValueError, match="2 responses but 1 ground truths"):
+        grade_batch(["a", "b"], ["1"])
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("a \\boxed{1} b \\boxed{2}", "2"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\fbox{\\{1, 2\\}}", "\\{1, 2\\}"),  # escaped braces do not close the box
+        ("\\boxed{a{b{c}}d}", "a{b{c}}d"),
+        ("\\boxed{1} then \\boxed{2", None),  # last box unclosed: truncated, no answer
+        ("\\boxed 5.", "5"),
+        ("\\boxedfoo{3}", None),  # another macro, not a box
+        ("Answer: 7\n", "7"),
+        ("answer: $x+1$.", "x+1"),
+        ("Final Answer: 12", "12"),
+        ("The answer is 3", None),
+        ("\\boxed{}", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_extract_rejects_non_string():
+    with pytest.raises(TypeError, match="expects a str"):
+        extract_answer(None)  # type: ignore[arg-type]
+
+
+def test_methods_reported():
+    assert grade_response("no box", "1").method == "no_answer"
+    assert grade_response("\\boxed{1234}", "1234").method == "string"
+    assert grade_response("\\boxed{1235}", "1234").method == "numeric"
+    assert grade_response("\\boxed{Tuesday}", "Monday").method == "text"
+    assert grade_response("\\boxed{\\sqrt{8}}", "2\\sqrt{2}").method == "symbolic"
+
+
+ADVERSARIAL = [
+    "\\boxed{10^{10^{10^{10}}}}",
+    "\\boxed{9^{99999999}}",
+    "\\boxed{2**2**2**2**2**2}",
+    "\\boxed{100000000!}",
+    "\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}",  # deeply nested braces
+    "\\boxed{" + "\\frac{1}{" * 300 + "2" + "}" * 300 + "}",
+    "\\boxed{" + "1+" * 50000 + "1}",  # 100k characters inside the box
+    "x" * 100_000 + "\\boxed{3}",  # 100k-character response (answer wrong)
+    "\\boxed{" * 20000,  # never closed
+    "{" * 50000 + "\\boxed{4" + "}" * 10,
+    "\\boxed{\\sqrt{\\sqrt{\\sqrt{" * 200 + "}" * 600 + "}",
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("response", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
+def test_adversarial_inputs_finish_and_grade_wrong(response):
+    # the bound is enforced by the timeout marker (and each symbolic check by its own 2 s limit)
+    res = grade_response(response, "1", timeout=2.0)
+    assert res.score == 0.0
+
+
+def test_checker_kills_and_restarts_on_overrun():
+    checker = SymbolicChecker()
+    try:
+        # a power tower that gets past no cap because we call the checker directly: must time out, not hang
+        with pytest.raises(SymbolicTimeout):
+            checker.check("10^{10^{10}}", "1", timeout=1.0)
+        assert checker._proc is None  # killed
+        assert checker.check("\\sqrt{8}", "2\\sqrt{2}", timeout=30.0) is True  # fresh worker
+        assert checker.check("\\sqrt{8}", "3", timeout=30.0) is False
+    finally:
+        checker.close()
+
+
+def test_timeout_grades_wrong_instead_of_raising():
+    checker = SymbolicChecker()
+    try:
+        checker.check("1", "1", timeout=30.0)  # start the worker outside the measured check
+        res = grade_answer("x^2+2x+1", "(x+1)^2", timeout=1e-4, checker=checker)
+        assert res.method == "timeout" and res.score == 0.0
+        res = grade_answer("x^2+2x+1", "(x+1)^2", timeout=30.0, checker=checker)
+        assert res.method == "symbolic" and res.score == 1.0
+    finally:
+        checker.close()
+
+
+def test_checker_survives_a_dead_worker():
+    checker = SymbolicChecker()
+    try:
+        assert checker.check("\\frac{2}{4}", "0.5", timeout=30.0)
+        checker._proc.kill()
+        checker._proc.wait()
+        assert checker.check("\\frac{2}{4}", "0.5", timeout=30.0)
+        assert checker.restarts == 1
+    finally:
+        checker.close()
