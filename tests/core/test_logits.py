@@ -1,0 +1,169 @@
+"""Chunked logits kernels (opd.core.logits) against float64 brute force: values, gradients, chunking, memory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from opd.core.logits import logit_stats, logprobs_at
+
+
+def ref_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float64 reference log-softmax of exactly the values the kernel sees (after any bf16 rounding)."""
+    return torch.log_softmax(logits.double() / temperature, dim=-1)
+
+
+def rand_logits(gen, shape, dtype=torch.float32, scale=3.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("V,k", [(1, 1), (7, 1), (7, 3), (7, 7), (50, 5), (301, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_logit_stats_matches_float64(V, k, dtype, temperature):
+    gen = torch.Generator().manual_seed(1000 * V + k)
+    logits = rand_logits(gen, (3, 5, V), dtype)
+    ids = torch.randint(0, V, (3, 5, 4), generator=gen)
+    st = logit_stats(logits, k=k, ids_NTJ=ids, temperature=temperature, chunk_size=4)
+    ref = ref_logprobs(logits, temperature)
+    tol = dict(atol=2e-5, rtol=1e-5)
+    # top-k values are the k largest reference log-probs; the returned ids carry exactly those log-probs
+    torch.testing.assert_close(st.topk_lp_NTK.double(), ref.topk(k, dim=-1).values, **tol)
+    torch.testing.assert_close(ref.gather(-1, st.topk_ids_NTK), st.topk_lp_NTK.double(), **tol)
+    assert (st.topk_ids_NTK.sort(-1).values.diff(dim=-1) > 0).all(), "top-k ids must be distinct"
+    torch.testing.assert_close(st.lp_at_ids_NTJ.double(), ref.gather(-1, ids), **tol)
+    entropy = -(ref.exp() * ref).sum(-1)
+    torch.testing.assert_close(st.entropy_NT.double(), entropy, atol=5e-5, rtol=1e-5)
+    assert st.topk_lp_NTK.dtype == st.lp_at_ids_NTJ.dtype == st.entropy_NT.dtype == torch.float32
+
+
+def test_logit_stats_chunked_equals_unchunked_and_is_per_row():
+    gen = torch.Generator().manual_seed(1)
+    logits = rand_logits(gen, (4, 9, 97), torch.bfloat16)
+    ids = torch.randint(0, 97, (4, 9, 3), generator=gen)
+    whole = logit_stats(logits, k=6, ids_NTJ=ids, chunk_size=10_000)
+    for chunk in (1, 5, 36):
+        part = logit_stats(logits, k=6, ids_NTJ=ids, chunk_size=chunk)
+        for a, b in ((whole.topk_ids_NTK, part.topk_ids_NTK), (whole.topk_lp_NTK, part.topk_lp_NTK),
+                     (whole.lp_at_ids_NTJ, part.lp_at_ids_NTJ), (whole.entropy_NT, part.entropy_NT)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    # a row's result does not depend on the other rows in the batch
+    one = logit_stats(logits[2:3, 4:6], k=6, ids_NTJ=ids[2:3, 4:6], chunk_size=3)
+    torch.testing.assert_close(one.topk_lp_NTK, whole.topk_lp_NTK[2:3, 4:6], atol=1e-6, rtol=0)
+    torch.testing.assert_close(one.entropy_NT, whole.entropy_NT[2:3, 4:6], atol=1e-6, rtol=0)
+
+
+def test_logit_stats_ties_padding_and_masked_vocab():
+    # integer logits: many exact ties; an all-zero row (padding: uniform); -inf entries (masked vocabulary)
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randint(-2, 3, (2, 6, 11), generator=gen).float()
+    logits[1, 5] = 0.0
+    logits[0, 0, :4] = float("-inf")
+    st = logit_stats(logits, k=5, chunk_size=4)
+    ref = ref_logprobs(logits, 1.0)
+    torch.testing.assert_close(st.topk_lp_NTK.double(), ref.topk(5, dim=-1).values, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ref.gather(-1, st.topk_ids_NTK), st.topk_lp_NTK.double(), atol=1e-6, rtol=0)
+    assert torch.isfinite(st.entropy_NT).all()
+    assert st.entropy_NT[1, 5].item() == pytest.approx(torch.log(torch.tensor(11.0)).item(), abs=1e-6)
+    p = ref.exp()
+    entropy = -(p * ref.nan_to_num(neginf=0.0)).sum(-1)
+    torch.testing.assert_close(st.entropy_NT.double(), entropy, atol=1e-5, rtol=0)
+
+
+def test_logit_stats_k0_leaves_input_untouched():
+    gen = torch.Generator().manual_seed(3)
+    logits = rand_logits(gen, (2, 3, 13))
+    before = logits.clone()
+    st = logit_stats(logits, k=0, temperature=0.5)
+    assert st.topk_ids_NTK is None and st.topk_lp_NTK is None and st.lp_at_ids_NTJ is None
+    assert torch.equal(logits, before), "the kernel must work on a copy, never in place on the caller's logits"
+    torch.testing.assert_close(logprobs_at(logits, torch.zeros(2, 3, 1, dtype=torch.long), temperature=0.5),
+                               ref_logprobs(logits, 0.5)[..., :1].float())
+    assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(k=14), "k=14"),
+    (dict(k=2, ids_NTJ=torch.full((2, 3, 1), 13)), r"ids in \[13, 13\]"),
+    (dict(k=2, ids_NTJ=torch.zeros(2, 4, 1, dtype=torch.long)), "leading dims"),
+    (dict(k=2, ids_NTJ=torch.zeros(2, 3, 1)), "integer"),
+    (dict(k=2, temperature=0.0), "temperature"),
+    (dict(k=2, chunk_size=0), "chunk_size"),
+])
+def test_logit_stats_rejects_bad_input(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        logit_stats(torch.zeros(2, 3, 13), **bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_at_value_and_gradient_match_float64(dtype, temperature):
+    gen = torch.Generator().manual_seed(4)
+    V = 37
+    base = rand_logits(gen, (3, 4, V), dtype)
+    ids = torch.randint(0, V, (3, 4, 5), generator=gen)
+    ids[0, 0, 1] = ids[0, 0, 0]  # a repeated id: its gradient contributions must add up
+    upstream = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+
+    logits = base.clone().requires_grad_(True)
+    lp = logprobs_at(logits, ids, temperature=temperature, chunk_size=5)
+    (lp.double() * upstream).sum().backward()
+
+    ref_in = base.double().requires_grad_(True)
+    ref = ref_logprobs(ref_in, temperature).gather(-1, ids)
+    (ref * upstream).sum().backward()
+
+    assert lp.dtype == torch.float32 and logits.grad.dtype == dtype
+    torch.testing.assert_close(lp.double(), ref.detach(), atol=2e-5, rtol=1e-5)
+    grad_tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(logits.grad.double(), ref_in.grad, **grad_tol)
+
+
+def test_logprobs_at_chunked_equals_unchunked_and_no_grad_mode():
+    gen = torch.Generator().manual_seed(5)
+    base = rand_logits(gen, (2, 7, 29))
+    ids = torch.randint(0, 29, (2, 7, 3), generator=gen)
+    grads = []
+    for chunk in (1, 4, 1000):
+        logits = base.clone().requires_grad_(True)
+        lp = logprobs_at(logits, ids, chunk_size=chunk)
+        lp.pow(2).sum().backward()
+        grads.append((lp.detach(), logits.grad))
+    for lp, grad in grads[1:]:
+        torch.testing.assert_close(lp, grads[0][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, grads[0][1], atol=1e-6, rtol=0)
+    with torch.no_grad():
+        lp = logprobs_at(base.clone().requires_grad_(True), ids)
+    assert not lp.requires_grad
+    torch.testing.assert_close(lp, grads[0][0], atol=1e-6, rtol=0)
+
+
+def test_logprobs_at_keeps_no_float32_vocab_tensor_for_backward():
+    """The naive log_softmax(x.float()).gather() saves an [R, V] float32 tensor; ours saves only the logits."""
+    N, T, V = 2, 8, 64
+    logits = torch.randn(N, T, V, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, V, (N, T, 2))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp = logprobs_at(logits, ids, chunk_size=4)
+    big_float32 = [t for t in saved if t.dtype == torch.float32 and t.numel() >= N * T * V // 4]
+    assert not big_float32, f"backward keeps float32 vocabulary-sized tensors: {[tuple(t.shape) for t in big_float32]}"
+    assert any(t.dtype == torch.bfloat16 and t.numel() == N * T * V for t in saved)
+    lp.sum().backward()  # and the graph still works
+
+
+def test_core_imports_no_engine():
+    code = ("import sys, opd.core, opd.core.logits, opd.core.support, opd.core.rewards, opd.core.full_vocab, "
+            "opd.core.teachability\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'verl', 'ray', 'transformers', 'vllm'})\n"
+            "assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
