@@ -30,9 +30,10 @@ from opd.core.registry import Registry
 from opd.core.types import Support
 
 TAIL_ID = -1
-# Floor of the tail mass (1 - covered mass). In float32 the covered mass of K probabilities carries a rounding
-# error of ~K * 6e-8, so 1 - mass below ~1e-6 is noise (it can even come out negative). With the floor the tail
-# log-prob is >= log(1e-6) ~ -13.8 and finite; when both models' tails hit the floor their log-ratio is exactly 0.
+# Floor of the tail mass (1 - covered mass). The covered mass inherits the float32 rounding of the log-probs it
+# sums (~1e-7 in total), so 1 - mass below ~1e-6 is noise (with K = V it can even come out negative). With the
+# floor the tail log-prob is >= log(1e-6) ~ -13.8 and finite; when both models' tails hit the floor their
+# log-ratio is exactly 0.
 TAIL_MIN_MASS = 1e-6
 
 
@@ -55,10 +56,13 @@ def topk_membership(ids_NTK: torch.Tensor, other_ids_NTJ: torch.Tensor) -> torch
 def tail_logprob(lp_NTC: torch.Tensor, valid_NTC: torch.Tensor) -> torch.Tensor:
     """log(1 - sum over valid slots of exp(lp)) -> [N, T], floored at log(TAIL_MIN_MASS); differentiable.
 
-    log1p keeps small covered masses exact; the clamp keeps a near-1 covered mass finite (see TAIL_MIN_MASS).
+    The sum runs in float64 (cheap at [N, T, C]): 1 - covered loses float32's relative precision exactly when the
+    tail is small, e.g. a tail of 1e-4 would carry a ~0.1% error. log1p keeps small covered masses exact; the clamp
+    keeps a near-1 covered mass finite (see TAIL_MIN_MASS). Returns lp's dtype.
     """
-    covered_NT = torch.where(valid_NTC, lp_NTC.exp(), torch.zeros_like(lp_NTC)).sum(-1)
-    return torch.log1p(-covered_NT.clamp(max=1.0 - TAIL_MIN_MASS))
+    lp64_NTC = lp_NTC.double()
+    covered_NT = torch.where(valid_NTC, lp64_NTC.exp(), torch.zeros_like(lp64_NTC)).sum(-1)
+    return torch.log1p(-covered_NT.clamp(max=1.0 - TAIL_MIN_MASS)).to(lp_NTC.dtype)
 
 
 LP_INPUTS = ("student_lp_at_student_NTK", "teacher_lp_at_student_NTK", "student_lp_at_teacher_NTK",
