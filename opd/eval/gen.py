@@ -1,0 +1,319 @@
+"""`opd eval gen`: sample N answers per benchmark problem and write one resumable JSONL per (model, benchmark, settings).
+
+Output: ``<out>/<benchmark>__<model>__<settings>.jsonl``, one line per sample:
+``{example_id, sample_idx, prompt, answer, seed, response, response_tokens, finish_reason}`` (prompt = the
+rendered chat text the model saw), plus ``<same>.meta.json`` with the settings and ``complete: true`` once all
+samples are in. A complete output is skipped unless ``--replace``; an interrupted one is resumed: lines are
+appended per batch, and on restart the (example_id, sample_idx) pairs already present are skipped and a
+truncated last line is cut off.
+
+Backends: vLLM when installed and a GPU is visible (one request per sample, each with its own seed, so every
+sample is reproducible alone), else transformers with ``opd.generation.sample`` (KV-cached batches; ``seed`` is
+then the seed of the batch's generator: an uninterrupted rerun with the same settings reproduces the file).
+The vLLM path cannot be exercised on our CPU test machines.
+
+Example::
+
+    opd eval gen --model ckpt/actor --benchmark aime24 amc23 --data-dir data/bench --n 16 --out eval_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from opd.eval.benchmarks import Benchmark, load_benchmark
+
+__all__ = ["GenSettings", "output_paths", "read_done", "generate_benchmark", "main"]
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    n: int = 16
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 31744
+    thinking: str | None = None  # "on" / "off" / None (template default)
+    template: str = "boxed"
+    seed: int = 0
+
+    def tag(self) -> str:
+        think = self.thinking or "default"
+        tmpl = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(self.template).stem)
+        return f"n{self.n}_t{self.temperature:g}_p{self.top_p:g}_len{self.max_tokens}_think-{think}_{tmpl}_s{self.seed}"
+
+    def template_kwargs(self) -> dict:
+        return {} if self.thinking is None else {"enable_thinking": self.thinking == "on"}
+
+
+def model_tag(model_path: str) -> str:
+    name = Path(str(model_path).rstrip("/")).name or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+
+
+def output_paths(out_dir: Path, bench: str, model: str, settings: GenSettings) -> tuple[Path, Path]:
+    stem = f"{bench}__{model}__{settings.tag()}"
+    return out_dir / f"{stem}.jsonl", out_dir / f"{stem}.meta.json"
+
+
+def sample_seed(base: int, example_id: int, sample_idx: int) -> int:
+    """A per-sample seed that does not depend on batching or on resumption."""
+    digest = hashlib.blake2b(f"{base}:{example_id}:{sample_idx}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def read_done(path: Path) -> set[tuple[int, int]]:
+    """(example_id, sample_idx) pairs already in ``path``; a truncated or corrupt tail is cut off in place."""
+    done: set[tuple[int, int]] = set()
+    if not path.exists():
+        return done
+    good_end = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # the last write was interrupted mid-line
+            try:
+                rec = json.loads(raw)
+                key = (int(rec["example_id"]), int(rec["sample_idx"]))
+            except (ValueError, KeyError, TypeError):
+                break
+            done.add(key)
+            good_end += len(raw)
+    if good_end < path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return done
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class TransformersBackend:
+    """opd.generation.sample on a Hugging Face model (CPU or one GPU)."""
+
+    seed_scope = "batch"
+    default_batch = 64
+
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        eos = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+        self.eos_ids = sorted(e for e in eos if e is not None)
+        if not self.eos_ids:
+            raise ValueError(f"{model_path}: neither the tokenizer nor generation_config defines an EOS token")
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.eos_ids[0]
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], s: GenSettings) -> list[tuple[str, int, str, int]]:
+        from opd.generation import sample
+
+        gen = self.torch.Generator(device=self.device).manual_seed(seeds[0])
+        outs = sample(
+            self.model, prompt_ids, max_new_tokens=s.max_tokens, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id,
+            temperature=s.temperature, top_p=s.top_p, generator=gen, batch_size=len(prompt_ids),
+        )
+        result = []
+        for ids in outs:
+            finish = "stop" if ids and ids[-1] in self.eos_ids else "length"
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            result.append((text, len(ids), finish, seeds[0]))
+        return result
+
+
+class VLLMBackend:
+    """vLLM offline engine: one request per sample with its own seed (not testable on CPU machines)."""
+
+    seed_scope = "sample"
+    default_batch = 2048
+
+    def __init__(self, model_path: str, dtype: str = "auto", tensor_parallel_size: int = 1, max_model_len: int | None = None):
+        from vllm import LLM
+
+        kwargs = dict(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], s: GenSettings) -> list[tuple[str, int, str, int]]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=sd) for sd in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=params, use_tqdm=False)
+        return [(o.outputs[0].text, len(o.outputs[0].token_ids), str(o.outputs[0].finish_reason), sd) for o, sd in zip(outs, seeds)]
+
+
+def _vllm_usable() -> bool:
+    try:
+        import torch
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def make_backend(name: str, model_path: str, args: argparse.Namespace):
+    if name == "auto":
+        name = "vllm" if _vllm_usable() else "transformers"
+    if name == "vllm":
+        return VLLMBackend(model_path, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len)
+    return TransformersBackend(model_path, device=args.device, dtype=args.dtype)
+
+
+def is_complete(jsonl: Path, meta: Path, expected: int) -> bool:
+    if not (jsonl.exists() and meta.exists()):
+        return False
+    try:
+        m = json.loads(meta.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return bool(m.get("complete")) and m.get("n_samples_total") == expected
+
+
+def generate_benchmark(backend, bench: Benchmark, model_path: str, settings: GenSettings, out_dir: Path,
+                       batch_size: int | None = None, progress: bool = True) -> Path:
+    """Generate (or finish) one output file; returns its path."""
+    model = model_tag(model_path)
+    jsonl, meta_path = output_paths(out_dir, bench.name, model, settings)
+    expected = len(bench.examples) * settings.n
+    meta = {
+        "benchmark": bench.name, "benchmark_path": str(bench.path), "model": model, "model_path": str(model_path),
+        "backend": type(backend).__name__, "seed_scope": backend.seed_scope, "n_examples": len(bench.examples),
+        "n_samples_total": expected, "complete": False, **{f"settings_{k}": v for k, v in asdict(settings).items()},
+    }
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+        for key in ("model_path", "benchmark_path", "n_examples"):
+            if old.get(key) != meta[key]:
+                raise ValueError(
+                    f"{jsonl} was started with {key}={old.get(key)!r}, now {meta[key]!r}: use another --out folder "
+                    "or --replace"
+                )
+    _write_meta(meta_path, meta)
+    done = read_done(jsonl)
+    by_id = {ex.example_id: ex for ex in bench.examples}
+    tk = settings.template_kwargs()
+    from opd.generation import render_prompt_ids
+
+    prompts = {eid: render_prompt_ids(backend.tokenizer, ex.messages, **tk) for eid, ex in by_id.items()}
+    prompt_text = {eid: backend.tokenizer.decode(ids) for eid, ids in prompts.items()}
+    pending = [(eid, j) for eid in by_id for j in range(settings.n) if (eid, j) not in done]
+    step = batch_size or backend.default_batch
+    bar = tqdm(total=expected, initial=expected - len(pending), desc=f"{bench.name} x {model}", unit="sample",
+               disable=not progress)
+    with open(jsonl, "a", encoding="utf-8") as f:
+        for start in range(0, len(pending), step):
+            chunk = pending[start : start + step]
+            seeds = [sample_seed(settings.seed, eid, j) for eid, j in chunk]
+            outs = backend.generate([prompts[eid] for eid, _ in chunk], seeds, settings)
+            for (eid, j), (text, n_tok, finish, seed) in zip(chunk, outs):
+                rec = {
+                    "example_id": eid, "sample_idx": j, "prompt": prompt_text[eid],
+                    "answer": by_id[eid].answer, "seed": seed, "response": text, "response_tokens": n_tok,
+                    "finish_reason": finish,
+                }
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+    bar.close()
+    if len(read_done(jsonl)) != expected:
+        raise RuntimeError(f"{jsonl}: expected {expected} samples after generation, found {len(read_done(jsonl))}")
+    _write_meta(meta_path, {**meta, "complete": True})
+    return jsonl
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="opd eval gen",
+        description="Sample N answers per benchmark problem (workflow.md §6). Writes <out>/<benchmark>__<model>__"
+        "<settings>.jsonl (+ .meta.json); finished files are skipped unless --replace, interrupted ones resume.",
+    )
+    p.add_argument("--model", nargs="+", required=True, help="model folder(s) (HF format, with tokenizer)")
+    p.add_argument("--benchmark", nargs="+", required=True,
+                   help="benchmark file(s) (RL-schema or problem/answer parquet/jsonl) or names found in --data-dir")
+    p.add_argument("--data-dir", help="local folder holding <name>.parquet/.jsonl for benchmark names (no downloads)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=16, help="samples per problem (default 16)")
+    p.add_argument("--temperature", type=float, default=0.7, help="default 0.7")
+    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
+    p.add_argument("--max-tokens", type=int, default=31744, help="max response tokens (default 31744)")
+    p.add_argument("--thinking", choices=["on", "off"], help="pass enable_thinking=True/False to the chat template "
+                   "(Qwen3-style); unset: the template's default")
+    p.add_argument("--template", default="boxed", help="instruction template for problem/answer files: boxed (default), "
+                   "dapo, none, or a text file with one {problem}")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each sample's seed is recorded")
+    p.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
+                   help="auto: vLLM if installed and a GPU is visible, else transformers")
+    p.add_argument("--batch-size", type=int, help="samples per generation call and per append (default: 64 "
+                   "transformers, 2048 vLLM)")
+    p.add_argument("--device", default="auto", help="transformers backend: cpu, cuda, cuda:1 (default auto)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    p.add_argument("--max-model-len", type=int, help="vLLM only")
+    p.add_argument("--limit", type=int, help="use only the first N problems of each benchmark (smoke tests)")
+    p.add_argument("--replace", action="store_true", help="regenerate outputs that already exist")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name, value, ok in (("--n", args.n, args.n >= 1), ("--max-tokens", args.max_tokens, args.max_tokens >= 1),
+                            ("--temperature", args.temperature, args.temperature >= 0),
+                            ("--top-p", args.top_p, 0 < args.top_p <= 1),
+                            ("--limit", args.limit, args.limit is None or args.limit >= 1)):
+        if not ok:
+            print(f"opd eval gen: invalid {name} {value}", file=sys.stderr)
+            return 2
+    settings = GenSettings(args.n, args.temperature, args.top_p, args.max_tokens, args.thinking, args.template, args.seed)
+    benches = []
+    for spec in args.benchmark:
+        b = load_benchmark(spec, args.data_dir, template=args.template)
+        if args.limit:
+            b = Benchmark(b.name, b.path, b.examples[: args.limit])
+        benches.append(b)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for model_path in args.model:
+        todo = []
+        for b in benches:
+            jsonl, meta = output_paths(out, b.name, model_tag(model_path), settings)
+            if args.replace:
+                jsonl.unlink(missing_ok=True)
+                meta.unlink(missing_ok=True)
+            if is_complete(jsonl, meta, len(b.examples) * settings.n):
+                print(f"skip (complete): {jsonl}")
+            else:
+                todo.append(b)
+        if not todo:
+            continue
+        backend = make_backend(args.backend, model_path, args)
+        for b in todo:
+            path = generate_benchmark(backend, b, model_path, settings, out, args.batch_size, progress=not args.no_progress)
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
