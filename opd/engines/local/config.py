@@ -1,0 +1,336 @@
+"""TrainConfig: every knob of the local engine with its single default, plus the algorithm's OPDConfig.
+
+Where values come from, lowest to highest precedence: the defaults below, a YAML file (`opd train --config x.yaml`),
+the launcher environment variables (`--from-env`, what on_policy_distillation.sh / grpo.sh use), then `key=value`
+arguments. Algorithm knobs live in `opd.core.config.OPDConfig` (reached as `algo.<field>`); this file holds no
+default for them. `ENV_VARS` is the one table mapping launcher variables to config keys: the launchers, the CLI help
+and the tests all read it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from opd.core.config import OPDConfig
+
+DTYPES = ("fp32", "bf16", "fp16")
+LR_SCHEDULERS = ("constant", "cosine")
+
+# launcher variable -> config key ("algo.x" reaches OPDConfig.x). Documented in the launchers' headers.
+ENV_VARS: dict[str, str] = {
+    "ADV_ESTIMATOR": "algo.adv_estimator",
+    "ACTOR_MODEL_PATH": "actor_model_path",
+    "REWARD_MODEL_PATH": "reward_model_path",
+    "N_RESPONSES": "n_responses",
+    "MINI_BATCH_SIZE": "mini_batch_size",
+    "MAX_PROMPT_LENGTH": "max_prompt_length",
+    "MAX_RESP_LENGTH": "max_resp_length",
+    "MAX_VAL_RESP_LENGTH": "max_val_resp_length",
+    "LOG_PROB_TOP_K": "algo.top_k",
+    "TOP_K_STRATEGY": "algo.top_k_strategy",
+    "REWARD_WEIGHT_MODE": "algo.reward_weight_mode",
+    "TEMPERATURE": "algo.temperature",
+    "TEACHER_TEMPERATURE": "algo.teacher_temperature",
+    "REPETITION_PENALTY": "repetition_penalty",
+    "LR": "lr",
+    "LR_SCHEDULER": "lr_scheduler",
+    "USE_KL": "algo.use_kl",
+    "ENABLE_FORMAT_REWARD": "algo.enable_format_reward",
+    "LOSS_AGG_MODE": "algo.loss_agg_mode",
+    "MODEL_DTYPE": "model_dtype",
+    "GRPO_OUTCOME_WEIGHT": "algo.grpo_outcome_weight",
+    "TRAIN_DATASET": "train_dataset",
+    "TEST_FILE": "test_files",
+    "ENABLE_THINKING": "enable_thinking",
+    "SAVE_FREQ": "save_freq",
+    "TEST_FREQ": "test_freq",
+    "TOTAL_EPOCHS": "total_epochs",
+    "TOTAL_STEPS": "total_steps",
+    "RESUME": "resume",
+    "OUTPUT_DIR": "output_dir",
+    "RUN_NAME": "run_name",
+    "SEED": "seed",
+    # added by the local engine
+    "TOP_P": "top_p",
+    "VAL_N": "val_n",
+    "VAL_TEMPERATURE": "val_temperature",
+    "VAL_TOP_P": "val_top_p",
+    "VAL_BEFORE_TRAIN": "val_before_train",
+    "MICRO_BATCH_TOKENS": "micro_batch_tokens",
+    "ROLLOUT_BATCH_SIZE": "rollout_batch_size",
+    "DEVICE": "device",
+}
+
+# Where grpo.sh departs from the OPD defaults (spec workflow.md §1); the launcher test checks grpo.sh against this.
+GRPO_RECIPE: dict[str, object] = {
+    "algo.adv_estimator": "grpo",
+    "n_responses": 8,
+    "algo.top_k": 0,
+    "val_temperature": 1.0,
+}
+
+
+@dataclass
+class TrainConfig:
+    # --- models ---
+    actor_model_path: str | None = None  # student (any local HF causal LM folder)
+    reward_model_path: str | None = None  # teacher (must share the student's vocabulary)
+    model_dtype: str = "fp32"  # master-weight dtype: fp32 | bf16 | fp16
+    device: str = "auto"  # auto = cuda when available, else cpu
+    # --- data ---
+    train_dataset: str = "data/dapo_math_17k.parquet"  # RL parquet (workflow.md §2); `opd data prepare` writes it
+    test_files: list[str] = field(
+        default_factory=lambda: ["data/aime24.parquet", "data/aime25.parquet", "data/amc23.parquet"]
+    )
+    max_prompt_length: int = 1024  # longer prompts are dropped (count logged)
+    max_resp_length: int = 7168
+    max_val_resp_length: int = 31744
+    enable_thinking: bool | None = None  # chat-template switch (Qwen3-style); None = do not pass it
+    # --- rollout ---
+    n_responses: int = 4  # samples per prompt
+    mini_batch_size: int = 64  # prompts per step (one optimiser step per step: on-policy)
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    rollout_batch_size: int = 256  # sequences per sampler call (memory bound of the KV cache)
+    # --- validation ---
+    val_n: int = 16
+    val_temperature: float = 0.7
+    val_top_p: float = 0.95
+    val_before_train: bool = True
+    val_max_prompts: int | None = None  # cap per test file (None = all)
+    # --- optimisation (algorithm.md §5) ---
+    lr: float = 1e-6
+    lr_scheduler: str = "constant"  # constant | cosine (cosine with warmup_ratio linear warmup)
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    micro_batch_tokens: int = 16384  # token budget (rows x padded length) of one forward/backward
+    # --- schedule ---
+    total_epochs: int = 1
+    total_steps: int | None = None  # optional cap on optimiser steps
+    save_freq: int = 20  # checkpoint every N steps (<= 0: never)
+    test_freq: int = 20  # validate every N steps (<= 0: never, except val_before_train and the last step)
+    seed: int = 0
+    # --- outputs ---
+    output_dir: str = "runs"
+    run_name: str | None = None  # None: built from the settings (see run_name_from)
+    resume: str = "auto"  # auto: continue from the run's last checkpoint if any | off: start over | <checkpoint dir>
+    progress: bool = True
+    profile_freq: int = 0  # log per-position profiles every N steps to profiles.jsonl (0: first and last step only)
+    # --- algorithm ---
+    algo: OPDConfig = field(default_factory=OPDConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.algo, dict):
+            self.algo = OPDConfig.from_dict(self.algo)
+        if isinstance(self.test_files, str):
+            self.test_files = split_list(self.test_files)
+
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not valid; expected {expected}")
+
+        if self.model_dtype not in DTYPES:
+            raise bad("model_dtype", " | ".join(DTYPES))
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise bad("lr_scheduler", " | ".join(LR_SCHEDULERS))
+        for name in ("max_prompt_length", "max_resp_length", "max_val_resp_length", "n_responses", "mini_batch_size",
+                     "rollout_batch_size", "val_n", "micro_batch_tokens", "total_epochs"):
+            if not getattr(self, name) >= 1:
+                raise bad(name, "an integer >= 1")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise bad("total_steps", "an integer >= 1 or unset")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "a value in (0, 1]")
+        if not 0 < self.val_top_p <= 1:
+            raise bad("val_top_p", "a value in (0, 1]")
+        if not self.val_temperature >= 0:
+            raise bad("val_temperature", ">= 0 (0 = greedy)")
+        if not self.repetition_penalty > 0:
+            raise bad("repetition_penalty", "> 0")
+        if not self.lr > 0:
+            raise bad("lr", "> 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise bad("warmup_ratio", "a value in [0, 1)")
+        if not self.grad_clip > 0:
+            raise bad("grad_clip", "> 0")
+        if not (self.resume in ("auto", "off") or self.resume):
+            raise bad("resume", "auto | off | a checkpoint folder")
+        if self.algo.needs_teacher is False and self.algo.top_k != 0:
+            raise ValueError(
+                f"adv_estimator='grpo' uses no teacher, but LOG_PROB_TOP_K (algo.top_k)={self.algo.top_k}; set it to 0"
+            )
+
+    # --- building ---
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "algo"}
+        out["test_files"] = list(self.test_files)
+        out["algo"] = self.algo.to_dict()
+        return out
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A validated copy with `changes` applied (keys as in `resolve`, e.g. lr=1e-3, **{"algo.top_k": 4})."""
+        return resolve(self, changes)
+
+
+def split_list(text: str) -> list[str]:
+    return [part.strip() for part in re.split(r"[,\s]+", text) if part.strip()]
+
+
+def _hints(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(owner: str, name: str, hint, value):
+    """Turn a YAML / env string value into the field's type; errors name the setting and the expected type."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "" or text.lower() in ("none", "null"):
+            if type(None) in typing.get_args(hint):
+                return None
+        value = yaml.safe_load(text) if text else text
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ValueError(f"{owner}.{name} cannot be empty; expected {getattr(base, '__name__', base)}")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise TypeError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base is str:
+            return str(value)
+        if typing.get_origin(base) is list:
+            if isinstance(value, str):
+                return split_list(value)
+            if isinstance(value, (list, tuple)):
+                return [str(v) for v in value]
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}.{name}={value!r} is not valid; expected {getattr(base, '__name__', base)}") from None
+    return value
+
+
+def _set_key(train: dict, algo: dict, key: str, value) -> None:
+    """Apply one `key=value` (key may be `algo.x`, a bare algorithm field, or a launcher variable name)."""
+    key = ENV_VARS.get(key, key)
+    train_hints, algo_hints = _hints(TrainConfig), _hints(OPDConfig)
+    if key.startswith("algo."):
+        sub = key[len("algo."):]
+        if sub not in algo_hints:
+            raise ValueError(f"unknown setting {key!r}; valid algorithm keys: {', '.join(sorted(algo_hints))}")
+        algo[sub] = _coerce("OPDConfig", sub, algo_hints[sub], value)
+    elif key in train_hints and key != "algo":
+        train[key] = _coerce("TrainConfig", key, train_hints[key], value)
+    elif key in algo_hints:
+        algo[key] = _coerce("OPDConfig", key, algo_hints[key], value)
+    else:
+        valid = sorted([k for k in train_hints if k != "algo"] + [f"algo.{k}" for k in algo_hints])
+        raise ValueError(f"unknown setting {key!r}; valid keys: {', '.join(valid)} (or a launcher variable name)")
+
+
+def resolve(base: TrainConfig | None = None, overrides: dict | None = None) -> TrainConfig:
+    """A validated TrainConfig from `base` with `overrides` ({key: value}, values typed or strings) applied."""
+    base = base or TrainConfig()
+    train = base.to_dict()
+    algo = train.pop("algo")
+    for key, value in (overrides or {}).items():
+        if key == "algo" and isinstance(value, dict):
+            for sub, sub_value in value.items():
+                _set_key(train, algo, f"algo.{sub}", sub_value)
+        else:
+            _set_key(train, algo, key, value)
+    return TrainConfig(**train, algo=OPDConfig.from_dict(algo))
+
+
+def from_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    try:
+        return resolve(base, data)
+    except ValueError as exc:
+        raise ValueError(f"config file {path}: {exc}") from None
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The launcher variables that are set (non-empty) in the environment, as {config key: string value}."""
+    environ = os.environ if environ is None else environ
+    return {key: environ[var] for var, key in ENV_VARS.items() if environ.get(var, "") != ""}
+
+
+def from_env(base: TrainConfig | None = None, environ: dict[str, str] | None = None) -> TrainConfig:
+    environ = os.environ if environ is None else environ
+    try:
+        return resolve(base, env_overrides(environ))
+    except ValueError as exc:
+        raise ValueError(f"from the launcher environment: {exc}") from None
+
+
+def default_value(key: str):
+    """The default of a config key (`algo.x` or a TrainConfig field): what the launchers' ${VAR:-default} must equal."""
+    cfg = TrainConfig()
+    if key.startswith("algo."):
+        return getattr(cfg.algo, key[len("algo."):])
+    return getattr(cfg, key)
+
+
+def _short(path: str | None) -> str:
+    if not path:
+        return "none"
+    name = Path(path.rstrip("/")).name
+    return Path(name).stem if name.endswith(".parquet") else name
+
+
+def run_name_from(cfg: TrainConfig) -> str:
+    """A run name encoding estimator, dataset, student, teacher, lengths, temperatures, n, batch, K, strategy, weights."""
+    a = cfg.algo
+    parts = [
+        a.adv_estimator,
+        _short(cfg.train_dataset),
+        f"stu-{_short(cfg.actor_model_path)}",
+    ]
+    if a.needs_teacher:
+        parts.append(f"tch-{_short(cfg.reward_model_path)}")
+    parts += [
+        f"p{cfg.max_prompt_length}-r{cfg.max_resp_length}",
+        f"t{a.temperature:g}" + (f"-tt{a.teacher_temperature:g}" if a.needs_teacher else ""),
+        f"n{cfg.n_responses}-b{cfg.mini_batch_size}",
+    ]
+    if a.needs_teacher:
+        parts.append(f"k{a.top_k}-{a.top_k_strategy}-{a.reward_weight_mode}")
+    parts.append(f"lr{cfg.lr:g}")
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", "_".join(parts))
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+__all__ = [
+    "ENV_VARS", "GRPO_RECIPE", "TrainConfig", "resolve", "from_yaml", "from_env", "env_overrides",
+    "default_value", "run_name_from", "config_yaml",
+]

@@ -1,0 +1,79 @@
+"""Run outputs written while training: metrics.jsonl (one JSON line per step), TensorBoard events, profiles.jsonl.
+
+metrics.jsonl is the machine-readable record the report and the demo read: `{"step": s, <key>: <float>, ...}`,
+one line per step (step 0: validation before training). Non-finite values are written as null. On resume the
+lines after the checkpoint's step are dropped (they belong to the interrupted tail that is about to be redone) and
+TensorBoard purges its events after that step, so both logs read as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, *, start_step: int, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.profiles_path = self.run_dir / "profiles.jsonl"
+        for path in (self.metrics_path, self.profiles_path):
+            _keep_until(path, start_step)
+        self._metrics = open(self.metrics_path, "a")
+        self._profiles = None
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                     purge_step=start_step + 1 if start_step > 0 else None)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: _clean(float(v)) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if math.isfinite(float(value)):
+                    self._tb.add_scalar(key, float(value), step)
+
+    def log_profile(self, step: int, profile: dict) -> None:
+        """Per-position arrays (lists) for the report's 'vs position' plots."""
+        if self._profiles is None:
+            self._profiles = open(self.profiles_path, "a")
+        self._profiles.write(json.dumps({"step": step, **profile}) + "\n")
+        self._profiles.flush()
+
+    def close(self) -> None:
+        self._metrics.close()
+        if self._profiles is not None:
+            self._profiles.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _keep_until(path: Path, step: int) -> None:
+    """Keep only the lines of `path` with step <= `step` (all gone for a fresh start); atomic rewrite."""
+    if not path.exists():
+        return
+    kept = []
+    if step > 0:
+        for line in path.read_text().splitlines():
+            if line.strip() and json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,229 @@
+"""The local engine's training loop: one process, CPU or one GPU, plain PyTorch + transformers.
+
+    python -c "from opd.engines.local import train, TrainConfig; train(TrainConfig(...))"   # or `opd train`
+
+Per step (one optimiser step on the step's own rollouts, i.e. on-policy):
+  1. rollout: MINI_BATCH_SIZE prompts x N_RESPONSES samples from the student (KV-cached sampler), graded by the rule
+     reward (logged as true_reward for every estimator);
+  2. score: student and teacher no-grad passes -> top-k / log-probs / entropy -> support, rewards, advantages
+     (all maths in opd.core; see scoring.py);
+  3. update: the student re-run with gradient at the stored slots (the K dimension kept), AdamW, grad clipping;
+  4. log metrics.jsonl / TensorBoard, validate every TEST_FREQ steps, checkpoint every SAVE_FREQ steps.
+The run folder `<output_dir>/<run_name>/` holds config.yaml (the resolved config), metrics.jsonl, profiles.jsonl,
+tensorboard/ and checkpoints/. RESUME=auto continues from the last checkpoint and reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from opd.core.metrics import dynamics_metrics, per_position_profile
+from opd.core.types import LogitStats
+from opd.engines.local.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from opd.engines.local.config import TrainConfig, config_yaml, run_name_from
+from opd.engines.local.data import PromptSchedule, PromptSet, load_prompt_set
+from opd.engines.local.logging import RunLogger
+from opd.engines.local.models import (
+    check_vocabularies, load_causal_lm, require_model_dir, resolve_device, special_ids,
+)
+from opd.engines.local.rollout import Rollouts, generate
+from opd.engines.local.scoring import Scored, Signals, build_signals, reference_logprobs, score
+from opd.engines.local.update import loss_and_backward, make_optimizer, make_scheduler, optimizer_step
+from opd.engines.local.validation import validate
+
+
+@dataclass
+class Session:
+    """Everything a step reads; built once by `setup`."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    tokenizer: object
+    vocab_width: int | None
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    reference: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    generator: torch.Generator
+    train_set: PromptSet
+    val_sets: list[PromptSet]
+    schedule: PromptSchedule
+    eos_ids: list[int]
+    pad_id: int
+    start_step: int
+    last_profile: dict = field(default_factory=dict)  # per-position profile of the latest step
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or continue) training; returns the run folder."""
+    s = setup(cfg)
+    logger = RunLogger(s.run_dir, start_step=s.start_step)
+    total = s.schedule.total_steps
+    try:
+        if s.start_step == 0 and cfg.val_before_train and s.val_sets:
+            logger.log(0, run_validation(s, step=0))
+        bar = tqdm(range(s.start_step + 1, total + 1), initial=s.start_step, total=total, desc="opd train",
+                   unit="step", disable=not cfg.progress)
+        for step in bar:
+            metrics = train_step(s, step)
+            if s.val_sets and cfg.test_freq > 0 and (step % cfg.test_freq == 0 or step == total):
+                metrics.update(run_validation(s, step=step))
+            logger.log(step, metrics)
+            if cfg.profile_freq > 0 and step % cfg.profile_freq == 0 or step in (1, total):
+                logger.log_profile(step, s.last_profile)
+            if cfg.save_freq > 0 and (step % cfg.save_freq == 0 or step == total):
+                save_checkpoint(s.run_dir, step, model=s.student, tokenizer=s.tokenizer, optimizer=s.optimizer,
+                                scheduler=s.scheduler, generator=s.generator,
+                                data_position=s.schedule.position(step + 1))
+            bar.set_postfix(loss=f"{metrics['actor/loss']:.4f}",
+                            overlap=f"{metrics.get('opd/overlap_ratio', float('nan')):.3f}",
+                            reward=f"{metrics['train/true_reward']:.3f}")
+    finally:
+        logger.close()
+    return s.run_dir
+
+
+def setup(cfg: TrainConfig) -> Session:
+    algo = cfg.algo
+    # 1. the models' folders and vocabularies first: a mismatch must fail before any compute
+    student_dir = require_model_dir(cfg.actor_model_path, "ACTOR_MODEL_PATH", "student")
+    teacher_dir = require_model_dir(cfg.reward_model_path, "REWARD_MODEL_PATH", "teacher") if algo.needs_teacher else None
+    tokenizer, vocab_width = check_vocabularies(student_dir, teacher_dir)
+    run_dir = Path(cfg.output_dir) / (cfg.run_name or run_name_from(cfg))
+
+    # 2. prompts, tokenised once with the student's chat template
+    template_kwargs = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
+    train_set = load_prompt_set(cfg.train_dataset, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                template_kwargs=template_kwargs)
+    val_sets = [load_prompt_set(path, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                template_kwargs=template_kwargs, limit=cfg.val_max_prompts)
+                for path in cfg.test_files]
+    schedule = PromptSchedule(len(train_set.problems), cfg.mini_batch_size, cfg.seed, cfg.total_epochs,
+                              cfg.total_steps)
+
+    # 3. models, optimiser, random state
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    student = load_causal_lm(student_dir, dtype=cfg.model_dtype, device=device, trainable=True)
+    teacher = load_causal_lm(teacher_dir, dtype=cfg.model_dtype, device=device, trainable=False) if teacher_dir else None
+    reference = load_causal_lm(student_dir, dtype=cfg.model_dtype, device=device, trainable=False) if algo.use_kl else None
+    optimizer = make_optimizer(student, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                               weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, kind=cfg.lr_scheduler, total_steps=schedule.total_steps,
+                               warmup_ratio=cfg.warmup_ratio)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    eos_ids, pad_id = special_ids(tokenizer, student)
+
+    # 4. resume
+    start_step = 0
+    checkpoint = None
+    if cfg.resume == "auto":
+        checkpoint = latest_checkpoint(run_dir)
+    elif cfg.resume != "off":
+        checkpoint = Path(cfg.resume)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model=student, optimizer=optimizer, scheduler=scheduler,
+                                generator=generator)
+        start_step = int(state["step"])
+        if state["data_position"] != schedule.position(start_step + 1):
+            raise ValueError(f"checkpoint {checkpoint} data position {state['data_position']} does not match this "
+                             f"configuration's schedule {schedule.position(start_step + 1)} (MINI_BATCH_SIZE changed?)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / "config.yaml", config_yaml(cfg))
+    return Session(cfg, run_dir, tokenizer, vocab_width, student, teacher, reference, optimizer, scheduler,
+                   generator, train_set, val_sets, schedule, eos_ids, pad_id, start_step)
+
+
+def train_step(s: Session, step: int) -> dict[str, float]:
+    cfg, algo = s.cfg, s.cfg.algo
+    t0 = time.perf_counter()
+    problems = [s.train_set.problems[i] for i in s.schedule.batch(step)]
+    rollouts = generate(s.student, s.tokenizer, [p.prompt_ids for p in problems], [p.ground_truth for p in problems],
+                        n=cfg.n_responses, max_new_tokens=cfg.max_resp_length, temperature=algo.temperature,
+                        top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, generator=s.generator,
+                        batch_size=cfg.rollout_batch_size, eos_ids=s.eos_ids, pad_id=s.pad_id)
+    device = next(s.student.parameters()).device
+    batch = rollouts.batch.to(device)
+    t1 = time.perf_counter()
+
+    s.student.eval()
+    scored = score(s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width)
+    outcome_N = torch.tensor(rollouts.scores, dtype=torch.float32, device=device)
+    has_box_N = torch.tensor(["\\boxed" in text for text in rollouts.texts], device=device)
+    signals = build_signals(scored, batch, algo, outcome_scores_N=outcome_N, has_box_N=has_box_N)
+    if s.reference is not None:
+        signals.targets.ref_lp_NTC = reference_logprobs(s.reference, batch, signals.targets, algo,
+                                                        token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width)
+    t2 = time.perf_counter()
+
+    s.student.train()
+    metrics = loss_and_backward(s.student, batch, signals.targets, algo, token_budget=cfg.micro_batch_tokens,
+                                norm_length=cfg.max_resp_length, teacher=s.teacher, vocab_size=s.vocab_width)
+    metrics.update(optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip))
+    t3 = time.perf_counter()
+
+    metrics.update(rollout_metrics(rollouts))
+    diag = diagnostics_inputs(scored, signals, batch.response_mask_NT)
+    metrics.update(dynamics_metrics(**diag))
+    s.last_profile = per_position_profile(**diag)
+    tokens = float(batch.attention_mask_NL.sum())
+    metrics.update({"perf/time_rollout_s": t1 - t0, "perf/time_score_s": t2 - t1, "perf/time_update_s": t3 - t2,
+                    "perf/time_step_s": t3 - t0, "perf/tokens_per_s": tokens / max(t3 - t0, 1e-9),
+                    "train/epoch": float(s.schedule.position(step)["epoch"])})
+    return metrics
+
+
+def rollout_metrics(rollouts: Rollouts) -> dict[str, float]:
+    lengths = rollouts.batch.response_mask_NT.sum(-1)
+    n = max(1, len(rollouts.scores))
+    return {
+        "train/true_reward": sum(rollouts.scores) / n,
+        "train/format_ok": sum(e is not None for e in rollouts.extracted) / n,
+        "train/response_length": float(lengths.mean()),
+        "train/response_clip_ratio": sum(rollouts.truncated) / n,
+    }
+
+
+def diagnostics_inputs(scored: Scored, signals: Signals, mask_NT: torch.Tensor) -> dict:
+    """The arguments of the core's dynamics metrics. reverse_kl: exact KL_t with the full vocabulary, else the k1
+    estimate at the sampled token (lp - lq), an unbiased per-token estimate for any K."""
+    student = LogitStats(scored.student_topk_ids_NTK, scored.student_topk_lp_NTK, None, scored.student_entropy_NT)
+    teacher, reverse_kl = None, None
+    if scored.teacher_entropy_NT is not None:
+        teacher = LogitStats(scored.teacher_topk_ids_NTK, scored.teacher_topk_lp_NTK, None, scored.teacher_entropy_NT)
+        reverse_kl = scored.full_kl_NT if scored.full_kl_NT is not None else scored.student_lp_NT - scored.teacher_lp_NT
+    adv = signals.advantages
+    if adv is not None and adv.dim() == 3:
+        adv = adv[..., : signals.support.ids_NTC.shape[-1]]  # the extra sampled-token slot is not a candidate
+        if adv.shape[-1] == 1 and signals.support.ids_NTC.shape[-1] == 1:
+            adv = adv[..., 0]
+    return dict(response_mask_NT=mask_NT, student=student, teacher=teacher,
+                support=signals.support if teacher is not None else None, advantages=adv, reverse_kl_NT=reverse_kl)
+
+
+def run_validation(s: Session, step: int) -> dict[str, float]:
+    cfg = s.cfg
+    t0 = time.perf_counter()
+    out = validate(s.student, s.tokenizer, s.val_sets, n=cfg.val_n, temperature=cfg.val_temperature,
+                   top_p=cfg.val_top_p, max_new_tokens=cfg.max_val_resp_length,
+                   repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, step=step,
+                   batch_size=cfg.rollout_batch_size, eos_ids=s.eos_ids, pad_id=s.pad_id)
+    out["perf/time_validation_s"] = time.perf_counter() - t0
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
