@@ -44,6 +44,13 @@ class OPDConfig:
     enable_format_reward: bool = False  # ENABLE_FORMAT_REWARD: responses without \boxed get no loss
 
     def __post_init__(self) -> None:
+        # types first, so a YAML/env string ("1e-6", "false") fails here, naming the field, not in a comparison below
+        accepted = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, accepted[f.type]) or (isinstance(value, bool) and f.type != "bool"):
+                raise ValueError(f"OPDConfig.{f.name}={value!r} is not valid; expected a value of type {f.type}")
+
         def check_choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
             if value not in allowed:
