@@ -1,8 +1,8 @@
 """`opd eval gen`: sample N answers per benchmark problem and write one resumable JSONL per (model, benchmark, settings).
 
 Output: ``<out>/<benchmark>__<model>__<settings>.jsonl``, one line per sample:
-``{example_id, sample_idx, prompt, answer, seed, response, response_tokens, finish_reason}`` (prompt = the
-rendered chat text the model saw), plus ``<same>.meta.json`` with the settings and ``complete: true`` once all
+``{example_id, sample_idx, prompt, question, answer, seed, response, response_tokens, finish_reason}`` (prompt =
+the rendered chat text the model saw, question = the user turn), plus ``<same>.meta.json`` with the settings and ``complete: true`` once all
 samples are in. A complete output is skipped unless ``--replace``; an interrupted one is resumed: lines are
 appended per batch, and on restart the (example_id, sample_idx) pairs already present are skipped and a
 truncated last line is cut off.
@@ -229,6 +229,7 @@ def generate_benchmark(backend, bench: Benchmark, model_path: str, settings: Gen
             for (eid, j), (text, n_tok, finish, seed) in zip(chunk, outs):
                 rec = {
                     "example_id": eid, "sample_idx": j, "prompt": prompt_text[eid],
+                    "question": by_id[eid].messages[-1]["content"],
                     "answer": by_id[eid].answer, "seed": seed, "response": text, "response_tokens": n_tok,
                     "finish_reason": finish,
                 }

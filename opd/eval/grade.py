@@ -1,0 +1,213 @@
+"""`opd eval grade`: grade generated answers and write grading_results.json plus a benchmark x model table.
+
+Reads every ``*.jsonl`` in the given folders (or the given files) written by `opd eval gen` (any JSONL with
+``example_id``, ``answer`` and ``response`` per line works; ``sample_idx`` and ``response_tokens`` are used
+when present). Each response is graded by ``opd.grading`` (the same grader as the training reward); the
+metrics per file are those of ``opd.eval.metrics``. Settings come from the ``.meta.json`` beside each file.
+With ``--model-verifier`` a verifier LLM re-checks the rule failures (reported separately, see
+``opd.eval.verifier``).
+
+Example::
+
+    opd eval grade eval_out --tokenizer ckpt/actor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from opd.data.schema import DataError
+from opd.eval.metrics import ExampleRollouts, file_metrics
+
+__all__ = ["read_outputs", "grade_files", "format_table", "main"]
+
+RESULTS_NAME = "grading_results.json"
+_REQUIRED = ("example_id", "answer", "response")
+
+
+def collect_files(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*.jsonl") if not f.name.startswith("."))
+            if not found:
+                raise DataError("folder holds no .jsonl files", file=p)
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError("no such file or folder", file=p)
+    return files
+
+
+def read_outputs(path: Path) -> list[dict]:
+    """Records of one generation file; a truncated last line (a run still writing) is ignored with a warning."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines) and not line.endswith("\n"):
+                print(f"warning: {path}: ignoring truncated last line {lineno}", file=sys.stderr)
+                break
+            raise DataError(f"line {lineno}: invalid JSON ({e.msg})", file=path) from e
+        for key in _REQUIRED:
+            if key not in rec:
+                raise DataError(f"line {lineno}: missing field {key!r} (need {', '.join(_REQUIRED)})", file=path)
+        if not isinstance(rec["response"], str):
+            raise DataError(f"line {lineno}: 'response' must be a string", file=path)
+        records.append(rec)
+    if not records:
+        raise DataError("no records", file=path)
+    return records
+
+
+def _settings(path: Path) -> dict:
+    meta = path.with_name(path.name[: -len(".jsonl")] + ".meta.json")
+    if meta.exists():
+        m = json.loads(meta.read_text(encoding="utf-8"))
+        settings = {k[len("settings_") :]: v for k, v in m.items() if k.startswith("settings_")}
+        return {"benchmark": m.get("benchmark"), "model": m.get("model"), "model_path": m.get("model_path"),
+                "complete": m.get("complete"), "settings": settings}
+    parts = path.stem.split("__")
+    if len(parts) == 3:
+        return {"benchmark": parts[0], "model": parts[1], "settings": {"tag": parts[2]}}
+    return {"benchmark": path.stem, "model": "?", "settings": {}}
+
+
+def _token_lengths(records: list[dict], tokenizer) -> list[int] | None:
+    if tokenizer is not None:
+        enc = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+        return [len(ids) for ids in enc]
+    if all(isinstance(r.get("response_tokens"), int) for r in records):
+        return [r["response_tokens"] for r in records]
+    return None
+
+
+def grade_files(files: list[Path], *, tokenizer=None, verifier=None, workers: int | None = None,
+                timeout: float = 5.0, progress: bool = True) -> dict[str, dict]:
+    """Grade every file; returns {file path: result object} (the content of grading_results.json)."""
+    from opd.grading import grade_batch
+
+    per_file = [read_outputs(f) for f in files]
+    flat = [r for recs in per_file for r in recs]
+    grades = grade_batch([r["response"] for r in flat], [str(r["answer"]) for r in flat], workers=workers,
+                         timeout=timeout, progress=progress)
+    verdicts: dict[int, str] = {}
+    if verifier is not None:
+        fails = [i for i, g in enumerate(grades) if g.score == 0.0]
+        items = [(str(flat[i].get("question") or flat[i].get("prompt", "")), str(flat[i]["answer"]), flat[i]["response"])
+                 for i in fails]
+        verdicts = dict(zip(fails, verifier.judge(items))) if items else {}
+    results: dict[str, dict] = {}
+    offset = 0
+    for path, recs in zip(files, per_file):
+        g = grades[offset : offset + len(recs)]
+        groups: dict = defaultdict(lambda: ExampleRollouts([], [], []))
+        groups_v: dict = defaultdict(lambda: ExampleRollouts([], [], []))
+        order = sorted(range(len(recs)), key=lambda i: (str(recs[i]["example_id"]), recs[i].get("sample_idx", i)))
+        for i in order:
+            ex = groups[str(recs[i]["example_id"])]
+            ex.scores.append(g[i].score)
+            ex.extracted.append(g[i].extracted)
+            ex.responses.append(recs[i]["response"])
+            if verifier is not None:
+                ok = g[i].score == 1.0 or verdicts.get(offset + i) == "CORRECT"
+                exv = groups_v[str(recs[i]["example_id"])]
+                exv.scores.append(float(ok))
+                exv.extracted.append(g[i].extracted)
+                exv.responses.append(recs[i]["response"])
+        lengths = _token_lengths(recs, tokenizer)
+        res = {**_settings(path), **file_metrics(list(groups.values()), lengths),
+               "grading_timeouts": sum(x.method == "timeout" for x in g)}
+        if verifier is not None:
+            mv = file_metrics(list(groups_v.values()))
+            vs = [verdicts[offset + i] for i in range(len(recs)) if offset + i in verdicts]
+            res["verifier"] = {"checked": len(vs), **{v.lower(): vs.count(v) for v in ("CORRECT", "INCORRECT", "INVALID")},
+                               "mean_score": mv["mean_score"], "best_score": mv["best_score"], "maj_score": mv["maj_score"]}
+        results[str(path)] = res
+        offset += len(recs)
+    return results
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Benchmarks as rows, models as columns; cells "mean@N / pass@N" in percent."""
+    settings_per_model = defaultdict(set)
+    for r in results.values():
+        settings_per_model[r["model"]].add(json.dumps(r["settings"], sort_keys=True))
+    cells: dict[tuple[str, str], str] = {}
+    cols: list[str] = []
+    rows: list[str] = []
+    for path, r in results.items():
+        col = r["model"] if len(settings_per_model[r["model"]]) == 1 else f"{r['model']} [{Path(path).stem.split('__')[-1]}]"
+        if col not in cols:
+            cols.append(col)
+        if r["benchmark"] not in rows:
+            rows.append(r["benchmark"])
+        n = r["samples_per_example"]["max"]
+        cells[(r["benchmark"], col)] = f"{100 * r['mean_score']:.1f} / {100 * r['best_score']:.1f} (N={n})"
+    head = ["benchmark  (mean@N / pass@N, %)", *cols]
+    body = [[b, *(cells.get((b, c), "-") for c in cols)] for b in rows]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*x) for x in body)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="opd eval grade",
+        description="Grade `opd eval gen` outputs (last \\boxed{} or Answer: line; string match, then math-verify "
+        "under a timeout) and write grading_results.json with mean@N, pass@N, maj@N and more per file.",
+    )
+    p.add_argument("paths", nargs="+", help="output folder(s) and/or JSONL file(s)")
+    p.add_argument("--output", help=f"results file (default: <first folder>/{RESULTS_NAME}, or ./{RESULTS_NAME})")
+    p.add_argument("--tokenizer", help="tokenizer folder for avg_output_length (default: the response_tokens "
+                   "recorded by `opd eval gen`)")
+    p.add_argument("--model-verifier", help="verifier LLM folder: re-check rule failures (CORRECT/INCORRECT/INVALID)")
+    p.add_argument("--verifier-max-tokens", type=int, default=32, help="verifier output budget (default 32)")
+    p.add_argument("--workers", type=int, help="math-verify worker processes (default: CPU count)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per symbolic check (default 5)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.timeout <= 0:
+        print(f"opd eval grade: --timeout must be > 0, got {args.timeout}", file=sys.stderr)
+        return 2
+    files = collect_files(args.paths)
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    verifier = None
+    if args.model_verifier:
+        from opd.eval.verifier import ModelVerifier
+
+        verifier = ModelVerifier(args.model_verifier, max_new_tokens=args.verifier_max_tokens)
+    results = grade_files(files, tokenizer=tokenizer, verifier=verifier, workers=args.workers, timeout=args.timeout,
+                          progress=not args.no_progress)
+    first_dir = next((Path(p) for p in args.paths if Path(p).is_dir()), None)
+    out = Path(args.output) if args.output else (first_dir or Path(".")) / RESULTS_NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    os.replace(tmp, out)
+    print(format_table(results))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

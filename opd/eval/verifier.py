@@ -1,0 +1,67 @@
+"""Optional verifier LLM for answers the rule grader rejected (``opd eval grade --model-verifier PATH``).
+
+Rules miss correct answers written in an unusual form ("x = 3 or x = -3" vs "\\pm 3", words instead of LaTeX).
+A verifier model reads the problem, the reference answer and the end of the response, and answers one word:
+CORRECT, INCORRECT or INVALID (no final answer). It only ever sees rule failures, so it can turn a 0 into a 1
+but never the reverse; its verdicts are reported beside, not instead of, the rule metrics. The prompt is ours.
+Decoding is greedy; an output without a verdict word counts as INVALID.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+__all__ = ["VERDICTS", "build_prompt", "parse_verdict", "ModelVerifier"]
+
+VERDICTS = ("CORRECT", "INCORRECT", "INVALID")
+_VERDICT_RE = re.compile(r"\b(INCORRECT|CORRECT|INVALID)\b")
+MAX_RESPONSE_CHARS = 4000  # the final answer sits at the end; keep the verifier's prompt short
+
+PROMPT = (
+    "You check answers to math problems. Compare the FINAL answer given at the end of the response with the "
+    "reference answer. Judge mathematical equivalence only: ignore formatting, units written out, and the "
+    "quality of the reasoning.\n\n"
+    "Problem:\n{question}\n\n"
+    "Reference answer:\n{reference}\n\n"
+    "End of the response:\n{response}\n\n"
+    "Reply with one word: CORRECT if the final answer is equivalent to the reference, INCORRECT if it is not, "
+    "INVALID if the response gives no final answer."
+)
+
+
+def build_prompt(question: str, reference: str, response: str) -> str:
+    tail = response[-MAX_RESPONSE_CHARS:]
+    return PROMPT.format(question=question.strip(), reference=reference.strip(), response=tail.strip())
+
+
+def parse_verdict(text: str) -> str:
+    """The first verdict word in the verifier's output (case-insensitive); INVALID when there is none."""
+    m = _VERDICT_RE.search(text.upper())
+    return m.group(1) if m else "INVALID"
+
+
+class ModelVerifier:
+    """A Hugging Face causal LM used as a judge (transformers, greedy, batched)."""
+
+    def __init__(self, model_path: str, *, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 32,
+                 batch_size: int = 16, template_kwargs: dict | None = None):
+        from opd.eval.gen import TransformersBackend
+
+        self.backend = TransformersBackend(model_path, device=device, dtype=dtype)
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.template_kwargs = template_kwargs or {}
+
+    def judge(self, items: Sequence[tuple[str, str, str]]) -> list[str]:
+        """Verdicts for (question, reference, response) triples."""
+        from opd.generation import render_prompt_ids, sample
+
+        b = self.backend
+        prompts = [
+            render_prompt_ids(b.tokenizer, [{"role": "user", "content": build_prompt(*it)}], **self.template_kwargs)
+            for it in items
+        ]
+        outs = sample(b.model, prompts, max_new_tokens=self.max_new_tokens, eos_token_ids=b.eos_ids,
+                      pad_token_id=b.pad_id, temperature=0.0, batch_size=self.batch_size, progress=True)
+        return [parse_verdict(b.tokenizer.decode(ids, skip_special_tokens=True)) for ids in outs]
