@@ -1,0 +1,159 @@
+"""`opd sft`: built-in full-parameter SFT of a causal LM on chat data, training only the assistant tokens.
+
+Reads the ShareGPT/OpenAI-style records that `opd rollout` writes (`{"messages": [{"role", "content"}, ...]}` per
+JSONL line, or a parquet file with a `messages` column), renders them with the model's own chat template, and
+writes the trained model + tokenizer to `--output` (atomically: a temp folder renamed at the end) with a per-step
+log `sft_log.jsonl`. For large multi-GPU runs the paper's LlamaFactory recipe (`opd data export-llamafactory`)
+remains the reference; this path is for small models, CPU runs and the embedded demo.
+
+    opd sft --model runs/student_init --data rollouts.jsonl --output runs/student_sft --lr 1e-5 --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from opd.sft.trainer import SFTConfig
+
+
+def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
+    """Load `messages` lists from JSONL or parquet, validating every record (errors name the file and row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file")
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        df = pd.read_parquet(path)
+        if "messages" not in df.columns:
+            raise ValueError(f"{path}: no 'messages' column (columns: {list(df.columns)})")
+        raw = [(i, _to_python(m)) for i, m in enumerate(df["messages"])]
+    else:
+        raw = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                if not isinstance(rec, dict) or "messages" not in rec:
+                    raise ValueError(f"{path}:{lineno}: expected an object with a 'messages' key")
+                raw.append((lineno, rec["messages"]))
+    where = "row" if path.suffix == ".parquet" else "line"
+    out = []
+    for loc, msgs in raw:
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError(f"{path} {where} {loc}: 'messages' must be a non-empty list")
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"{path} {where} {loc}: every message needs string 'role' and 'content'; got {m!r}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError(f"{path} {where} {loc}: no assistant message to train on")
+        out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def _to_python(value):
+    """parquet gives numpy arrays of dicts; turn them back into lists."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return [dict(m) for m in value] if isinstance(value, list) else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SFTConfig()
+    p = argparse.ArgumentParser(
+        prog="opd sft",
+        description="Supervised fine-tuning on chat data; the loss covers assistant tokens only (prompt tokens and "
+        "other roles get label -100). Writes model, tokenizer and sft_log.jsonl to --output.",
+    )
+    p.add_argument("--model", required=True, help="model folder (from_pretrained), with its tokenizer")
+    p.add_argument("--data", required=True, help="JSONL with one {'messages': [...]} per line, or parquet with a 'messages' column")
+    p.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--epochs", type=float, default=2.0, help="passes over the data when --steps is 0 (default 2)")
+    p.add_argument("--steps", type=int, default=0, help="optimiser steps (overrides --epochs when > 0)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per optimiser step (default {d.batch_size})")
+    p.add_argument("--micro-batch-size", type=int, default=0, help="sequences per forward pass (gradient accumulation); 0 = batch size")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help=f"linear warmup fraction, then cosine (default {d.warmup_ratio})")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help=f"final lr / peak lr (default {d.min_lr_ratio})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max grad norm; 0 = no clipping")
+    p.add_argument("--max-length", type=int, default=14336, help="drop (and count) longer conversations (default 14336, the paper's cutoff)")
+    p.add_argument("--chat-template-kwargs", default="{}", help='JSON passed to the chat template, e.g. \'{"enable_thinking": true}\'')
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="master weight dtype")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        template_kwargs = json.loads(args.chat_template_kwargs)
+        if not isinstance(template_kwargs, dict):
+            raise ValueError
+    except ValueError:
+        print(f"opd sft: --chat-template-kwargs must be a JSON object; got {args.chat_template_kwargs!r}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        print(f"opd sft: --output {out} already exists (pass --overwrite to replace it)", file=sys.stderr)
+        return 2
+    config = SFTConfig(
+        lr=args.lr, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size, warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_length=args.max_length, seed=args.seed,
+        log_every=args.log_every,
+    )
+    conversations = read_conversations(args.data)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd.sft.trainer import encode_dataset, train_sft
+
+    torch.manual_seed(args.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
+    data = encode_dataset(tokenizer, conversations, config.max_length, progress=True, **template_kwargs)
+    print(f"opd sft: {len(data.input_ids)} conversations ({data.n_dropped_too_long} dropped: longer than "
+          f"--max-length {config.max_length})")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        with open(tmp / "sft_log.jsonl", "w", encoding="utf-8") as log:
+            logs = train_sft(model, data, config, pad_token_id=tokenizer.pad_token_id,
+                             on_log=lambda rec: log.write(json.dumps(rec) + "\n") or log.flush())
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    first, last = logs[0], logs[-1]
+    print(f"opd sft: loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
+          f"saved to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
