@@ -4,7 +4,8 @@ Pipeline per step: `logit_stats` reads each model's top-k / log-probs / entropy 
 `build_support` lays out a top-k strategy's candidate slots; `compute_rewards` turns them into per-candidate
 rewards (or `sampled_token_rewards` for K = 0, `full_vocab_*` for the whole vocabulary); `compute_advantages`
 runs the configured estimator; `policy_loss` (+ `kl_loss`) is the update's loss; `dynamics_metrics` and
-`per_position_profile` are the step's diagnostics. This package never imports verl, ray, transformers or vllm: engines depend on the core, never the reverse.
+`per_position_profile` are the step's diagnostics. This package never imports verl, ray, transformers or vllm:
+engines depend on the core, never the reverse.
 """
 
 from opd.core.advantages import ADV_ESTIMATORS, compute_advantages, with_sampled_slot

@@ -6,7 +6,8 @@ Every estimator has one signature,
     fn(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg) -> advantages
 
 and is registered in `ADV_ESTIMATORS` together with what it needs (`needs_token_rewards`: the teacher's dense
-reward; `needs_outcome_scores`: the rule reward of each rollout). `compute_advantages` checks those needs and the
+reward; `needs_outcome_scores`: the rule reward of each rollout; `needs_group_index`: which prompt each rollout
+answers, for group statistics). `compute_advantages` checks those needs and the
 shapes, so a missing input fails with a message naming it instead of deep inside a tensor op.
 
 Shapes. `token_rewards` is [N, T] (sampled-token OPD, K = 0) or [N, T, C] (top-k support; 0 at invalid slots).
@@ -45,6 +46,7 @@ class AdvantageEstimator:
     fn: Callable[..., torch.Tensor]
     needs_token_rewards: bool
     needs_outcome_scores: bool
+    needs_group_index: bool
 
     def __call__(self, **kwargs) -> torch.Tensor:
         return self.fn(**kwargs)
@@ -53,11 +55,12 @@ class AdvantageEstimator:
 ADV_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
 
 
-def register_estimator(name: str, *, needs_token_rewards: bool, needs_outcome_scores: bool):
+def register_estimator(name: str, *, needs_token_rewards: bool, needs_outcome_scores: bool, needs_group_index: bool):
     """Decorator: register `fn` under `name` (a duplicate name raises)."""
 
     def deco(fn):
-        ADV_ESTIMATORS.register(name)(AdvantageEstimator(fn, needs_token_rewards, needs_outcome_scores))
+        est = AdvantageEstimator(fn, needs_token_rewards, needs_outcome_scores, needs_group_index)
+        ADV_ESTIMATORS.register(name)(est)
         return fn
 
     return deco
@@ -83,11 +86,10 @@ def compute_advantages(
             raise ValueError(
                 f"token_rewards must be [N, T] or [N, T, C] with N, T = {N}, {T}; got {tuple(token_rewards.shape)}"
             )
-    if est.needs_outcome_scores:
-        if outcome_scores_N is None or group_index_N is None:
-            raise ValueError(
-                f"advantage estimator {cfg.adv_estimator!r} needs outcome_scores_N (rule rewards) and group_index_N"
-            )
+    if est.needs_outcome_scores and outcome_scores_N is None:
+        raise ValueError(f"advantage estimator {cfg.adv_estimator!r} needs outcome_scores_N (rule rewards)")
+    if est.needs_group_index and group_index_N is None:
+        raise ValueError(f"advantage estimator {cfg.adv_estimator!r} needs group_index_N (prompt uid per rollout)")
     if group_index_N is not None and tuple(group_index_N.shape) != (N,):
         raise ValueError(f"group_index_N must be [N] with N = {N}; got {tuple(group_index_N.shape)}")
     if outcome_scores_N is not None and tuple(outcome_scores_N.shape) != (N,):
@@ -150,13 +152,17 @@ def grpo_outcome_advantage_N(outcome_scores_N: torch.Tensor, group_index_N: torc
     return _group_normalise(scores, torch.ones_like(scores), gid, G, by_std)
 
 
-@register_estimator("token_reward_direct", needs_token_rewards=True, needs_outcome_scores=False)
+@register_estimator(
+    "token_reward_direct", needs_token_rewards=True, needs_outcome_scores=False, needs_group_index=False
+)
 def token_reward_direct(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg):
     """The teacher reward is the advantage: no baseline, no whitening, no discount."""
     return token_rewards * _mask_like(response_mask_NT, token_rewards)
 
 
-@register_estimator("token_reward_direct_plus_grpo", needs_token_rewards=True, needs_outcome_scores=True)
+@register_estimator(
+    "token_reward_direct_plus_grpo", needs_token_rewards=True, needs_outcome_scores=True, needs_group_index=True
+)
 def token_reward_direct_plus_grpo(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg):
     """Direct OPD advantage + w * GRPO outcome advantage on the sampled token ([N,T,C] -> [N,T,C+1], see module doc)."""
     direct = token_rewards * _mask_like(response_mask_NT, token_rewards)
@@ -172,13 +178,11 @@ def token_reward_direct_plus_grpo(*, token_rewards, response_mask_NT, group_inde
     return torch.cat([direct, outcome_NT.unsqueeze(-1)], dim=-1)
 
 
-@register_estimator("token_grpo", needs_token_rewards=True, needs_outcome_scores=False)
+@register_estimator("token_grpo", needs_token_rewards=True, needs_outcome_scores=False, needs_group_index=True)
 def token_grpo(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg):
     """Group-normalise every valid token reward of a prompt's rollouts, then reward-to-go (reverse cumsum over t)."""
     if token_rewards.dim() != 2:
         raise ValueError("token_grpo needs one reward per token ([N, T], top_k = 0)")
-    if group_index_N is None:
-        raise ValueError("advantage estimator 'token_grpo' needs group_index_N (prompt uid per rollout)")
     mask = response_mask_NT.to(token_rewards.dtype)
     gid, G = _group_ids(group_index_N)
     normed = _group_normalise(token_rewards, mask, gid, G, cfg.norm_adv_by_std)
@@ -186,7 +190,7 @@ def token_grpo(*, token_rewards, response_mask_NT, group_index_N, outcome_scores
     return to_go * mask
 
 
-@register_estimator("grpo", needs_token_rewards=False, needs_outcome_scores=True)
+@register_estimator("grpo", needs_token_rewards=False, needs_outcome_scores=True, needs_group_index=True)
 def grpo(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg):
     """Outcome GRPO: the rollout's group-relative rule reward on every valid token ([N, T])."""
     adv_N = grpo_outcome_advantage_N(outcome_scores_N, group_index_N, cfg.norm_adv_by_std)

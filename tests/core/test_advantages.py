@@ -40,7 +40,9 @@ def np_group_adv(scores: np.ndarray, groups: np.ndarray, by_std: bool) -> np.nda
 def test_registry_matches_config_names_and_rejects_duplicates_and_unknowns():
     assert ADV_ESTIMATORS.names() == sorted(config_mod.ADV_ESTIMATORS)
     with pytest.raises(ValueError, match="already registered"):
-        register_estimator("grpo", needs_token_rewards=False, needs_outcome_scores=True)(lambda **kw: None)
+        register_estimator("grpo", needs_token_rewards=False, needs_outcome_scores=True, needs_group_index=True)(
+            lambda **kw: None
+        )
     with pytest.raises(ValueError, match=r"unknown advantage estimator 'gpro'; valid: grpo, token_grpo"):
         ADV_ESTIMATORS.get("gpro")
     assert ADV_ESTIMATORS.get("grpo").needs_outcome_scores and not ADV_ESTIMATORS.get("grpo").needs_token_rewards
@@ -67,7 +69,9 @@ def test_grpo_estimator_broadcasts_over_valid_tokens():
     groups = torch.arange(N) // 4
     scores = torch.randint(0, 2, (N,), generator=gen).float()
     cfg = OPDConfig(adv_estimator="grpo", top_k=0)
-    adv = compute_advantages(cfg, token_rewards=None, response_mask_NT=mask, group_index_N=groups, outcome_scores_N=scores)
+    adv = compute_advantages(
+        cfg, token_rewards=None, response_mask_NT=mask, group_index_N=groups, outcome_scores_N=scores
+    )
     want = np_group_adv(scores.numpy(), groups.numpy(), True)
     for n in range(N):
         for t in range(T):
@@ -91,7 +95,9 @@ def test_direct_plus_grpo_2d_adds_weighted_outcome():
     rewards, mask = torch.randn(N, T, generator=gen), ragged_mask(gen, N, T)
     groups, scores = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
     cfg = OPDConfig(adv_estimator="token_reward_direct_plus_grpo", grpo_outcome_weight=0.3, top_k=0)
-    adv = compute_advantages(cfg, token_rewards=rewards, response_mask_NT=mask, group_index_N=groups, outcome_scores_N=scores)
+    adv = compute_advantages(
+        cfg, token_rewards=rewards, response_mask_NT=mask, group_index_N=groups, outcome_scores_N=scores
+    )
     a_out = np_group_adv(scores.numpy(), groups.numpy(), True)
     want = (rewards.double().numpy() + 0.3 * a_out[:, None]) * mask.numpy()
     np.testing.assert_allclose(adv.double().numpy(), want, rtol=1e-5, atol=1e-6)
@@ -103,7 +109,9 @@ def test_direct_plus_grpo_3d_puts_outcome_on_an_extra_sampled_slot():
     rewards, mask = torch.randn(N, T, C, generator=gen), ragged_mask(gen, N, T)
     groups, scores = torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 0.0, 0.0, 1.0])
     cfg = OPDConfig(adv_estimator="token_reward_direct_plus_grpo", grpo_outcome_weight=2.0)
-    adv = compute_advantages(cfg, token_rewards=rewards, response_mask_NT=mask, group_index_N=groups, outcome_scores_N=scores)
+    adv = compute_advantages(
+        cfg, token_rewards=rewards, response_mask_NT=mask, group_index_N=groups, outcome_scores_N=scores
+    )
     assert adv.shape == (N, T, C + 1)
     torch.testing.assert_close(adv[..., :C], rewards * mask[..., None])
     a_out = torch.tensor(np_group_adv(scores.numpy(), groups.numpy(), True), dtype=torch.float32)
@@ -128,7 +136,9 @@ def test_direct_plus_grpo_gradient_is_direct_plus_weighted_grpo():
     groups, scores = torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 0.0, 1.0, 1.0])
     w = 0.7
     cfg = OPDConfig(adv_estimator="token_reward_direct_plus_grpo", grpo_outcome_weight=w)
-    adv = compute_advantages(cfg, token_rewards=rewards, response_mask_NT=mask, group_index_N=groups, outcome_scores_N=scores)
+    adv = compute_advantages(
+        cfg, token_rewards=rewards, response_mask_NT=mask, group_index_N=groups, outcome_scores_N=scores
+    )
     ids2, _ = with_sampled_slot(ids, torch.ones_like(ids, dtype=torch.bool), sampled, mask)
     lp = torch.log_softmax(logits, -1)
     (g_combined,) = torch.autograd.grad(-(adv * lp.gather(-1, ids2)).sum(), logits, retain_graph=True)
@@ -172,6 +182,8 @@ def test_missing_inputs_raise_naming_them():
         compute_advantages(OPDConfig(), token_rewards=None, response_mask_NT=mask)
     with pytest.raises(ValueError, match="needs outcome_scores_N"):
         compute_advantages(OPDConfig(adv_estimator="grpo", top_k=0), token_rewards=None, response_mask_NT=mask)
+    with pytest.raises(ValueError, match="'token_grpo' needs group_index_N"):
+        compute_advantages(OPDConfig(adv_estimator="token_grpo", top_k=0), token_rewards=mask, response_mask_NT=mask)
     with pytest.raises(ValueError, match=r"token_rewards must be \[N, T\] or \[N, T, C\]"):
         compute_advantages(OPDConfig(), token_rewards=torch.zeros(3, 3), response_mask_NT=mask)
     with pytest.raises(ValueError, match="group_index_N must be"):

@@ -137,7 +137,8 @@ def test_sampled_token_path_2d_gradient():
     lp = torch.log_softmax(x @ W, -1).gather(-1, ids[..., None]).squeeze(-1)
     loss, _ = policy_loss(lp, lp.detach(), adv, mask, None, OPDConfig(top_k=0))
     (grad,) = torch.autograd.grad(loss, W)
-    want = analytic_pg_grad(x, W, ids[..., None], adv[..., None], torch.ones(N, T, 1, dtype=torch.bool), mask, "token-mean")
+    all_valid = torch.ones(N, T, 1, dtype=torch.bool)
+    want = analytic_pg_grad(x, W, ids[..., None], adv[..., None], all_valid, mask, "token-mean")
     torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
 
 
@@ -176,7 +177,8 @@ def test_off_policy_clipping_matches_loop():
             for c in range(C):
                 if not (valid[n, t, c] and mask[n, t] > 0):
                     continue
-                el, g, was_clipped, dual = surrogate_loop(lp[n, t, c].item(), old[n, t, c].item(), adv[n, t, c].item(), cfg)
+                i = (n, t, c)
+                el, g, was_clipped, dual = surrogate_loop(lp[i].item(), old[i].item(), adv[i].item(), cfg)
                 want_loss += w[n][t] * el
                 want_grad[n, t, c] = w[n][t] * g
                 n_el, n_clip, n_dual = n_el + 1, n_clip + was_clipped, n_dual + dual
@@ -313,3 +315,32 @@ def test_apply_format_mask():
     assert torch.equal(out, torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
     with pytest.raises(ValueError, match="has_box_N must be"):
         apply_format_mask(mask, torch.tensor([True]))
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_micro_batch_accumulation_gives_the_full_batch_gradient(mode):
+    """Summed micro-batch losses (with the full batch's counts) == full-batch loss, gradient included."""
+    gen = torch.Generator().manual_seed(70)
+    N, T, C, D, V = 6, 5, 3, 3, 8
+    x, W = linear_model(gen, N, T, D, V)
+    mask = ragged_mask(gen, N, T, empty_rows=(4,))
+    ids = torch.randint(0, V, (N, T, C), generator=gen)
+    valid = torch.rand(N, T, C, generator=gen) > 0.3
+    adv = torch.randn(N, T, C, generator=gen, dtype=F64)
+    old = torch.log_softmax(x @ W.detach(), -1).gather(-1, ids) + 0.3 * torch.randn(N, T, C, generator=gen, dtype=F64)
+    ref = torch.log_softmax(torch.randn(N, T, V, generator=gen, dtype=F64), -1).gather(-1, ids)
+    cfg = OPDConfig(loss_agg_mode=mode, use_kl=True)
+    totals = dict(norm_length=12.0, total_tokens=float(mask.sum()), total_seqs=float((mask.sum(-1) > 0).sum()))
+
+    def loss_of(rows, **kw):
+        lp = torch.log_softmax(x[rows] @ W, -1).gather(-1, ids[rows])
+        pg, _ = policy_loss(lp, old[rows], adv[rows], mask[rows], valid[rows], cfg, **kw)
+        kl, _ = kl_loss(lp, ref[rows], mask[rows], valid[rows], cfg, **kw)
+        return pg + cfg.kl_coef * kl
+
+    full = loss_of(slice(0, N), norm_length=12.0)
+    (g_full,) = torch.autograd.grad(full, W)
+    parts = [loss_of(slice(i, i + 1), **totals) for i in range(N)]
+    (g_parts,) = torch.autograd.grad(sum(parts), W)
+    assert sum(p.item() for p in parts) == pytest.approx(full.item(), rel=1e-12)
+    torch.testing.assert_close(g_parts, g_full, rtol=1e-10, atol=1e-13)
