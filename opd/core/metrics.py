@@ -14,9 +14,9 @@ Keys written by `dynamics_metrics` (prefix "opd/" by default). S_t / T_t = stude
                               for K = 0, the k1 estimate)
   candidates/{student,teacher,overlap,valid}   valid support slots per position that are in S_t, in T_t, in both,
                               and all valid slots (a tail-bucket slot counts only in `valid`)
-  adv/mean                    mean advantage over valid slots (or positions, for [N, T] advantages)
-  adv/overlap                 mean advantage over valid slots in S_t ∩ T_t (overlap_token_advantage)
-  adv/student_only, adv/teacher_only   ... over valid slots in S_t \\ T_t and in T_t \\ S_t
+  advantage_mean              mean advantage over valid slots (or positions, for [N, T] advantages)
+  overlap_token_advantage     mean advantage over valid slots in S_t ∩ T_t
+  student_only_advantage, teacher_only_advantage   ... over valid slots in S_t \\ T_t and in T_t \\ S_t
   max_adv/{A,p,q,p_minus_q}, min_adv/{...}   at the overlap slot with the largest / smallest advantage
   response_length/{mean,min,max}, valid_tokens
   pos/{a}-{b}/<name>          every per-position mean above restricted to positions a..b (inclusive, 0-based;
@@ -101,17 +101,17 @@ def _position_stats(
         per_pos("candidates/valid", valid.sum(-1))
     if advantages is not None:
         if advantages.dim() == 2:
-            per_pos("adv/mean", advantages)
+            per_pos("advantage_mean", advantages)
         else:
             if support is None or advantages.shape != support.valid_NTC.shape:
                 raise ValueError(
                     f"advantages {tuple(advantages.shape)} must be [N, T] or match the support slots "
                     f"{None if support is None else tuple(support.valid_NTC.shape)}"
                 )
-            per_slot("adv/mean", advantages, valid)
-            per_slot("adv/overlap", advantages, valid & in_s & in_t)
-            per_slot("adv/student_only", advantages, valid & in_s & ~in_t)
-            per_slot("adv/teacher_only", advantages, valid & in_t & ~in_s)
+            per_slot("advantage_mean", advantages, valid)
+            per_slot("overlap_token_advantage", advantages, valid & in_s & in_t)
+            per_slot("student_only_advantage", advantages, valid & in_s & ~in_t)
+            per_slot("teacher_only_advantage", advantages, valid & in_t & ~in_s)
     return stats
 
 

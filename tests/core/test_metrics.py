@@ -76,13 +76,14 @@ def reference(b, positions):
             v = int(sup.ids_NTC[n, t, c])
             a = b["adv"][n, t, c].item()
             counts["valid"] += 1
-            slot_acc.setdefault("adv/mean", []).append(a)
+            slot_acc.setdefault("advantage_mean", []).append(a)
             if v == -1:  # tail bucket
                 continue
             counts["student"] += v in S
             counts["teacher"] += v in Tt
             counts["overlap"] += v in both
-            key = "adv/overlap" if v in both else ("adv/student_only" if v in S else "adv/teacher_only")
+            side = "overlap_token" if v in both else ("student_only" if v in S else "teacher_only")
+            key = f"{side}_advantage"
             slot_acc.setdefault(key, []).append(a)
         for k, val in counts.items():
             rec[f"candidates/{k}"] = val
@@ -117,7 +118,7 @@ def test_dynamics_metrics_match_set_based_loop(strategy, tail):
     allowed = ("opd/max_adv/", "opd/min_adv/", "opd/response_length/", "opd/valid_tokens")
     assert all(k.startswith(allowed) for k in extra)
     if strategy == "only_stu":
-        assert "opd/adv/teacher_only" not in got  # empty population: omitted, never NaN
+        assert "opd/teacher_only_advantage" not in got  # empty population: omitted, never NaN
     assert all(math.isfinite(v) for v in got.values())
     lens = b["mask"].sum(-1)
     assert got["opd/response_length/mean"] == pytest.approx(lens.mean().item())
@@ -152,15 +153,15 @@ def test_extrema_at_max_and_min_advantage_overlap_slot():
 
 
 def test_sampled_token_and_grpo_inputs():
-    """K = 0: no top-k -> no overlap keys; [N, T] advantages -> adv/mean over valid positions. GRPO: no teacher."""
+    """K = 0: no top-k, so no overlap keys; [N, T] advantages: advantage_mean over valid positions; no teacher."""
     b = make_batch(3)
     adv_NT = torch.randn(N, T)
     adv_NT[b["mask"] == 0] = float("nan")
     no_topk = LogitStats(None, None, None, b["student"].entropy_NT)
     got = dynamics_metrics(response_mask_NT=b["mask"], student=no_topk, advantages=adv_NT, position_edges=(0,))
     m = b["mask"] > 0
-    assert got["opd/adv/mean"] == pytest.approx(adv_NT[m].mean().item(), rel=1e-6)
-    assert got["opd/pos/0+/adv/mean"] == pytest.approx(got["opd/adv/mean"])
+    assert got["opd/advantage_mean"] == pytest.approx(adv_NT[m].mean().item(), rel=1e-6)
+    assert got["opd/pos/0+/advantage_mean"] == pytest.approx(got["opd/advantage_mean"])
     assert got["opd/entropy/student"] == pytest.approx(b["student"].entropy_NT[m].double().mean().item(), rel=1e-6)
     assert not any("overlap" in k or "teacher" in k or "gap" in k for k in got)
 
