@@ -1,7 +1,8 @@
 """Benchmark problems from local files: a path, or a name looked up in a local folder (never a download).
 
 Two layouts are read: the RL schema (workflow.md §2: `prompt` chat messages, `reward_model.ground_truth`,
-`extra_info.index` as the example id) and plain `problem`/`answer` columns (AIME-style uploads), whose problems
+`extra_info.index` as the example id) and plain `problem`/`answer` columns (any case; AIME-style uploads, example
+id = row number), whose problems
 are wrapped in an instruction template (default: the boxed suffix) as one user turn.
 A name such as ``aime24`` resolves to ``<data-dir>/aime24.{parquet,jsonl,json}`` (case-insensitive).
 """
@@ -72,11 +73,14 @@ def load_benchmark(spec: str, data_dir: str | Path | None = None, template: str 
         raise DataError("benchmark has no rows", file=path)
     examples: list[Example] = []
     if "prompt" in rows[0] and "reward_model" in rows[0]:
-        for i, r in enumerate(rows):  # foreign files may lack these; fill them so the one validator applies
+        for r in rows:  # foreign files may lack these; fill them so the one validator applies
             if not isinstance(r.get("extra_info"), dict):
                 r["extra_info"] = {}
-            if r["extra_info"].get("index") is None:
+        ids = [r["extra_info"].get("index") for r in rows]
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
+            for i, r in enumerate(rows):  # absent or non-integer ids (e.g. hashes): the row number is the example id
                 r["extra_info"]["index"] = i
+        for r in rows:
             r.setdefault("data_source", path.stem)
             r.setdefault("ability", "math")
         validate_rl_rows(rows, path)
@@ -85,12 +89,13 @@ def load_benchmark(spec: str, data_dir: str | Path | None = None, template: str 
             for r in rows
         ]
     else:
-        pcol = next((c for c in _PROBLEM_COLUMNS if c in rows[0]), None)
-        acol = next((c for c in _ANSWER_COLUMNS if c in rows[0]), None)
+        lower = {c.lower(): c for c in rows[0]}  # AIME uploads use "Problem"/"Answer"
+        pcol = next((lower[c] for c in _PROBLEM_COLUMNS if c in lower), None)
+        acol = next((lower[c] for c in _ANSWER_COLUMNS if c in lower), None)
         if pcol is None or acol is None:
             raise DataError(
                 f"columns {sorted(rows[0])} are neither the RL schema (prompt, reward_model) nor "
-                f"problem/answer ({'/'.join(_PROBLEM_COLUMNS)} + {'/'.join(_ANSWER_COLUMNS)})",
+                f"problem/answer ({'/'.join(_PROBLEM_COLUMNS)} + {'/'.join(_ANSWER_COLUMNS)}, any case)",
                 file=path,
             )
         tmpl = load_template(template)
