@@ -191,14 +191,16 @@ def _hints(cls) -> dict[str, object]:
 
 def _coerce(owner: str, name: str, hint, value):
     """Turn a YAML / env string value into the field's type; errors name the setting and the expected type."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
     if isinstance(value, str):
         text = value.strip()
         if text == "" or text.lower() in ("none", "null"):
             if type(None) in typing.get_args(hint):
                 return None
+        if base is str or typing.get_origin(base) is list:
+            return text if base is str else split_list(text)  # strings stay verbatim (YAML would read off as False)
         value = yaml.safe_load(text) if text else text
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
     if value is None:
         if type(None) in typing.get_args(hint):
             return None
@@ -219,6 +221,8 @@ def _coerce(owner: str, name: str, hint, value):
                 raise TypeError
             return float(value)
         if base is str:
+            if isinstance(value, bool):  # YAML 1.1 reads an unquoted off/no/yes as a bool
+                raise TypeError
             return str(value)
         if typing.get_origin(base) is list:
             if isinstance(value, str):

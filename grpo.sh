@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GRPO baseline: outcome-reward RL with the rule reward (math grading), no teacher. Same launcher as OPD
+# (on_policy_distillation.sh, whose header lists every variable); only the defaults that differ for GRPO are set
+# here, each ${VAR:-default} so the environment still wins. Extra arguments go to `opd train` unchanged.
+#
+#   ACTOR_MODEL_PATH=/models/student bash grpo.sh [key=value ...]
+set -euo pipefail
+
+export ADV_ESTIMATOR="${ADV_ESTIMATOR:-grpo}"
+export N_RESPONSES="${N_RESPONSES:-8}"
+export LOG_PROB_TOP_K="${LOG_PROB_TOP_K:-0}"
+export VAL_TEMPERATURE="${VAL_TEMPERATURE:-1.0}"
+
+exec bash "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/on_policy_distillation.sh" "$@"

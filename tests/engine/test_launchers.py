@@ -1,0 +1,173 @@
+"""The launchers: every documented variable reaches the resolved config, defaults agree with TrainConfig, the
+environment and extra arguments win, ENGINE=verl fails clearly, no debug settings are left on (CPU, no models)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opd.engines.local.config import ENV_VARS, GRPO_RECIPE, TrainConfig, default_value, resolve
+
+ROOT = Path(__file__).resolve().parents[2]
+OPD_SH = ROOT / "on_policy_distillation.sh"
+GRPO_SH = ROOT / "grpo.sh"
+EXPORT = re.compile(r'^export (\w+)="\$\{(\w+):-(.*)\}"$')
+
+# A non-default value for every launcher variable (a new variable without one here fails the coverage test).
+NON_DEFAULT = {
+    "ADV_ESTIMATOR": ("token_reward_direct_plus_grpo", "token_reward_direct_plus_grpo"),
+    "ACTOR_MODEL_PATH": ("/m/student", "/m/student"),
+    "REWARD_MODEL_PATH": ("/m/teacher", "/m/teacher"),
+    "N_RESPONSES": ("3", 3),
+    "MINI_BATCH_SIZE": ("7", 7),
+    "MAX_PROMPT_LENGTH": ("77", 77),
+    "MAX_RESP_LENGTH": ("55", 55),
+    "MAX_VAL_RESP_LENGTH": ("66", 66),
+    "LOG_PROB_TOP_K": ("5", 5),
+    "TOP_K_STRATEGY": ("union-intersection", "union-intersection"),
+    "REWARD_WEIGHT_MODE": ("teacher_p", "teacher_p"),
+    "TEMPERATURE": ("0.9", 0.9),
+    "TEACHER_TEMPERATURE": ("1.5", 1.5),
+    "REPETITION_PENALTY": ("1.1", 1.1),
+    "LR": ("3e-4", 3e-4),
+    "LR_SCHEDULER": ("cosine", "cosine"),
+    "USE_KL": ("True", True),
+    "ENABLE_FORMAT_REWARD": ("true", True),
+    "LOSS_AGG_MODE": ("seq-mean-token-sum-norm", "seq-mean-token-sum-norm"),
+    "MODEL_DTYPE": ("bf16", "bf16"),
+    "GRPO_OUTCOME_WEIGHT": ("0.25", 0.25),
+    "TRAIN_DATASET": ("/d/train.parquet", "/d/train.parquet"),
+    "TEST_FILE": ("/d/a.parquet,/d/b.parquet", ["/d/a.parquet", "/d/b.parquet"]),
+    "ENABLE_THINKING": ("False", False),
+    "SAVE_FREQ": ("5", 5),
+    "TEST_FREQ": ("6", 6),
+    "TOTAL_EPOCHS": ("3", 3),
+    "TOTAL_STEPS": ("9", 9),
+    "RESUME": ("off", "off"),
+    "OUTPUT_DIR": ("/o", "/o"),
+    "RUN_NAME": ("my-run", "my-run"),
+    "SEED": ("11", 11),
+    "TOP_P": ("0.8", 0.8),
+    "VAL_N": ("4", 4),
+    "VAL_TEMPERATURE": ("0.6", 0.6),
+    "VAL_TOP_P": ("0.9", 0.9),
+    "VAL_BEFORE_TRAIN": ("False", False),
+    "MICRO_BATCH_TOKENS": ("999", 999),
+    "ROLLOUT_BATCH_SIZE": ("13", 13),
+    "DEVICE": ("cpu", "cpu"),
+}
+
+
+def _clean_env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS and k != "ENGINE"}
+    env["PYTHON"] = sys.executable
+    env.update(extra)
+    return env
+
+
+def _print_config(script: Path, env: dict[str, str], *args: str) -> dict:
+    proc = subprocess.run(["bash", str(script), *args, "--print-config"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+def _get(resolved: dict, key: str):
+    if key.startswith("algo."):
+        return resolved["algo"][key[len("algo."):]]
+    return resolved[key]
+
+
+def _launcher_defaults(script: Path) -> dict[str, str]:
+    found = {}
+    for line in script.read_text().splitlines():
+        m = EXPORT.match(line.strip())
+        if m:
+            assert m.group(1) == m.group(2), f"{script.name}: {line!r} exports one name from another"
+            found[m.group(1)] = m.group(3)
+    return found
+
+
+def test_every_variable_has_a_non_default_test_value():
+    assert set(NON_DEFAULT) == set(ENV_VARS)
+    for var, (_, typed) in NON_DEFAULT.items():
+        assert typed != default_value(ENV_VARS[var]), f"{var}: the test value equals the default"
+
+
+def test_every_launcher_variable_reaches_the_resolved_config():
+    env = _clean_env(**{var: text for var, (text, _) in NON_DEFAULT.items()})
+    resolved = _print_config(OPD_SH, env)
+    for var, (_, typed) in NON_DEFAULT.items():
+        assert _get(resolved, ENV_VARS[var]) == typed, var
+
+
+def test_launcher_defaults_equal_the_config_defaults():
+    defaults = _launcher_defaults(OPD_SH)
+    assert set(defaults) == set(ENV_VARS), "every variable is exported with a default, and only those"
+    for var, text in defaults.items():
+        key = ENV_VARS[var]
+        expected = default_value(key)
+        got = _get(resolve(None, {key: text}).to_dict(), key) if text != "" else None
+        assert got == expected, f"{var}: launcher default {text!r} != TrainConfig default {expected!r}"
+    # and the script with nothing set resolves to the plain defaults
+    assert _print_config(OPD_SH, _clean_env()) == TrainConfig().to_dict()
+
+
+def test_header_documents_every_variable():
+    header = "".join(line for line in OPD_SH.read_text().splitlines(keepends=True) if line.startswith("#"))
+    for var in list(ENV_VARS) + ["ENGINE"]:
+        assert var in header, f"{var} is not documented in the launcher header"
+
+
+def test_grpo_launcher_sets_only_the_recipe_and_the_environment_still_wins():
+    grpo_defaults = _launcher_defaults(GRPO_SH)
+    assert {ENV_VARS[v] for v in grpo_defaults} == set(GRPO_RECIPE)
+    resolved = _print_config(GRPO_SH, _clean_env())
+    for key, value in GRPO_RECIPE.items():
+        assert _get(resolved, key) == value, key
+    expected = TrainConfig().to_dict()
+    for key in ("lr", "mini_batch_size", "max_resp_length"):
+        assert resolved[key] == expected[key]
+    overridden = _print_config(GRPO_SH, _clean_env(N_RESPONSES="3", VAL_TEMPERATURE="0.5"))
+    assert overridden["n_responses"] == 3 and overridden["val_temperature"] == 0.5
+
+
+def test_extra_arguments_pass_through_and_beat_the_environment():
+    resolved = _print_config(OPD_SH, _clean_env(LR="0.1"), "lr=0.5", "algo.tail_bucket=true")
+    assert resolved["lr"] == 0.5 and resolved["algo"]["tail_bucket"] is True
+
+
+@pytest.mark.parametrize("script", [OPD_SH, GRPO_SH])
+def test_engine_verl_fails_clearly(script):
+    proc = subprocess.run(["bash", str(script)], env=_clean_env(ENGINE="verl"), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "ENGINE=verl is not available yet" in proc.stderr
+    bad = subprocess.run(["bash", str(script)], env=_clean_env(ENGINE="ray"), capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected local or verl" in bad.stderr
+
+
+def test_missing_model_path_points_to_the_demo():
+    proc = subprocess.run(["bash", str(OPD_SH)], env=_clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "ACTOR_MODEL_PATH is not set" in proc.stderr and "opd demo" in proc.stderr
+
+
+@pytest.mark.parametrize("script", [OPD_SH, GRPO_SH])
+def test_launcher_hygiene(script):
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in text
+    assert '"$@"' in text
+    for debug in ("CUDA_LAUNCH_BLOCKING", "set -x", "HYDRA_FULL_ERROR", "TORCH_USE_CUDA_DSA"):
+        assert debug not in text
+    # no hard assignment of a documented variable (the reference launchers' bug): every assignment is ${VAR:-...}
+    for line in text.splitlines():
+        m = re.match(r"^\s*(?:export\s+)?(\w+)=", line)
+        if m and m.group(1) in ENV_VARS:
+            assert EXPORT.match(line.strip()), f"hard-assigned variable: {line!r}"
