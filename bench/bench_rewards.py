@@ -1,0 +1,231 @@
+"""Time and peak memory of OPD's chunked reward kernels against the naive full log-softmax implementation.
+
+What is compared, on bf16 logits as a model would produce them (N = 1 sequence of T positions, vocabulary V):
+  topk    only_stu top-k rewards + both entropies: `logit_stats` (student, then teacher at the student's ids),
+          `build_support`, `compute_rewards`  vs  log_softmax(x.float()) of both models, then topk / gather / entropy.
+  fullkl  exact per-position reverse KL: `full_vocab_reverse_kl`  vs  F.kl_div on both full float32 log-softmaxes.
+  fullpg  full-vocabulary PG loss, forward + backward: `full_vocab_pg_loss_NT`  vs  autograd through the
+          materialised float32 log-softmaxes.
+Each (path, implementation, V, T, chunk) case runs in a fresh subprocess so allocations cannot leak between
+cases. Peak memory on CPU is the process's resident-set high-water mark (VmHWM, reset through
+/proc/self/clear_refs once the inputs exist) minus the resident set at that moment: the extra memory the
+computation needs on top of the logits it is given. On CUDA it is torch.cuda.max_memory_allocated minus the
+allocation before the call. Times are one run after a small warm-up, wall clock.
+The parent checks that both implementations agree (sum of the outputs) and prints a markdown table.
+
+    python bench/bench_rewards.py                                   # CPU defaults (~3-5 min on 2 cores)
+    python bench/bench_rewards.py --device cuda --sizes 32768:8192,151936:8192 --chunk-sizes 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+PATHS = ("topk", "fullkl", "fullpg")
+DEFAULT_SIZES = "32768:2048,32768:8192,151936:2048,151936:4096"
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _make_logits(T: int, V: int, device: str, seed: int):
+    """Student and teacher bf16 logits [1, T, V], filled in slices so no float32 [T, V] temporary ever exists."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    s = torch.empty(1, T, V, dtype=torch.bfloat16, device=device)
+    t = torch.empty_like(s)
+    for i in range(0, T, 64):
+        rows = min(64, T - i)
+        base = torch.randn(rows, V, generator=gen, device=device) * 2.0
+        s[0, i:i + rows] = base
+        t[0, i:i + rows] = base + torch.randn(rows, V, generator=gen, device=device) * 1.5
+    return s, t
+
+
+def _run_case(path: str, impl: str, V: int, T: int, k: int, chunk: int, device: str) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from opd.core.config import OPDConfig
+    from opd.core.full_vocab import full_vocab_pg_loss_NT, full_vocab_reverse_kl
+    from opd.core.logits import logit_stats
+    from opd.core.rewards import compute_rewards
+    from opd.core.support import build_support
+
+    cfg = OPDConfig(top_k=k, chunk_size=chunk)
+
+    def rewards_from(s_ids, t_ids, s_lp, t_lp_at_s):
+        sup = build_support("only_stu", student_topk_ids_NTK=s_ids, teacher_topk_ids_NTK=t_ids,
+                            student_lp_at_student_NTK=s_lp, teacher_lp_at_student_NTK=t_lp_at_s)
+        return compute_rewards(cfg, sup)
+
+    def topk_chunked(s, t):
+        st_s = logit_stats(s, k=k, chunk_size=chunk)
+        st_t = logit_stats(t, k=k, ids_NTJ=st_s.topk_ids_NTK, chunk_size=chunk)
+        r = rewards_from(st_s.topk_ids_NTK, st_t.topk_ids_NTK, st_s.topk_lp_NTK, st_t.lp_at_ids_NTJ)
+        return r.sum() + st_s.entropy_NT.sum() + st_t.entropy_NT.sum()
+
+    @torch.no_grad()
+    def topk_naive(s, t):
+        lp = torch.log_softmax(s.float(), -1)
+        lq = torch.log_softmax(t.float(), -1)
+        ent = -(lp.exp() * lp).sum(-1).sum() - (lq.exp() * lq).sum(-1).sum()
+        s_lp, s_ids = lp.topk(k, -1)
+        r = rewards_from(s_ids, lq.topk(k, -1).indices, s_lp, lq.gather(-1, s_ids))
+        return r.sum() + ent
+
+    def fullkl_chunked(s, t):
+        return full_vocab_reverse_kl(s, t, chunk_size=chunk).sum()
+
+    @torch.no_grad()
+    def fullkl_naive(s, t):
+        lp, lq = torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1)
+        return F.kl_div(lq, lp, reduction="none", log_target=True).sum(-1).sum()
+
+    def fullpg_chunked(s, t):
+        s = s.detach().requires_grad_(True)
+        loss = full_vocab_pg_loss_NT(s, t, "student_p", chunk_size=chunk).sum()
+        loss.backward()
+        return loss.detach() + s.grad[0, :8].float().abs().sum()  # a slice: a full float32 copy would skew the peak
+
+    def fullpg_naive(s, t):
+        s = s.detach().requires_grad_(True)
+        lp = torch.log_softmax(s.float(), -1)
+        lq = torch.log_softmax(t.float(), -1)
+        adv = (lp.exp() * (lq - lp)).detach()
+        loss = -(adv * lp).sum(-1).sum()
+        loss.backward()
+        return -adv.sum() + s.grad[0, :8].float().abs().sum()
+
+    fn = {("topk", "chunked"): topk_chunked, ("topk", "naive"): topk_naive,
+          ("fullkl", "chunked"): fullkl_chunked, ("fullkl", "naive"): fullkl_naive,
+          ("fullpg", "chunked"): fullpg_chunked, ("fullpg", "naive"): fullpg_naive}[(path, impl)]
+
+    warm_s, warm_t = _make_logits(4, 64, device, seed=1)
+    fn(warm_s, warm_t)  # first-call overheads (kernel selection, lazy init) off the clock
+    del warm_s, warm_t
+    s, t = _make_logits(T, V, device, seed=0)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM to the current RSS
+            fh.write("5")
+        before = _rss_bytes("VmRSS")
+    start = time.perf_counter()
+    checksum = float(fn(s, t))
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")) - before
+    return {"seconds": seconds, "peak_extra_bytes": peak, "inputs_bytes": 2 * s.numel() * s.element_size(),
+            "checksum": checksum}
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _naive_estimate(path: str, V: int, T: int) -> int:
+    """Bytes the naive path needs at its peak (inputs + float32 [T, V] tensors alive together), for skipping."""
+    per = T * V * 4
+    return 2 * T * V * 2 + {"topk": 4, "fullkl": 4, "fullpg": 6}[path] * per
+
+
+def _subprocess(args, path, impl, V, T, chunk) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, __file__, "--_case", json.dumps([path, impl, V, T, args.k, chunk, args.device])]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["exit %d" % out.returncode])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated V:T pairs (default %(default)s)")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"subset of {','.join(PATHS)} (default: all)")
+    parser.add_argument("--chunk-sizes", default="256,1024", help="chunk sizes of the chunked path (default %(default)s)")
+    parser.add_argument("--k", type=int, default=16, help="top-k width of the topk path (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per case (default %(default)s)")
+    parser.add_argument("--max-gb", type=float, default=12.0,
+                        help="skip naive cases estimated above this many GB (or above 80%% of free memory on CPU)")
+    parser.add_argument("--_case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._case:
+        path, impl, V, T, k, chunk, device = json.loads(args._case)
+        print(json.dumps(_run_case(path, impl, V, T, k, chunk, device)))
+        return 0
+
+    sizes = [tuple(int(x) for x in pair.split(":")) for pair in args.sizes.split(",")]
+    paths = [p for p in args.paths.split(",") if p]
+    bad = [p for p in paths if p not in PATHS]
+    if bad:
+        parser.error(f"--paths: unknown {bad}; valid: {', '.join(PATHS)}")
+    chunks = [int(c) for c in args.chunk_sizes.split(",")]
+    gib = 1024 ** 3
+    rows, skipped = [], []
+    for path in paths:
+        for V, T in sizes:
+            budget = args.max_gb * 1e9
+            if args.device == "cpu":
+                budget = min(budget, 0.8 * _mem_available())
+            estimate = _naive_estimate(path, V, T)
+            if estimate > budget:
+                naive = None
+                skipped.append(f"{path} V={V} T={T}: naive needs ~{estimate / gib:.1f} GiB > budget "
+                               f"{budget / gib:.1f} GiB")
+            else:
+                naive = _subprocess(args, path, "naive", V, T, 1024)  # chunk unused by the naive path
+            for chunk in chunks:
+                chunked = _subprocess(args, path, "chunked", V, T, chunk)
+                rows.append((path, V, T, chunk, chunked, naive))
+                print(f"done {path} V={V} T={T} chunk={chunk}", file=sys.stderr, flush=True)
+
+    def mib(case):
+        return "n/a" if not case or "error" in case else f"{case['peak_extra_bytes'] / 2**20:,.0f}"
+
+    def sec(case):
+        if not case:
+            return "skipped"
+        return case["error"][:40] if "error" in case else f"{case['seconds']:.2f}"
+
+    print(f"\nDevice: {args.device}, threads per case: {args.threads}, K = {args.k}, N = 1, bf16 logits; "
+          "peak = extra memory over the inputs (MiB).\n")
+    print("| path | V | T | chunk | chunked s | naive s | chunked peak MiB | naive peak MiB | naive/chunked mem | agree |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for path, V, T, chunk, chunked, naive in rows:
+        ratio, agree = "n/a", "n/a"
+        if naive and chunked and "error" not in naive and "error" not in chunked:
+            ratio = f"{naive['peak_extra_bytes'] / max(chunked['peak_extra_bytes'], 1):.1f}x"
+            a, b = chunked["checksum"], naive["checksum"]
+            agree = "yes" if abs(a - b) <= 1e-3 * max(1.0, abs(b)) else f"NO ({a:.4g} vs {b:.4g})"
+        print(f"| {path} | {V} | {T} | {chunk} | {sec(chunked)} | {sec(naive)} | {mib(chunked)} | {mib(naive)} "
+              f"| {ratio} | {agree} |")
+    for line in skipped:
+        print(f"- skipped {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    raise SystemExit(main())
