@@ -126,23 +126,22 @@ def _group_ids(group_index_N: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def _group_normalise(values: torch.Tensor, weights: torch.Tensor, gid: torch.Tensor, G: int, by_std: bool):
     """(x - group mean) [/ (group std + eps)] with per-row `gid`; `weights` (0/1, same shape as values) select the
-    entries that count. Std is the unbiased one; a group with a single entry gets 0."""
+    entries that count. Std is the unbiased one (taken as 0 for a single entry, which is 0 after centring anyway)."""
     red_dims = tuple(range(1, values.dim()))
-    v = values.double() * weights
-    s = v.sum(red_dims) if red_dims else v
-    s2 = (v * values.double()).sum(red_dims) if red_dims else v * values.double()
-    n = weights.double().sum(red_dims) if red_dims else weights.double()
-    zeros = torch.zeros(G, dtype=torch.float64, device=values.device)
-    gs, gs2, gn = zeros.index_add(0, gid, s), zeros.index_add(0, gid, s2), zeros.index_add(0, gid, n)
-    mean = gs / gn.clamp(min=1)
-    var = ((gs2 - gn * mean**2) / (gn - 1).clamp(min=1)).clamp(min=0)
     shape = (-1,) + (1,) * len(red_dims)
-    out = values.double() - mean[gid].view(shape)
-    if by_std:
+    x, w = values.double(), weights.double()
+
+    def group_sum(t: torch.Tensor) -> torch.Tensor:  # per-row sums, then per-group sums -> [G]
+        per_row = t.sum(red_dims) if red_dims else t
+        return torch.zeros(G, dtype=torch.float64, device=values.device).index_add(0, gid, per_row)
+
+    n = group_sum(w)
+    mean = group_sum(x * w) / n.clamp(min=1)
+    out = (x - mean[gid].view(shape)) * w
+    if by_std:  # two-pass variance: no cancellation for large rewards
+        var = group_sum(out * out) / (n - 1).clamp(min=1)
         out = out / (var.sqrt()[gid].view(shape) + GRPO_EPS)
-    single = (gn[gid] < 2).view(shape)
-    out = torch.where(single, torch.zeros_like(out), out)
-    return (out * weights).to(values.dtype)
+    return out.to(values.dtype)
 
 
 def grpo_outcome_advantage_N(outcome_scores_N: torch.Tensor, group_index_N: torch.Tensor, by_std: bool) -> torch.Tensor:
