@@ -200,3 +200,23 @@ def test_advantages_carry_no_gradient():
     rewards = torch.randn(2, 3, requires_grad=True)
     adv = compute_advantages(OPDConfig(top_k=0), token_rewards=rewards, response_mask_NT=torch.ones(2, 3))
     assert not adv.requires_grad
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs CUDA")])],
+)
+@pytest.mark.parametrize("estimator", sorted(config_mod.ADV_ESTIMATORS))
+def test_estimators_on_device_match_cpu(device, estimator):
+    gen = torch.Generator().manual_seed(9)
+    N, T = 6, 5
+    mask = ragged_mask(gen, N, T)
+    rewards = torch.randn(N, T, generator=gen)
+    kw = dict(token_rewards=rewards, response_mask_NT=mask, group_index_N=torch.tensor([3, 3, 3, 8, 8, 1]),
+              outcome_scores_N=torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0]))
+    cfg = OPDConfig(adv_estimator=estimator, top_k=0)
+    cpu = compute_advantages(cfg, **kw)
+    dev = compute_advantages(cfg, **{k: v.to(device) for k, v in kw.items()})
+    assert dev.device.type == device
+    torch.testing.assert_close(dev.cpu(), cpu)

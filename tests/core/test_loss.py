@@ -344,3 +344,35 @@ def test_micro_batch_accumulation_gives_the_full_batch_gradient(mode):
     (g_parts,) = torch.autograd.grad(sum(parts), W)
     assert sum(p.item() for p in parts) == pytest.approx(full.item(), rel=1e-12)
     torch.testing.assert_close(g_parts, g_full, rtol=1e-10, atol=1e-13)
+
+
+ON_DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+    ),
+]
+
+
+@pytest.mark.parametrize("device", ON_DEVICES)
+def test_losses_on_device_match_cpu(device):
+    """No tensor silently created on the CPU (counts, clamps): the same numbers and gradients on `device`."""
+    gen = torch.Generator().manual_seed(80)
+    N, T, C = 4, 6, 3
+    mask = ragged_mask(gen, N, T)
+    lp = torch.randn(N, T, C, generator=gen, dtype=F64)
+    old, ref = lp + 0.4 * torch.randn(N, T, C, generator=gen, dtype=F64), torch.randn(N, T, C, generator=gen, dtype=F64)
+    adv, valid = torch.randn(N, T, C, generator=gen, dtype=F64), torch.rand(N, T, C, generator=gen) > 0.3
+    cfg = OPDConfig(loss_agg_mode="seq-mean-token-sum-norm", use_kl=True)
+    results = []
+    for dev in ("cpu", device):
+        x = lp.to(dev).requires_grad_(True)
+        args = (mask.to(dev), valid.to(dev), cfg)
+        pg, pg_metrics = policy_loss(x, old.to(dev), adv.to(dev), *args, total_tokens=30.0, total_seqs=4.0)
+        kl, _ = kl_loss(x, ref.to(dev), *args, norm_length=9.0)
+        (g,) = torch.autograd.grad(pg + kl, x)
+        results.append((pg.item(), kl.item(), g.cpu(), pg_metrics))
+    (pg0, kl0, g0, m0), (pg1, kl1, g1, m1) = results
+    assert pg1 == pytest.approx(pg0, rel=1e-9) and kl1 == pytest.approx(kl0, rel=1e-9)
+    torch.testing.assert_close(g1, g0)
+    assert m1 == pytest.approx(m0, rel=1e-9)

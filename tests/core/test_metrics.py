@@ -193,3 +193,30 @@ def test_per_position_profile_matches_loop_with_bins():
     prof = per_position_profile(response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"])
     assert len(prof["overlap_ratio"]) == 5  # trimmed to the last reached position
     assert prof["tokens"] == [float((b["mask"][:, t] > 0).sum()) for t in range(5)]
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs CUDA")])],
+)
+def test_metrics_on_device_match_cpu(device):
+    b = make_batch(6, "union", tail=True)
+
+    def moved(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if x is None or isinstance(x, (str, bool, int, float)):
+            return x
+        return type(x)(**{k: moved(v) for k, v in vars(x).items()})
+
+    kw = dict(response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"], support=b["support"],
+              advantages=b["adv"], reverse_kl_NT=b["rkl"])
+    cpu = dynamics_metrics(**kw, position_edges=EDGES)
+    dev = dynamics_metrics(**{k: moved(v) for k, v in kw.items()}, position_edges=EDGES)
+    assert dev.keys() == cpu.keys() and dev == pytest.approx(cpu, rel=1e-6)
+    prof_cpu = per_position_profile(**kw, bin_size=3)
+    prof_dev = per_position_profile(**{k: moved(v) for k, v in kw.items()}, bin_size=3)
+    assert prof_dev.keys() == prof_cpu.keys()
+    for k in prof_cpu:
+        assert prof_dev[k] == pytest.approx(prof_cpu[k], rel=1e-6, nan_ok=True), k
