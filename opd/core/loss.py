@@ -161,20 +161,22 @@ def policy_loss(
 
 
 def _surrogate_metrics(loss, info, log_prob, old_log_prob, valid) -> dict[str, float]:
+    """Means / extrema over the counted elements (masked reductions: boolean indexing costs a sync and a copy)."""
     n = valid.sum()
     if n == 0:
         return {"actor/pg_loss": float(loss.detach())}
-    ratio = info["ratio"][valid]
-    frac = lambda b: float(b[valid].float().mean())  # noqa: E731
-    approx_kl = (old_log_prob.detach() - log_prob.detach())[valid]
+    zero = torch.zeros((), dtype=info["ratio"].dtype, device=valid.device)
+    mean = lambda x: float(torch.where(valid, x.to(zero.dtype), zero).sum() / n)  # noqa: E731
+    ratio = info["ratio"]
+    inf = torch.full((), float("inf"), dtype=ratio.dtype, device=ratio.device)
     return {
         "actor/pg_loss": float(loss.detach()),
-        "actor/pg_clipfrac": frac(info["clipped"]),
-        "actor/pg_clipfrac_lower": frac(info["dual_clipped"]),
-        "actor/ppo_kl": float(approx_kl.mean()),
-        "actor/ratio_mean": float(ratio.mean()),
-        "actor/ratio_min": float(ratio.min()),
-        "actor/ratio_max": float(ratio.max()),
+        "actor/pg_clipfrac": mean(info["clipped"]),
+        "actor/pg_clipfrac_lower": mean(info["dual_clipped"]),
+        "actor/ppo_kl": mean(old_log_prob.detach() - log_prob.detach()),
+        "actor/ratio_mean": mean(ratio),
+        "actor/ratio_min": float(torch.where(valid, ratio, inf).min()),
+        "actor/ratio_max": float(torch.where(valid, ratio, -inf).max()),
     }
 
 
