@@ -115,6 +115,21 @@ def _position_stats(
     return stats
 
 
+def _totals_over_rollouts(
+    mask_NT: torch.Tensor, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Names and [S, T] float64 sums / counts over the valid rollouts at each position: every mean over a set of
+    positions (whole batch, a window, a bin) is then a sum over a range of T, with no [N, T] work per window."""
+    names = list(stats)
+    if not names:
+        empty = torch.zeros(0, mask_NT.shape[1], dtype=torch.float64, device=mask_NT.device)
+        return names, empty, empty
+    zero = torch.zeros((), dtype=torch.float64, device=mask_NT.device)
+    sums = torch.stack([torch.where(mask_NT, stats[k][0], zero) for k in names]).sum(1)
+    counts = torch.stack([torch.where(mask_NT, stats[k][1], zero) for k in names]).sum(1)
+    return names, sums, counts
+
+
 def _window_name(lo: int, hi: int | None) -> str:
     return f"pos/{lo}+" if hi is None else f"pos/{lo}-{hi - 1}"
 
@@ -145,19 +160,19 @@ def dynamics_metrics(
     edges = _check_edges(position_edges)
     mask = response_mask_NT > 0
     stats = _position_stats(mask, student, teacher, support, advantages, reverse_kl_NT)
+    names, sum_ST, count_ST = _totals_over_rollouts(mask, stats)
+    windows = [("", 0, None)] + [
+        (_window_name(lo, hi) + "/", lo, hi)
+        for lo, hi in zip(edges, [*edges[1:], None])
+    ]
+    # one [S, W] reduction and one host transfer for every (statistic, window) pair
+    sums = torch.stack([sum_ST[:, lo:hi].sum(-1) for _, lo, hi in windows], -1).tolist()
+    counts = torch.stack([count_ST[:, lo:hi].sum(-1) for _, lo, hi in windows], -1).tolist()
     out: dict[str, float] = {}
-    T = mask.shape[1]
-    pos_T = torch.arange(T, device=mask.device)
-    windows = [("", mask)]
-    for i, lo in enumerate(edges):
-        hi = edges[i + 1] if i + 1 < len(edges) else None
-        in_win = pos_T >= lo if hi is None else (pos_T >= lo) & (pos_T < hi)
-        windows.append((_window_name(lo, hi) + "/", mask & in_win[None, :]))
-    for win_prefix, sel in windows:
-        for name, (sum_NT, count_NT) in stats.items():
-            denom = count_NT[sel].sum()
-            if denom > 0:
-                out[f"{prefix}{win_prefix}{name}"] = float(sum_NT[sel].sum() / denom)
+    for w, (win_prefix, _, _) in enumerate(windows):
+        for i, name in enumerate(names):
+            if counts[i][w] > 0:
+                out[f"{prefix}{win_prefix}{name}"] = sums[i][w] / counts[i][w]
     out.update(_extrema(mask, support, advantages, prefix))
     lengths_N = mask.sum(-1).double()
     out[f"{prefix}valid_tokens"] = float(lengths_N.sum())
@@ -206,21 +221,21 @@ def per_position_profile(
         raise ValueError(f"bin_size={bin_size!r} is not valid; expected an int >= 1")
     mask = response_mask_NT > 0
     stats = _position_stats(mask, student, teacher, support, advantages, reverse_kl_NT)
-    reached = mask.any(0).nonzero()
+    stats["tokens"] = (mask.double(), torch.ones_like(mask, dtype=torch.float64))  # sum = valid tokens
+    names, sum_ST, count_ST = _totals_over_rollouts(mask, stats)
+    tokens_T = sum_ST[names.index("tokens")]
+    reached = tokens_T.nonzero()
     T_used = int(reached.max()) + 1 if reached.numel() else 0
     n_bins = math.ceil(T_used / bin_size)
     bin_of_T = torch.arange(T_used, device=mask.device) // bin_size
-    m = mask[:, :T_used]
 
-    def binned(x_NT: torch.Tensor) -> torch.Tensor:
-        per_T = torch.where(m, x_NT[:, :T_used].double(), torch.zeros((), dtype=torch.float64, device=m.device)).sum(0)
-        return torch.zeros(n_bins, dtype=torch.float64, device=mask.device).index_add(0, bin_of_T, per_T)
+    def binned(x_ST: torch.Tensor) -> torch.Tensor:
+        zeros = torch.zeros(x_ST.shape[0], n_bins, dtype=torch.float64, device=x_ST.device)
+        return zeros.index_add(1, bin_of_T, x_ST[:, :T_used])
 
-    out: dict[str, list[float]] = {
-        "position": [float(b * bin_size) for b in range(n_bins)],
-        "tokens": binned(m.double()).tolist(),
-    }
-    for name, (sum_NT, count_NT) in stats.items():
-        s, c = binned(sum_NT), binned(count_NT)
-        out[name] = torch.where(c > 0, s / c.clamp(min=1e-300), torch.full_like(s, float("nan"))).tolist()
+    s, c = binned(sum_ST), binned(count_ST)
+    mean = torch.where(c > 0, s / c.clamp(min=1e-300), torch.full_like(s, float("nan"))).tolist()
+    out: dict[str, list[float]] = {"position": [float(b * bin_size) for b in range(n_bins)]}
+    for i, name in enumerate(names):
+        out[name] = s[i].tolist() if name == "tokens" else mean[i]
     return out
