@@ -7,7 +7,7 @@ responses with a small pool of math-verify worker processes. See ``score.py`` fo
 
 from .extract import extract_answer, extract_boxed
 from .normalize import normalize_answer
-from .score import GradeResult, grade_answer, grade_batch, grade_response, score_response
+from .score import GradeResult, clear_symbolic_cache, grade_answer, grade_batch, grade_response, score_response
 from .symbolic import DEFAULT_TIMEOUT_S, SymbolicChecker, SymbolicTimeout
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "GradeResult",
     "SymbolicChecker",
     "SymbolicTimeout",
+    "clear_symbolic_cache",
     "extract_answer",
     "extract_boxed",
     "grade_answer",

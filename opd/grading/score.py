@@ -4,14 +4,17 @@ Order of checks, cheapest first: extract the final answer (no answer = wrong); n
 word answers compared case-insensitively (never through sympy, which reads "ab" as a*b == b*a); exact
 fraction comparison when both sides are plain numbers; otherwise math-verify in a worker process under a
 hard timeout, after size caps that refuse huge exponents/towers/factorials. A refused, timed-out or failing
-symbolic check grades as wrong, never raises. ``grade_batch`` spreads the symbolic checks of many answers
-over a few worker processes.
+symbolic check grades as wrong, never raises. Finished symbolic verdicts are cached by (answer, ground truth),
+since the N samples of a problem often repeat an answer. ``grade_batch`` spreads the symbolic checks of many
+answers over a few worker processes.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,7 +24,13 @@ from .extract import extract_answer, extract_boxed
 from .normalize import is_text_answer, normalize_answer, parse_number, safe_for_symbolic, text_key
 from .symbolic import DEFAULT_TIMEOUT_S, SymbolicChecker, SymbolicTimeout, symbolic_equal
 
-__all__ = ["GradeResult", "grade_answer", "grade_response", "score_response", "grade_batch"]
+__all__ = ["GradeResult", "grade_answer", "grade_response", "score_response", "grade_batch", "clear_symbolic_cache"]
+
+
+# Verdicts of finished symbolic checks by (answer, ground truth): the N samples of a problem often repeat an answer.
+SYMBOLIC_CACHE_SIZE = 65536
+_SYMBOLIC_CACHE: OrderedDict[tuple[str, str], bool] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -69,11 +78,21 @@ def grade_answer(
     fast = _fast_verdict(pred, gt)
     if fast is not None:
         return GradeResult(float(fast[0]), pred, fast[1])
-    try:
-        ok = symbolic_equal(pred, gt, timeout=timeout, checker=checker)
-    except SymbolicTimeout:
-        return GradeResult(0.0, pred, "timeout")
-    return GradeResult(float(ok), pred, "symbolic")
+    key = (pred, gt)
+    with _CACHE_LOCK:
+        cached = _SYMBOLIC_CACHE.get(key)
+        if cached is not None:
+            _SYMBOLIC_CACHE.move_to_end(key)
+    if cached is None:
+        try:
+            cached = symbolic_equal(pred, gt, timeout=timeout, checker=checker)
+        except SymbolicTimeout:
+            return GradeResult(0.0, pred, "timeout")  # not cached: a later, less loaded try may finish
+        with _CACHE_LOCK:
+            _SYMBOLIC_CACHE[key] = cached
+            if len(_SYMBOLIC_CACHE) > SYMBOLIC_CACHE_SIZE:
+                _SYMBOLIC_CACHE.popitem(last=False)
+    return GradeResult(float(cached), pred, "symbolic")
 
 
 def grade_response(
@@ -88,6 +107,28 @@ def score_response(response: str, ground_truth: str) -> float:
     return grade_response(response, ground_truth).score
 
 
+# Idle worker processes kept between grade_batch calls (a worker costs ~0.5-1 s of imports to start).
+_IDLE: list[SymbolicChecker] = []
+_IDLE_LOCK = threading.Lock()
+
+
+def clear_symbolic_cache() -> None:
+    """Forget cached symbolic verdicts (benchmarks and tests that must time real checks)."""
+    with _CACHE_LOCK:
+        _SYMBOLIC_CACHE.clear()
+
+
+def _acquire(n: int) -> list[SymbolicChecker]:
+    with _IDLE_LOCK:
+        taken = [_IDLE.pop() for _ in range(min(n, len(_IDLE)))]
+    return taken + [SymbolicChecker() for _ in range(n - len(taken))]
+
+
+def _release(checkers: list[SymbolicChecker]) -> None:
+    with _IDLE_LOCK:
+        _IDLE.extend(checkers)
+
+
 def grade_batch(
     responses: list[str],
     ground_truths: list[str],
@@ -96,12 +137,13 @@ def grade_batch(
     timeout: float = DEFAULT_TIMEOUT_S,
     progress: bool = False,
 ) -> list[GradeResult]:
-    """Grade many responses: fast paths in this process, symbolic checks over ``workers`` worker processes."""
+    """Grade many responses: fast paths in this process, symbolic checks over ``workers`` worker processes
+    (kept alive between calls, closed at exit)."""
     if len(responses) != len(ground_truths):
         raise ValueError(f"grade_batch: {len(responses)} responses but {len(ground_truths)} ground truths")
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     results: list[GradeResult | None] = [None] * len(responses)
-    pending: list[tuple[int, str, str]] = []
+    pending: dict[tuple[str, str], list[int]] = {}  # unique (answer, ground truth) -> the rows that need it
     for i, (resp, gt) in enumerate(zip(responses, ground_truths)):
         pred = extract_answer(resp)
         if pred is None:
@@ -112,33 +154,32 @@ def grade_batch(
         if fast is not None:
             results[i] = GradeResult(float(fast[0]), pred, fast[1])
         else:
-            pending.append((i, pred, clean))
+            pending.setdefault((pred, clean), []).append(i)
     if pending:
         n = min(workers, len(pending))
+        checkers = _acquire(n)
         pool: queue.Queue[SymbolicChecker] = queue.Queue()
-        checkers = [SymbolicChecker() for _ in range(n)]
         for c in checkers:
             pool.put(c)
 
-        def run(item: tuple[int, str, str]) -> tuple[int, GradeResult]:
+        def run(key: tuple[str, str]) -> tuple[tuple[str, str], GradeResult]:
             checker = pool.get()
             try:
-                return item[0], grade_answer(item[1], item[2], timeout=timeout, checker=checker)
+                return key, grade_answer(key[0], key[1], timeout=timeout, checker=checker)
             finally:
                 pool.put(checker)
 
         try:
             with ThreadPoolExecutor(n) as ex:
                 bar = tqdm(total=len(pending), desc="symbolic checks", disable=not progress)
-                for i, res in ex.map(run, pending):
-                    results[i] = res
+                for key, res in ex.map(run, list(pending)):
+                    for i in pending[key]:
+                        results[i] = res
                     bar.update()
                 bar.close()
         finally:
-            for c in checkers:
-                c.close()
-    return [r for r in results if r is not None] if all(r is not None for r in results) else _missing(results)
-
-
-def _missing(results: list[GradeResult | None]) -> list[GradeResult]:
-    raise RuntimeError(f"grade_batch lost {sum(r is None for r in results)} results")  # cannot happen; guards refactors
+            _release(checkers)
+    missing = sum(r is None for r in results)
+    if missing:  # cannot happen; guards future edits of the bookkeeping above
+        raise RuntimeError(f"grade_batch lost {missing} results")
+    return results  # type: ignore[return-value]

@@ -10,6 +10,7 @@ import pytest
 from opd.grading import (
     SymbolicChecker,
     SymbolicTimeout,
+    clear_symbolic_cache,
     extract_answer,
     grade_answer,
     grade_batch,
@@ -124,12 +125,33 @@ def test_timeout_grades_wrong_instead_of_raising():
     checker = SymbolicChecker()
     try:
         checker.check("1", "1", timeout=30.0)  # start the worker outside the measured check
+        clear_symbolic_cache()  # an earlier test may have cached this verdict
         res = grade_answer("x^2+2x+1", "(x+1)^2", timeout=1e-4, checker=checker)
         assert res.method == "timeout" and res.score == 0.0
         res = grade_answer("x^2+2x+1", "(x+1)^2", timeout=30.0, checker=checker)
         assert res.method == "symbolic" and res.score == 1.0
     finally:
         checker.close()
+
+
+def test_symbolic_verdicts_are_cached_but_timeouts_are_not():
+    clear_symbolic_cache()
+    checker = SymbolicChecker()
+    try:
+        checker.check("1", "1", timeout=30.0)
+        assert grade_answer("3x+3", "3(x+1)", timeout=1e-4, checker=checker).method == "timeout"
+        assert grade_answer("3x+3", "3(x+1)", timeout=30.0, checker=checker).score == 1.0
+        checker.close()  # a cached verdict needs no worker: none is started again
+        assert grade_answer("3x+3", "3(x+1)", timeout=30.0, checker=checker).score == 1.0
+        assert checker._proc is None
+    finally:
+        checker.close()
+
+
+def test_batch_maps_repeated_answers_back_to_every_row():
+    clear_symbolic_cache()
+    res = grade_batch(["\\boxed{\\sqrt{12}}"] * 5 + ["\\boxed{\\sqrt{13}}"], ["2\\sqrt{3}"] * 6, workers=2)
+    assert [r.score for r in res] == [1.0] * 5 + [0.0]
 
 
 def test_checker_survives_a_dead_worker():
