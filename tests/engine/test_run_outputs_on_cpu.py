@@ -1,0 +1,159 @@
+"""Run outputs and equivalences of the local engine on tiny CPU models: resume reproduces an uninterrupted run,
+micro-batching leaves the gradient unchanged, every estimator / loss option runs a step, validation metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from opd.engines.local import trainer
+from opd.engines.local.checkpoint import latest_checkpoint
+from opd.engines.local.data import PromptSchedule
+from opd.engines.local.logging import read_metrics
+from opd.engines.local.rollout import micro_batch_bounds
+from opd.engines.local.scoring import build_signals, score
+from opd.engines.local.update import loss_and_backward
+from opd.engines.local.validation import majority_correct, summarise
+
+
+def _without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch):
+    settings = dict(total_steps=4, save_freq=2, test_freq=2, val_before_train=True, lr_scheduler="cosine",
+                    warmup_ratio=0.25, **{"algo.top_k": 4})
+    straight = trainer.train(tiny_cfg(output_dir=str(tmp_path / "a"), **settings))
+
+    # the same run, killed in the middle of step 3 (after its rollouts consumed random numbers), then resumed
+    real_score, calls = trainer.score, {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "score", crash_on_third)
+    cfg = tiny_cfg(output_dir=str(tmp_path / "b"), **settings)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg)
+    assert latest_checkpoint(tmp_path / "b" / "t").name == "step_000002"
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "t")] == [0, 1, 2]
+    monkeypatch.setattr(trainer, "score", real_score)
+    resumed = trainer.train(cfg)
+
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    assert _without_timings(a) == _without_timings(b)
+    assert "val/mean@2" in a[-1] and "actor/lr" in a[-1]
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    for name in ("config.yaml", "metrics.jsonl", "profiles.jsonl"):
+        assert (resumed / name).is_file()
+    assert any((resumed / "tensorboard").iterdir())
+    ckpt = resumed / "checkpoints" / "step_000004"
+    assert {"model", "optimizer.pt", "rng.pt", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_unfinished_checkpoint_folder_is_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step_000002").mkdir(parents=True)
+    (root / "step_000002" / "trainer_state.json").write_text("{}")
+    (root / ".tmp-step_000004").mkdir()
+    (root / "step_000006").mkdir()  # no trainer_state.json: never finished
+    assert latest_checkpoint(tmp_path).name == "step_000002"
+
+
+def _grads(model) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batching_does_not_change_the_gradient(tiny_cfg, agg):
+    cfg = tiny_cfg(**{"algo.top_k": 4, "algo.loss_agg_mode": agg, "algo.use_kl": True})
+    s = trainer.setup(cfg)
+    problems = [s.train_set.problems[i] for i in s.schedule.batch(1)]
+    rollouts = trainer.generate(s.student, s.tokenizer, [p.prompt_ids for p in problems],
+                                [p.ground_truth for p in problems], n=2, max_new_tokens=12, temperature=1.0,
+                                top_p=1.0, repetition_penalty=1.0, generator=s.generator, batch_size=64,
+                                eos_ids=s.eos_ids, pad_id=s.pad_id)
+    batch = rollouts.batch
+    scored = score(s.student, s.teacher, batch, cfg.algo, token_budget=10**6)
+    targets = build_signals(scored, batch, cfg.algo, outcome_scores_N=torch.zeros(batch.n_rows),
+                            has_box_N=torch.ones(batch.n_rows, dtype=torch.bool)).targets
+    targets.ref_lp_NTC = targets.old_lp_NTC - 0.1  # any constant reference exercises the KL term
+    grads = {}
+    for budget in (10**6, 1):  # whole batch in one pass vs one row per micro-batch
+        assert len(micro_batch_bounds(batch, budget)) == (1 if budget > 1 else batch.n_rows)
+        s.student.zero_grad(set_to_none=True)
+        out = loss_and_backward(s.student, batch, targets, cfg.algo, token_budget=budget, norm_length=12)
+        grads[budget] = (out["actor/loss"], _grads(s.student))
+    assert grads[1][0] == pytest.approx(grads[10**6][0], rel=1e-5, abs=1e-7)
+    for g_one, g_all in zip(grads[1][1], grads[10**6][1]):
+        torch.testing.assert_close(g_one, g_all, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"ADV_ESTIMATOR": "token_reward_direct", "LOG_PROB_TOP_K": "0"},
+        {"ADV_ESTIMATOR": "token_reward_direct_plus_grpo", "LOG_PROB_TOP_K": "4"},
+        {"ADV_ESTIMATOR": "token_reward_direct_plus_grpo", "LOG_PROB_TOP_K": "0"},
+        {"ADV_ESTIMATOR": "token_reward_direct_plus_grpo", "LOG_PROB_TOP_K": "-1"},
+        {"ADV_ESTIMATOR": "token_grpo", "LOG_PROB_TOP_K": "0"},
+        {"TOP_K_STRATEGY": "union-intersection", "REWARD_WEIGHT_MODE": "teacher_p"},
+        {"USE_KL": "True", "LOG_PROB_TOP_K": "4"},
+        {"USE_KL": "True", "LOG_PROB_TOP_K": "0"},
+        {"LOSS_AGG_MODE": "seq-mean-token-sum", "algo.teachability": "weight"},
+        {"LR_SCHEDULER": "cosine", "TEACHER_TEMPERATURE": "2.0", "TEMPERATURE": "0.8"},
+    ],
+)
+def test_every_estimator_and_option_runs_a_step(tiny_cfg, monkeypatch, settings):
+    s = trainer.setup(tiny_cfg(**settings))
+    before = [p.detach().clone() for p in s.student.parameters()]
+    metrics = trainer.train_step(s, 1)
+    assert all(v == v for v in metrics.values()), "NaN in metrics"
+    assert metrics["actor/grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, s.student.parameters()))
+    assert "train/true_reward" in metrics and "opd/reverse_kl" in metrics
+    assert not any(k.startswith("val") for k in metrics), "training diagnostics must not use a val prefix"
+
+
+def test_format_reward_masks_responses_without_a_box(tiny_cfg):
+    """A random tiny student never writes \\boxed: with ENABLE_FORMAT_REWARD every response leaves the loss."""
+    s = trainer.setup(tiny_cfg(ENABLE_FORMAT_REWARD="True", weight_decay=0.0))
+    metrics = trainer.train_step(s, 1)
+    assert metrics["train/format_ok"] == 0.0
+    assert metrics["actor/grad_norm"] == 0.0 and metrics["actor/loss"] == 0.0
+
+
+def test_validation_metrics_per_source():
+    per_problem = [
+        ("aime", [1.0, 0.0, 0.0, 0.0], ["5", "7", "7", None], [3, 3, 3, 3]),
+        ("aime", [0.0, 0.0, 0.0, 0.0], [None, None, None, None], [1, 1, 1, 1]),
+        ("amc", [1.0, 1.0, 0.0, 1.0], ["2", "2", "3", "2"], [2, 4, 2, 4]),
+    ]
+    out = summarise(4, per_problem)
+    assert out["val/aime/mean@4"] == pytest.approx((0.25 + 0.0) / 2)
+    assert out["val/aime/best@4"] == pytest.approx(0.5)
+    assert out["val/aime/maj@4"] == pytest.approx(0.0)  # majority "7" is wrong; no-answer rows do not vote
+    assert out["val/amc/mean@4"] == pytest.approx(0.75) and out["val/amc/maj@4"] == 1.0
+    assert out["val/amc/response_length"] == pytest.approx(3.0)
+    assert out["val/mean@4"] == pytest.approx((0.25 + 0.0 + 0.75) / 3)
+    assert majority_correct(["1", "2"], [0.0, 1.0]) == 0.0  # tie: the answer seen first
+
+
+def test_prompt_schedule_is_a_pure_function_of_seed_and_step():
+    sched = PromptSchedule(10, 3, seed=7, total_epochs=2, total_steps=None)
+    assert sched.steps_per_epoch == 3 and sched.total_steps == 6
+    epoch0 = [i for step in (1, 2, 3) for i in sched.batch(step)]
+    assert len(set(epoch0)) == 9  # no repeats within an epoch (one prompt left over)
+    assert sched.batch(4) != sched.batch(1)
+    again = PromptSchedule(10, 3, seed=7, total_epochs=2, total_steps=4)
+    assert [again.batch(s) for s in range(1, 5)] == [sched.batch(s) for s in range(1, 5)] and again.total_steps == 4
+    assert sched.position(4) == {"epoch": 1, "batch_in_epoch": 0}
+    with pytest.raises(ValueError, match="fewer than MINI_BATCH_SIZE"):
+        PromptSchedule(2, 3, seed=0, total_epochs=1, total_steps=None)
