@@ -37,6 +37,7 @@ class SymbolicChecker:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
+        self._owner_pid = os.getpid()  # a forked child must not talk to (or kill) its parent's worker
         self._buf = b""
         self.restarts = 0
         _LIVE.add(self)
@@ -76,6 +77,8 @@ class SymbolicChecker:
 
     def check(self, pred: str, gt: str, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
         """True if math-verify shows ``pred`` equal to ``gt``; raises SymbolicTimeout on overrun."""
+        if self._owner_pid != os.getpid():  # inherited through fork: start our own worker
+            self._proc, self._buf, self._owner_pid = None, b"", os.getpid()
         if self._proc is None or self._proc.poll() is not None:
             if self._proc is not None:
                 self.restarts += 1
@@ -95,7 +98,7 @@ class SymbolicChecker:
     def close(self) -> None:
         """Kill the worker (idempotent)."""
         proc, self._proc = self._proc, None
-        if proc is not None:
+        if proc is not None and self._owner_pid == os.getpid():
             if proc.poll() is None:
                 proc.kill()
             proc.wait()

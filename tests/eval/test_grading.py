@@ -164,3 +164,29 @@ def test_checker_survives_a_dead_worker():
         assert checker.restarts == 1
     finally:
         checker.close()
+
+
+def _check_in_child(checker, q):
+    q.put((checker.check("\\sqrt{8}", "2\\sqrt{2}", timeout=60.0), checker._proc is not None))
+    checker.close()
+
+
+def test_forked_child_gets_its_own_worker():
+    import multiprocessing as mp
+
+    checker = SymbolicChecker()
+    try:
+        assert checker.check("\\frac{2}{4}", "0.5", timeout=30.0)
+        parent_pid = checker._proc.pid
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_check_in_child, args=(checker, q))
+        p.start()
+        assert q.get(timeout=120) == (True, True)
+        p.join(60)
+        assert p.exitcode == 0
+        # the child neither used nor killed the parent's worker
+        assert checker._proc is not None and checker._proc.pid == parent_pid and checker._proc.poll() is None
+        assert checker.check("\\sqrt{8}", "3", timeout=30.0) is False
+    finally:
+        checker.close()
