@@ -74,13 +74,16 @@ def embed(texts: list[str], model, batch_size: int = 64, progress: bool = True) 
     return np.ascontiguousarray(vecs, dtype=np.float32)
 
 
-def load_embedder(path: str | None):
+def load_embedder(path: str | None, device: str = "auto"):
+    import torch
     from sentence_transformers import SentenceTransformer
 
     path = path or default_model_path()
     if not Path(path).exists():
         raise ValueError(f"--model {path!r}: no such folder (give a local sentence-transformers model folder)")
-    return SentenceTransformer(path, device="cpu", local_files_only=True)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return SentenceTransformer(path, device=device, local_files_only=True)
 
 
 def dedup(
@@ -132,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-only", action="store_true", help="skip the semantic stage")
     p.add_argument("--template", action="append", default=[],
                    help="extra template file to strip (built-in templates are always stripped); repeatable")
+    p.add_argument("--device", default="auto", help="embedding device: auto (cuda if available), cpu, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
     p.add_argument("--show-pairs", type=int, default=5, help="sample pairs printed per stage")
     p.add_argument("--report", help="optional JSON with every removed pair")
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         against = [row for path in args.against for row in read_rl_parquet(path)]
         src_keys = [question_key(r, templates) for r in src]
         against_keys = [question_key(r, templates) for r in against]
-        embedder = None if args.exact_only else load_embedder(args.model)
+        embedder = None if args.exact_only else load_embedder(args.model, args.device)
         res = dedup(src_keys, against_keys, threshold=args.threshold, semantic=not args.exact_only,
                     embedder=embedder, batch_size=args.batch_size, progress=not args.no_progress)
         if not res.kept:

@@ -186,6 +186,20 @@ def _columns_of(path: Path) -> list[str]:
     return []
 
 
+def _harmonise_extras(rows: list[dict]) -> None:
+    """Turn an extra_info key into text when inputs disagree on its type (e.g. level 2 vs "Level 3"): one parquet
+    column holds one type."""
+    kinds: dict[str, set[str]] = collections.defaultdict(set)
+    for r in rows:
+        for k, v in r["extra_info"].items():
+            kinds[k].add("number" if isinstance(v, (int, float)) else type(v).__name__)
+    for k, ks in kinds.items():
+        if len(ks) > 1:
+            for r in rows:
+                if k in r["extra_info"]:
+                    r["extra_info"][k] = str(r["extra_info"][k])
+
+
 @dataclass
 class PrepareResult:
     rows: list[dict]
@@ -248,9 +262,12 @@ def convert_files(
                     )
                 )
                 if limit is not None and len(rows) >= limit:
-                    return PrepareResult(rows, read, dict(dropped), formats)
+                    break
+            if limit is not None and len(rows) >= limit:
+                break
     finally:
         bar.close()
+    _harmonise_extras(rows)
     return PrepareResult(rows, read, dict(dropped), formats)
 
 

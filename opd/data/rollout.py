@@ -278,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="prompt parquet in the RL schema (from `opd data prepare`)")
     p.add_argument("--model", required=True, help="teacher: local folder or a model id already in the HF cache")
     p.add_argument("--output", required=True, help="ShareGPT JSONL to write; the summary goes next to it")
-    p.add_argument("--n", type=int, default=1, help="accepted responses wanted per prompt (default 1)")
+    p.add_argument("--n", type=int, default=1, help="response slots per prompt (default 1)")
     p.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (paper: 0.7 for the cold-start set)")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-tokens", type=int, default=8192, help="max new tokens per response (paper: ~7k-12k)")

@@ -130,7 +130,10 @@ def write_rl_parquet(rows: list[dict], path: str | os.PathLike) -> None:
 
     path = Path(path)
     validate_rl_rows(rows, path)
-    table = pa.Table.from_pylist(rows) if rows else pa.table({c: pa.array([], pa.null()) for c in RL_COLUMNS})
+    try:
+        table = pa.Table.from_pylist(rows) if rows else pa.table({c: pa.array([], pa.null()) for c in RL_COLUMNS})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise DataError(f"rows disagree on a value's type, which one parquet column cannot hold ({e})", file=path) from e
     from opd.data.io import atomic_path  # io imports this module, so import at call time
 
     with atomic_path(path) as tmp:

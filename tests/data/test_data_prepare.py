@@ -195,3 +195,16 @@ def test_schema_validator_names_row_and_column(tmp_path):
     pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "y.parquet")
     with pytest.raises(DataError, match=r"y.parquet.*column 'data_source'.*opd data prepare"):
         read_rl_parquet(tmp_path / "y.parquet")
+
+
+def test_mixed_extra_types_across_inputs_become_text(tmp_path):
+    a = _write_jsonl(tmp_path / "a.jsonl", [{"problem": "p1", "answer": "1", "level": 2}])
+    b = _write_jsonl(tmp_path / "b.jsonl", [{"problem": "p2", "answer": "2", "level": "Level 3"}])
+    res = convert([a, b])
+    assert [r["extra_info"]["level"] for r in res.rows] == ["2", "Level 3"]
+    write_rl_parquet(res.rows, tmp_path / "o.parquet")
+    assert read_rl_parquet(tmp_path / "o.parquet") == res.rows
+    bad = [dict(r, extra_info=dict(r["extra_info"])) for r in res.rows]
+    bad[0]["extra_info"]["level"] = 2
+    with pytest.raises(DataError, match="disagree"):
+        write_rl_parquet(bad, tmp_path / "p.parquet")
