@@ -25,6 +25,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class Converted:
     question: str
     answer: str
     extra: dict[str, Any]
+    note: str | None = None  # kept, but worth reporting (e.g. no known template to strip)
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,11 @@ def _convert_dapo(rec: dict, file: Path, row: int) -> Converted:
     users = [m for m in prompt if m.get("role") == "user"]
     if not users or not isinstance(users[-1].get("content"), str):
         raise DataError("no user message with string content", file=file, row=row, column="prompt")
-    question = strip_template(users[-1]["content"], normalize=False)
+    content = users[-1]["content"]
+    question = strip_template(content, normalize=False)
     if not question:
         raise Drop("empty question")
+    note = "no known template found: the whole prompt is taken as the question" if question == content.strip() else None
     rm = rec.get("reward_model")
     if "reward_model" not in rec:
         raise DataError("missing column", file=file, row=row, column="reward_model")
@@ -107,7 +111,7 @@ def _convert_dapo(rec: dict, file: Path, row: int) -> Converted:
     answer = _text({"reward_model.ground_truth": rm["ground_truth"]}, "reward_model.ground_truth", file, row, what="answer")
     info = rec.get("extra_info") if isinstance(rec.get("extra_info"), dict) else {}
     extra = {"source_id": str(info["index"])} if info.get("index") is not None else {}
-    return Converted(question, answer, extra)
+    return Converted(question, answer, extra, note)
 
 
 def _convert_deepmath(rec: dict, file: Path, row: int) -> Converted:
@@ -206,6 +210,7 @@ class PrepareResult:
     read: int
     dropped: dict[str, int]
     formats: dict[str, str]  # file -> format name
+    notes: dict[str, int] = dataclasses.field(default_factory=dict)  # kept rows worth a look, by reason
 
 
 def convert_files(
@@ -224,6 +229,7 @@ def convert_files(
 
     rows: list[dict] = []
     dropped: collections.Counter[str] = collections.Counter()
+    notes: collections.Counter[str] = collections.Counter()
     formats: dict[str, str] = {}
     seen: set[str] = set()
     read = 0
@@ -250,6 +256,8 @@ def convert_files(
                 except Drop as d:
                     dropped[str(d)] += 1
                     continue
+                if c.note:
+                    notes[c.note] += 1
                 rows.append(
                     make_rl_row(
                         data_source=source,
@@ -268,7 +276,7 @@ def convert_files(
     finally:
         bar.close()
     _harmonise_extras(rows)
-    return PrepareResult(rows, read, dict(dropped), formats)
+    return PrepareResult(rows, read, dict(dropped), formats, dict(notes))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -312,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opd data prepare: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({"output": args.output, "read": res.read, "kept": len(res.rows), "dropped": res.dropped,
-                      "formats": res.formats}, indent=2))
+                      "notes": res.notes, "formats": res.formats}, indent=2))
     return 0
 
 

@@ -95,6 +95,12 @@ def test_dapo_template_is_stripped_exactly(tmp_path):
         row = convert([tmp_path / "dapo.parquet"], template=template).rows[0]
         assert row["extra_info"]["question"] == q  # line breaks kept
         assert row["prompt"][0]["content"] == template.replace("{problem}", q), name
+    assert convert([tmp_path / "dapo.parquet"]).notes == {}
+    rec["prompt"][0]["content"] = "Unknown wrapper: " + q
+    pq.write_table(pa.Table.from_pylist([rec]), tmp_path / "other.parquet")
+    res = convert([tmp_path / "other.parquet"])
+    assert res.rows[0]["extra_info"]["question"] == "Unknown wrapper: " + q
+    assert list(res.notes.values()) == [1] and "no known template" in next(iter(res.notes))
 
 
 def test_several_inputs_limit_and_split():
