@@ -176,3 +176,18 @@ def test_transformers_backend_with_tiny_model(tmp_path):
     summary = json.loads(summary_path(tmp_path / "r.jsonl").read_text())
     assert rc == 0 and summary["accepted"] == 0 and summary["abandoned_slots"] == 3
     assert summary["rejections"]["no_boxed"] == 6 and summary["attempts"] == 6
+
+
+def test_backend_choice_without_vllm(monkeypatch):
+    from opd.data import rollout_backends as rb
+
+    real = rb.importlib.util.find_spec
+    monkeypatch.setattr(rb.importlib.util, "find_spec", lambda name: None if name == "vllm" else real(name))
+    assert rb.choose_backend("auto") == "transformers"
+    with pytest.raises(ValueError, match="vllm is not installed"):
+        rb.choose_backend("vllm")
+    monkeypatch.setattr(rb.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(rb, "_cuda_available", lambda: True)
+    assert rb.choose_backend("auto") == "vllm"
+    monkeypatch.setattr(rb, "_cuda_available", lambda: False)
+    assert rb.choose_backend("auto") == "transformers"
