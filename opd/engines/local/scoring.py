@@ -13,6 +13,7 @@ validity, the old log-probs, the advantages and (with USE_KL) the reference log-
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -61,10 +62,21 @@ def _stats_k(cfg: OPDConfig) -> int:
     return cfg.top_k if cfg.top_k > 0 else DIAGNOSTIC_K
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def score(student, teacher, batch: RolloutBatch, cfg: OPDConfig, *, token_budget: int,
-          vocab_size: int | None = None) -> Scored:
-    """Student (and teacher) no-grad passes over the batch, micro-batched by `token_budget`."""
+          vocab_size: int | None = None, timings: dict[str, float] | None = None) -> Scored:
+    """Student (and teacher) no-grad passes over the batch, micro-batched by `token_budget`.
+
+    `timings`, when given, accumulates the seconds spent in each model's pass ("student", "teacher").
+    """
+    clock = timings if timings is not None else {}
+    clock.setdefault("student", 0.0)
+    clock.setdefault("teacher", 0.0)
     N, T = batch.response_ids_NT.shape
     k = _stats_k(cfg)
     need_s_at_t = cfg.top_k > 0 and STRATEGIES.get(cfg.top_k_strategy).needs_student_lp_at_teacher
@@ -72,11 +84,15 @@ def score(student, teacher, batch: RolloutBatch, cfg: OPDConfig, *, token_budget
     for start, stop in micro_batch_bounds(batch, token_budget):
         mb = batch.rows(start, stop)
         sampled = mb.response_ids_NT[..., None]
+        t0 = time.perf_counter()
         s_logits = response_logits(student, mb, vocab_size)
         k_eff = min(k, s_logits.shape[-1])
         s = logit_stats(s_logits, k=k_eff, ids_NTJ=sampled, temperature=cfg.temperature, chunk_size=cfg.chunk_size)
         part = {"student_lp_NT": s.lp_at_ids_NTJ[..., 0], "student_entropy_NT": s.entropy_NT,
                 "student_topk_ids_NTK": s.topk_ids_NTK, "student_topk_lp_NTK": s.topk_lp_NTK}
+        _sync(s_logits.device)
+        t1 = time.perf_counter()
+        clock["student"] += t1 - t0
         if teacher is not None:
             t_logits = response_logits(teacher, mb, vocab_size)
             t = logit_stats(t_logits, k=k_eff, ids_NTJ=torch.cat([sampled, s.topk_ids_NTK], -1),
@@ -92,6 +108,8 @@ def score(student, teacher, batch: RolloutBatch, cfg: OPDConfig, *, token_budget
                     s_logits, t_logits, temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
                     chunk_size=cfg.chunk_size)
             del t_logits
+            _sync(s_logits.device)
+            clock["teacher"] += time.perf_counter() - t1  # the student-at-teacher-ids and full-vocab reads too
         del s_logits
         parts.append(part)
     return Scored(**{name: _pad_cat([p[name] for p in parts], N, T) for name in parts[0]})

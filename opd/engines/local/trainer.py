@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,10 @@ def setup(cfg: TrainConfig) -> Session:
     val_sets = [load_prompt_set(path, tokenizer, max_prompt_length=cfg.max_prompt_length,
                                 template_kwargs=template_kwargs, limit=cfg.val_max_prompts)
                 for path in cfg.test_files]
+    for prompt_set in [train_set, *val_sets]:
+        if prompt_set.dropped_too_long:
+            print(f"opd train: {prompt_set.path}: dropped {prompt_set.dropped_too_long} prompts longer than "
+                  f"MAX_PROMPT_LENGTH={cfg.max_prompt_length} tokens; kept {len(prompt_set.problems)}", file=sys.stderr)
     schedule = PromptSchedule(len(train_set.problems), cfg.mini_batch_size, cfg.seed, cfg.total_epochs,
                               cfg.total_steps)
 
@@ -158,7 +163,9 @@ def train_step(s: Session, step: int) -> dict[str, float]:
     t1 = time.perf_counter()
 
     s.student.eval()
-    scored = score(s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width)
+    passes: dict[str, float] = {}
+    scored = score(s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width,
+                   timings=passes)
     outcome_N = torch.tensor(rollouts.scores, dtype=torch.float32, device=device)
     has_box_N = torch.tensor(["\\boxed" in text for text in rollouts.texts], device=device)
     signals = build_signals(scored, batch, algo, outcome_scores_N=outcome_N, has_box_N=has_box_N)
@@ -179,6 +186,9 @@ def train_step(s: Session, step: int) -> dict[str, float]:
     s.last_profile = per_position_profile(**diag)
     tokens = float(batch.attention_mask_NL.sum())
     metrics.update({"perf/time_rollout_s": t1 - t0, "perf/time_score_s": t2 - t1, "perf/time_update_s": t3 - t2,
+                    "perf/time_student_pass_s": passes["student"], "perf/time_teacher_pass_s": passes["teacher"],
+                    "data/train_prompts": float(len(s.train_set.problems)),
+                    "data/train_prompts_dropped_too_long": float(s.train_set.dropped_too_long),
                     "perf/time_step_s": t3 - t0, "perf/tokens_per_s": tokens / max(t3 - t0, 1e-9),
                     "train/epoch": float(s.schedule.position(step)["epoch"])})
     return metrics

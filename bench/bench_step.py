@@ -1,0 +1,145 @@
+"""bench_step: throughput and peak memory of one OPD step of the local engine, phase by phase, on the toy models.
+
+    OMP_NUM_THREADS=2 python bench/bench_step.py                       # CPU, toy teacher/student sizes
+    python bench/bench_step.py --device cuda --prompts 64 --n 8 --max-resp 256
+
+It builds the toy world in a temporary folder (BPE tokenizer trained locally, teacher and student from
+`opd.toy`, untrained, so every response runs to --max-resp tokens: the worst case for the sampler), then times
+the phases of a training step with the engine's own functions: rollout (KV-cached sampling), the student's and
+the teacher's no-grad passes (`score`), the core's support / rewards / advantages (`build_signals`), the update
+(forward + backward + AdamW) and the dynamics metrics. Warm-up steps are excluded. Tokens/s counts generated
+tokens for the rollout and prompt + response tokens for the passes and the update. Peak memory: on CUDA the peak
+allocated during each phase; on CPU the process's peak resident set size after the phase (it only grows).
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def _phase(device, fn):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0, _peak_mb(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per step (MINI_BATCH_SIZE)")
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt (N_RESPONSES)")
+    parser.add_argument("--max-resp", type=int, default=48, help="response tokens (MAX_RESP_LENGTH)")
+    parser.add_argument("--k", type=int, default=16, help="LOG_PROB_TOP_K (-1: full vocabulary)")
+    parser.add_argument("--strategy", default="only_stu", help="TOP_K_STRATEGY")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--micro-batch-tokens", type=int, default=16384)
+    parser.add_argument("--dtype", default="fp32", help="MODEL_DTYPE: fp32 | bf16 | fp16")
+    args = parser.parse_args(argv)
+
+    from opd.engines.local import trainer
+    from opd.engines.local.config import resolve
+    from opd.engines.local.scoring import build_signals, score
+    from opd.engines.local.update import loss_and_backward, optimizer_step
+    from opd.toy import build_tiny_model, build_toy_tokenizer, save_model, write_datasets
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tok = build_toy_tokenizer(root / "tok")
+        teacher_dir = save_model(build_tiny_model(tok, size="teacher", seed=1), tok, root / "teacher")
+        student_dir = save_model(build_tiny_model(tok, size="student", seed=2), tok, root / "student")
+        n_steps = args.warmup + args.steps
+        data = write_datasets(root / "data", seed=0, n_train=args.prompts * n_steps, n_dev=1, n_test=1)
+        cfg = resolve(None, {
+            "actor_model_path": student_dir, "reward_model_path": teacher_dir, "train_dataset": str(data["train"]),
+            "test_files": [], "mini_batch_size": args.prompts, "n_responses": args.n,
+            "max_resp_length": args.max_resp, "micro_batch_tokens": args.micro_batch_tokens, "device": args.device,
+            "model_dtype": args.dtype, "total_steps": n_steps, "test_freq": 0, "save_freq": 0, "progress": False,
+            "output_dir": str(root / "runs"), "run_name": "bench", "lr": 1e-4,
+            "algo.top_k": args.k, "algo.top_k_strategy": args.strategy,
+        })
+        s = trainer.setup(cfg)
+        algo = cfg.algo
+        rows: dict[str, list[tuple[float, float, float]]] = {}
+
+        def record(name, seconds, tokens, peak):
+            rows.setdefault(name, []).append((seconds, tokens, peak))
+
+        for step in range(1, n_steps + 1):
+            problems = [s.train_set.problems[i] for i in s.schedule.batch(step)]
+            rollouts, t_roll, m_roll = _phase(device, lambda: trainer.generate(
+                s.student, s.tokenizer, [p.prompt_ids for p in problems], [p.ground_truth for p in problems],
+                n=cfg.n_responses, max_new_tokens=cfg.max_resp_length, temperature=algo.temperature, top_p=1.0,
+                repetition_penalty=1.0, generator=s.generator, batch_size=cfg.rollout_batch_size,
+                eos_ids=s.eos_ids, pad_id=s.pad_id))
+            batch = rollouts.batch.to(device)
+            gen_tokens = float(batch.response_mask_NT.sum())
+            all_tokens = float(batch.attention_mask_NL.sum())
+            s.student.eval()
+            passes: dict[str, float] = {}
+            scored, t_score, m_score = _phase(device, lambda: score(
+                s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, timings=passes))
+            outcome = torch.tensor(rollouts.scores, device=device)
+            has_box = torch.ones(batch.n_rows, dtype=torch.bool, device=device)
+            signals, t_sig, m_sig = _phase(device, lambda: build_signals(
+                scored, batch, algo, outcome_scores_N=outcome, has_box_N=has_box))
+            s.student.train()
+
+            def update():
+                loss_and_backward(s.student, batch, signals.targets, algo, token_budget=cfg.micro_batch_tokens,
+                                  norm_length=cfg.max_resp_length, teacher=s.teacher)
+                return optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip)
+
+            _, t_upd, m_upd = _phase(device, update)
+            _, t_diag, m_diag = _phase(device, lambda: trainer.dynamics_metrics(
+                **trainer.diagnostics_inputs(scored, signals, batch.response_mask_NT)))
+            if step <= args.warmup:
+                continue
+            record("rollout (sampling)", t_roll, gen_tokens, m_roll)
+            record("student no-grad pass", passes["student"], all_tokens, m_score)
+            record("teacher no-grad pass", passes["teacher"], all_tokens, m_score)
+            record("support/rewards/advantages (core)", t_sig, gen_tokens, m_sig)
+            record("update (fwd+bwd+AdamW)", t_upd, all_tokens, m_upd)
+            record("dynamics metrics", t_diag, gen_tokens, m_diag)
+            record("whole step", t_roll + t_score + t_sig + t_upd + t_diag, gen_tokens,
+                   max(m_roll, m_score, m_sig, m_upd, m_diag))
+
+    threads = torch.get_num_threads()
+    print(f"\nOPD step, toy teacher (3 layers, d=96) -> student (2 layers, d=64), vocab {len(tok)}, "
+          f"{args.prompts} prompts x {args.n} samples x {args.max_resp} tokens, K={args.k} {args.strategy}, "
+          f"{args.dtype}, device {device}" + (f" ({threads} threads)" if device.type == "cpu" else "")
+          + f", mean of {args.steps} steps after {args.warmup} warm-up\n")
+    mem_label = "peak allocated MiB" if device.type == "cuda" else "peak RSS MiB"
+    print(f"| phase | s / step | tokens / s | {mem_label} |")
+    print("|---|---:|---:|---:|")
+    for name, vals in rows.items():
+        sec = sum(v[0] for v in vals) / len(vals)
+        tok_s = sum(v[1] for v in vals) / max(sum(v[0] for v in vals), 1e-9)
+        peak = max(v[2] for v in vals)
+        print(f"| {name} | {sec:.4f} | {tok_s:,.0f} | {peak:,.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
