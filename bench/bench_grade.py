@@ -4,7 +4,7 @@ The responses imitate benchmark outputs: ~1.5k characters of reasoning, then a f
 flags (default 10k responses: 70% plain numbers, right or wrong, decided by the in-process fast path; 20%
 LaTeX answers that need math-verify (radicals, polynomials, multiples of pi, intervals, fractions of radicals,
 with random coefficients);
-10% without a final answer). Three timings, wall clock, after the worker processes have started:
+10% without a final answer). Three timings, wall clock, after a warm-up of the worker processes:
   batch       grade_batch(workers=W): fast paths here, symbolic checks over W math-verify worker processes
   sequential  score_response in a loop (one worker process, as the training reward calls it)
   symbolic    the symbolic part alone through grade_batch (answers/s where every answer needs sympy)
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     responses, gts = make_responses(args.n, args.symbolic_frac, args.none_frac, args.seed)
-    grade_batch(responses[:50], gts[:50], workers=args.workers)  # warm-up: imports, worker start-up
+    # warm-up: worker start-up and sympy's first-use costs (the first few hundred checks of a fresh worker are slower)
+    warm_r, warm_g = make_responses(1000, 1.0, 0.0, args.seed + 1)
+    grade_batch(warm_r, warm_g, workers=args.workers)
 
     clear_symbolic_cache()  # each timed run does every symbolic check itself
     t0 = time.perf_counter()
@@ -83,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     t_batch = time.perf_counter() - t0
 
     checker = SymbolicChecker()
-    grade_response(responses[0], gts[0], checker=checker)
-    checker.check("1", "1")  # start its worker outside the timing
+    for r, g in zip(warm_r[:300], warm_g[:300]):
+        grade_response(r, g, checker=checker)
     clear_symbolic_cache()
     t0 = time.perf_counter()
     seq = [grade_response(r, g, checker=checker) for r, g in zip(responses, gts)]

@@ -35,3 +35,32 @@ def parrot_model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("parrot")
     save_model(model, tok, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def yes_verifier_dir(tmp_path_factory):
+    """A 1-layer toy model (long context) trained to answer any verifier prompt with CORRECT."""
+    from transformers import AutoModelForCausalLM
+
+    from opd.eval.verifier import build_prompt
+    from opd.generation import render_prompt_ids
+    from opd.toy import build_toy_tokenizer, save_model, tiny_config
+
+    tok = build_toy_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(tok, "tiny", max_positions=2048), dtype=torch.float32)
+    prompt = render_prompt_ids(tok, [{"role": "user", "content": build_prompt("What is 1 + 1?", "2", "one plus one is two")}])
+    target = tok("CORRECT", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([prompt + target])
+    labels = torch.tensor([[-100] * len(prompt) + target])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    out = tmp_path_factory.mktemp("verifier")
+    save_model(model, tok, out)
+    return out

@@ -155,3 +155,17 @@ def test_benchmark_bad_rows_are_named(tmp_path):
     f.write_text(json.dumps({"text": "p"}) + "\n")
     with pytest.raises(DataError, match="neither the RL schema"):
         load_benchmark(str(f))
+
+
+def test_model_verifier_end_to_end(tmp_path, yes_verifier_dir):
+    """A real (toy) verifier model that always answers CORRECT turns every rule failure into a success."""
+    f = tmp_path / "math__m__s.jsonl"
+    recs = [dict(r, question="What is 1 + 1?") for r in HAND]
+    _write(f, recs)
+    out = tmp_path / "res.json"
+    assert grade.main([str(f), "--model-verifier", str(yes_verifier_dir), "--output", str(out), "--no-progress",
+                       "--workers", "1"]) == 0
+    res = json.loads(out.read_text())[str(f)]
+    assert res["mean_score"] == pytest.approx((2 / 3 + 0 + 1) / 3)
+    assert res["verifier"]["checked"] == 3 and res["verifier"]["correct"] == 3
+    assert res["verifier"]["mean_score"] == pytest.approx(1.0)
