@@ -197,7 +197,8 @@ def generate_benchmark(backend, bench: Benchmark, model_path: str, settings: Gen
     jsonl, meta_path = output_paths(out_dir, bench.name, model, settings)
     expected = len(bench.examples) * settings.n
     meta = {
-        "benchmark": bench.name, "benchmark_path": str(bench.path), "model": model, "model_path": str(model_path),
+        "benchmark": bench.name, "benchmark_path": os.path.abspath(bench.path), "model": model,
+        "model_path": os.path.abspath(model_path) if os.path.exists(model_path) else str(model_path),
         "backend": type(backend).__name__, "seed_scope": backend.seed_scope, "n_examples": len(bench.examples),
         "n_samples_total": expected, "complete": False, **{f"settings_{k}": v for k, v in asdict(settings).items()},
     }
