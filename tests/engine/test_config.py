@@ -90,3 +90,11 @@ def test_defaults_follow_the_spec():
     assert (cfg.n_responses, cfg.mini_batch_size, cfg.save_freq, cfg.test_freq, cfg.total_epochs) == (4, 64, 20, 20, 1)
     assert (cfg.val_n, cfg.val_temperature, cfg.val_top_p) == (16, 0.7, 0.95)
     assert (cfg.max_prompt_length, cfg.max_resp_length, cfg.max_val_resp_length) == (1024, 7168, 31744)
+
+
+def test_printed_config_is_a_valid_config_file(tmp_path, capsys):
+    assert cli.main(["--print-config", "lr=0.125", "test_files=a.parquet,b.parquet", "algo.top_k=2"]) == 0
+    path = tmp_path / "resolved.yaml"
+    path.write_text(capsys.readouterr().out)
+    cfg = from_yaml(path)
+    assert cfg == resolve(None, {"lr": 0.125, "test_files": "a.parquet,b.parquet", "algo.top_k": 2})

@@ -11,6 +11,17 @@ Per step (one optimiser step on the step's own rollouts, i.e. on-policy):
   4. log metrics.jsonl / TensorBoard, validate every TEST_FREQ steps, checkpoint every SAVE_FREQ steps.
 The run folder `<output_dir>/<run_name>/` holds config.yaml (the resolved config), metrics.jsonl, profiles.jsonl,
 tensorboard/ and checkpoints/. RESUME=auto continues from the last checkpoint and reproduces the uninterrupted run.
+
+metrics.jsonl keys (one line per step; step 0 = validation before training):
+  opd/...      the core's dynamics diagnostics (opd.core.metrics: overlap_ratio, overlap_mass_{student,teacher},
+               top1_agreement, reverse_kl, entropy/{student,teacher,gap}, advantage_mean, overlap_token_advantage,
+               {student,teacher}_only_advantage, max_adv/*, min_adv/*, candidates/*, response_length/*, pos/<window>/*).
+               reverse_kl is the exact KL_t with the full vocabulary, else the k1 estimate lp - lq at the sampled token.
+  actor/...    loss, pg_loss, kl_loss, full_vocab_loss, grad_norm (before clipping), lr, skipped_step, clip fractions
+  train/...    true_reward (rule-reward accuracy of the rollouts), format_ok, response_length, response_clip_ratio
+  val/...      val/<data_source>/{mean,best,maj}@n, val/<data_source>/response_length, val/mean@n (validation only)
+  perf/...     seconds per phase and tokens/s (the only keys that differ between identical runs)
+  data/...     prompt counts (kept, dropped as too long)
 """
 
 from __future__ import annotations
@@ -39,6 +50,9 @@ from opd.engines.local.rollout import Rollouts, generate
 from opd.engines.local.scoring import Scored, Signals, build_signals, reference_logprobs, score
 from opd.engines.local.update import loss_and_backward, make_optimizer, make_scheduler, optimizer_step
 from opd.engines.local.validation import validate
+
+
+PROFILE_BINS = 128  # per-position profiles are binned to about this many points (profiles.jsonl stays small)
 
 
 @dataclass
@@ -129,6 +143,9 @@ def setup(cfg: TrainConfig) -> Session:
                                warmup_ratio=cfg.warmup_ratio)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     eos_ids, pad_id = special_ids(tokenizer, student)
+    width = vocab_width or student.get_output_embeddings().weight.shape[0]
+    if algo.top_k > width:
+        raise ValueError(f"LOG_PROB_TOP_K={algo.top_k} exceeds the vocabulary ({width} tokens)")
 
     # 4. resume
     start_step = 0
@@ -144,6 +161,9 @@ def setup(cfg: TrainConfig) -> Session:
         if state["data_position"] != schedule.position(start_step + 1):
             raise ValueError(f"checkpoint {checkpoint} data position {state['data_position']} does not match this "
                              f"configuration's schedule {schedule.position(start_step + 1)} (MINI_BATCH_SIZE changed?)")
+    elif (run_dir / "metrics.jsonl").exists():
+        print(f"opd train: {run_dir} holds an earlier run without a checkpoint to resume (RESUME={cfg.resume}); "
+              f"starting over and replacing its metrics", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(run_dir / "config.yaml", config_yaml(cfg))
     return Session(cfg, run_dir, tokenizer, vocab_width, student, teacher, reference, optimizer, scheduler,
@@ -183,7 +203,7 @@ def train_step(s: Session, step: int) -> dict[str, float]:
     metrics.update(rollout_metrics(rollouts))
     diag = diagnostics_inputs(scored, signals, batch.response_mask_NT)
     metrics.update(dynamics_metrics(**diag))
-    s.last_profile = per_position_profile(**diag)
+    s.last_profile = per_position_profile(**diag, bin_size=max(1, cfg.max_resp_length // PROFILE_BINS))
     tokens = float(batch.attention_mask_NL.sum())
     metrics.update({"perf/time_rollout_s": t1 - t0, "perf/time_score_s": t2 - t1, "perf/time_update_s": t3 - t2,
                     "perf/time_student_pass_s": passes["student"], "perf/time_teacher_pass_s": passes["teacher"],
