@@ -10,7 +10,8 @@ fall inside those spans keep their labels; every other token gets label -100. A 
 not prefixes of the full rendering (some templates rewrite earlier turns) is rejected with a clear error.
 
 Loss: token-mean cross-entropy over all assistant tokens of the optimiser batch, so micro-batching (gradient
-accumulation) gives the same update as one big batch. AdamW with linear warmup then cosine decay to `min_lr_ratio`.
+accumulation) gives the same update as one big batch. Logits are computed only at labelled positions, a chunk at a
+time with recomputation in backward, so a 150k vocabulary never needs [batch, length, vocab] float32 logits. AdamW with linear warmup then cosine decay to `min_lr_ratio`.
 An optional `evaluate(model, step) -> dict` callback runs every `eval_every` steps; training stops early when the
 metric `stop_metric` first reaches `stop_threshold` (the toy demo stops the student's cold start at a target dev
 accuracy, because a fixed step count lands anywhere on its steep learning curve).
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 IGNORE = -100
@@ -172,12 +174,42 @@ def collate(input_ids: Sequence[list[int]], labels: Sequence[list[int]], pad_id:
     return ids, mask, lab
 
 
-def token_loss_sum(model, ids, mask, labels) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies over labelled positions, and how many there are."""
-    logits = model(input_ids=ids, attention_mask=mask).logits
+def _has_plain_head(model) -> bool:
+    """True when logits are exactly `lm_head(last hidden state)` (Llama, Qwen2/3, Mistral...), so the loss can be
+    computed from hidden states in chunks; models that rescale or soft-cap logits take the plain path."""
+    cfg = getattr(model, "config", None)
+    return (
+        getattr(model, "base_model", None) is not None and model.base_model is not model
+        and model.get_output_embeddings() is not None
+        and getattr(cfg, "final_logit_softcapping", None) is None
+        and getattr(cfg, "logit_scale", None) is None
+    )
+
+
+def token_loss_sum(model, ids, mask, labels, chunk_tokens: int = 2048) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over labelled positions, and how many there are.
+
+    Only labelled positions get logits, `chunk_tokens` at a time, each chunk recomputed in backward (activation
+    checkpointing): peak extra memory is chunk_tokens x vocab instead of batch x length x vocab float32 logits.
+    """
     target = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((target != IGNORE).sum())
+    sel = target != IGNORE
+    n = int(sel.sum())
+    if not _has_plain_head(model):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        return F.cross_entropy(logits[sel].float(), target[sel], reduction="sum"), n
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][sel]  # [M, d]
+    y = target[sel]
+    head = model.get_output_embeddings()
+
+    def chunk_loss(h, t):
+        return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for lo in range(0, n, chunk_tokens):
+        total = total + checkpoint(chunk_loss, hidden[lo : lo + chunk_tokens], y[lo : lo + chunk_tokens],
+                                   use_reentrant=False)
+    return total, n
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
