@@ -190,3 +190,12 @@ def test_forked_child_gets_its_own_worker():
         assert checker.check("\\sqrt{8}", "3", timeout=30.0) is False
     finally:
         checker.close()
+
+
+def test_verl_style_compute_score_uses_the_same_grader():
+    from opd.grading.reward import compute_score
+
+    for _, response, gt, expected in CASES[::7]:
+        out = compute_score("any_source", response, gt, extra_info={"index": 0})
+        assert out["score"] == out["acc"] == expected
+        assert out["format_ok"] == float(extract_answer(response) is not None)
