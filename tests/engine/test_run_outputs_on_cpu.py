@@ -22,7 +22,7 @@ def _without_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch):
+def test_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch, capsys):
     settings = dict(total_steps=4, save_freq=2, test_freq=2, val_before_train=True, lr_scheduler="cosine",
                     warmup_ratio=0.25, **{"algo.top_k": 4})
     straight = trainer.train(tiny_cfg(output_dir=str(tmp_path / "a"), **settings))
@@ -44,6 +44,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch
     assert [r["step"] for r in read_metrics(tmp_path / "b" / "t")] == [0, 1, 2]
     monkeypatch.setattr(trainer, "score", real_score)
     resumed = trainer.train(cfg)
+    assert "changed settings" not in capsys.readouterr().err
 
     a, b = read_metrics(straight), read_metrics(resumed)
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
@@ -164,3 +165,12 @@ def test_prompt_schedule_is_a_pure_function_of_seed_and_step():
     assert sched.position(4) == {"epoch": 1, "batch_in_epoch": 0}
     with pytest.raises(ValueError, match="fewer than MINI_BATCH_SIZE"):
         PromptSchedule(2, 3, seed=0, total_epochs=1, total_steps=None)
+
+
+def test_resuming_with_changed_settings_warns(tiny_cfg, tmp_path, capsys):
+    cfg = tiny_cfg(total_steps=1, save_freq=1, output_dir=str(tmp_path))
+    trainer.train(cfg)
+    trainer.train(cfg.replace(total_steps=2, lr=5e-4))
+    err = capsys.readouterr().err
+    assert "changed settings" in err and "lr: 0.001 -> 0.0005" in err and "total_steps: 1 -> 2" in err
+    assert [r["step"] for r in read_metrics(tmp_path / "t")] == [1, 2]

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from opd.core.metrics import dynamics_metrics, per_position_profile
@@ -158,6 +159,7 @@ def setup(cfg: TrainConfig) -> Session:
         state = load_checkpoint(checkpoint, model=student, optimizer=optimizer, scheduler=scheduler,
                                 generator=generator)
         start_step = int(state["step"])
+        _warn_if_config_changed(run_dir / "config.yaml", cfg)
         if state["data_position"] != schedule.position(start_step + 1):
             raise ValueError(f"checkpoint {checkpoint} data position {state['data_position']} does not match this "
                              f"configuration's schedule {schedule.position(start_step + 1)} (MINI_BATCH_SIZE changed?)")
@@ -251,6 +253,21 @@ def run_validation(s: Session, step: int) -> dict[str, float]:
                    batch_size=cfg.rollout_batch_size, eos_ids=s.eos_ids, pad_id=s.pad_id)
     out["perf/time_validation_s"] = time.perf_counter() - t0
     return out
+
+
+def _warn_if_config_changed(saved_path: Path, cfg: TrainConfig) -> None:
+    """Resuming with other settings is allowed (e.g. more steps) but must not go unnoticed."""
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = cfg.to_dict()
+    flat = lambda d: {**{k: v for k, v in d.items() if k != "algo"},  # noqa: E731
+                      **{f"algo.{k}": v for k, v in d.get("algo", {}).items()}}
+    before, after = flat(saved), flat(now)
+    changed = sorted(k for k in set(before) | set(after) if k != "resume" and before.get(k) != after.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
+        print(f"opd train: resuming {saved_path.parent} with changed settings: {diff}", file=sys.stderr)
 
 
 def _write_atomic(path: Path, text: str) -> None:
