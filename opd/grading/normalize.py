@@ -48,6 +48,7 @@ def normalize_answer(answer: str) -> str:
     s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
     for spacing in ("\\!", "\\,", "\\;", "\\:", "\\ ", "~", "\\quad", "\\qquad"):
         s = s.replace(spacing, " ")
+    s = s.replace("\u2212", "-")  # unicode minus sign
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", "")
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "", s)
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "")
