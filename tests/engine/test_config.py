@@ -98,3 +98,12 @@ def test_printed_config_is_a_valid_config_file(tmp_path, capsys):
     path.write_text(capsys.readouterr().out)
     cfg = from_yaml(path)
     assert cfg == resolve(None, {"lr": 0.125, "test_files": "a.parquet,b.parquet", "algo.top_k": 2})
+
+
+def test_shipped_yaml_configs_are_valid():
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).resolve().parents[2] / "configs" / "local").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        from_yaml(path)
