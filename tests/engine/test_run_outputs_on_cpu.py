@@ -51,7 +51,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch
     assert _without_timings(a) == _without_timings(b)
     assert "val/mean@2" in a[-1] and "actor/lr" in a[-1]
     spec_keys = ["opd/overlap_ratio", "opd/overlap_mass_student", "opd/overlap_mass_teacher", "opd/top1_agreement",
-                 "opd/overlap_token_advantage", "opd/student_only_advantage", "opd/entropy/student", "opd/entropy/teacher",
+                 "opd/overlap_token_advantage", "opd/student_only_advantage", "opd/entropy/student",
+                 "opd/entropy/teacher",
                  "opd/entropy/gap", "opd/max_adv/A", "opd/max_adv/p_minus_q", "opd/min_adv/q", "opd/reverse_kl",
                  "opd/candidates/overlap", "opd/pos/0-255/overlap_ratio", "actor/grad_norm", "actor/loss",
                  "train/true_reward", "train/response_length"]

@@ -273,7 +273,8 @@ def from_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
         raise FileNotFoundError(f"config file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+        raise ValueError(f"config file {path}: expected a mapping of settings at the top level, "
+                         f"got {type(data).__name__}")
     try:
         return resolve(base, data)
     except ValueError as exc:
@@ -310,7 +311,8 @@ def _short(path: str | None) -> str:
 
 
 def run_name_from(cfg: TrainConfig) -> str:
-    """A run name encoding estimator, dataset, student, teacher, lengths, temperatures, n, batch, K, strategy, weights."""
+    """A run name from the settings: estimator, dataset, student, teacher, lengths, temperatures, n, batch, K,
+    strategy, weight mode and lr."""
     a = cfg.algo
     parts = [
         a.adv_estimator,

@@ -2,7 +2,8 @@
 
 Rows follow the verl RL schema (workflow.md §2: `prompt` messages + `reward_model.ground_truth` + `data_source`);
 evaluation files may instead carry `problem` / `answer` columns. RL files are read and validated by
-`opd.data.schema.read_rl_parquet` (errors name file, row and column). Prompts longer than `max_prompt_length` tokens are dropped and counted.
+`opd.data.schema.read_rl_parquet` (errors name file, row and column). Prompts longer than `max_prompt_length`
+tokens are dropped and counted.
 
 The training order is a per-epoch permutation drawn from the seed, so the batch of step s is a pure function of
 (seed, s): a resumed run reads exactly the prompts the uninterrupted run would have read.

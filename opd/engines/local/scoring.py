@@ -195,8 +195,9 @@ def build_signals(scored: Scored, batch: RolloutBatch, cfg: OPDConfig, *, outcom
         # the full-vocabulary term carries the direct OPD signal; only an outcome term goes through the estimator
         adv = None
         if cfg.adv_estimator == "token_reward_direct_plus_grpo":
+            outcome_cfg = replace(cfg, adv_estimator="grpo", top_k=0)
             adv = cfg.grpo_outcome_weight * compute_advantages(
-                replace(cfg, adv_estimator="grpo", top_k=0), token_rewards=None, response_mask_NT=mask_NT, group_index_N=batch.group_index_N,
+                outcome_cfg, token_rewards=None, response_mask_NT=mask_NT, group_index_N=batch.group_index_N,
                 outcome_scores_N=outcome_scores_N)
     else:
         adv = compute_advantages(cfg, token_rewards=token_rewards, response_mask_NT=mask_NT,

@@ -112,7 +112,9 @@ def setup(cfg: TrainConfig) -> Session:
     algo = cfg.algo
     # 1. the models' folders and vocabularies first: a mismatch must fail before any compute
     student_dir = require_model_dir(cfg.actor_model_path, "ACTOR_MODEL_PATH", "student")
-    teacher_dir = require_model_dir(cfg.reward_model_path, "REWARD_MODEL_PATH", "teacher") if algo.needs_teacher else None
+    teacher_dir = None
+    if algo.needs_teacher:
+        teacher_dir = require_model_dir(cfg.reward_model_path, "REWARD_MODEL_PATH", "teacher")
     tokenizer, vocab_width = check_vocabularies(student_dir, teacher_dir)
     run_dir = Path(cfg.output_dir) / (cfg.run_name or run_name_from(cfg))
 
@@ -136,8 +138,9 @@ def setup(cfg: TrainConfig) -> Session:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     student = load_causal_lm(student_dir, dtype=cfg.model_dtype, device=device, trainable=True)
-    teacher = load_causal_lm(teacher_dir, dtype=cfg.model_dtype, device=device, trainable=False) if teacher_dir else None
-    reference = load_causal_lm(student_dir, dtype=cfg.model_dtype, device=device, trainable=False) if algo.use_kl else None
+    frozen = dict(dtype=cfg.model_dtype, device=device, trainable=False)
+    teacher = load_causal_lm(teacher_dir, **frozen) if teacher_dir else None
+    reference = load_causal_lm(student_dir, **frozen) if algo.use_kl else None  # KL-to-reference: the initial student
     optimizer = make_optimizer(student, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, kind=cfg.lr_scheduler, total_steps=schedule.total_steps,
