@@ -177,3 +177,19 @@ def test_resume_refuses_another_model_with_the_same_name(parrot_model_dir, bench
 def test_gen_rejects_bad_settings(capsys):
     assert gen.main(["--model", "m", "--benchmark", "b", "--out", "o", "--top-p", "0"]) == 2
     assert "invalid --top-p 0" in capsys.readouterr().err
+
+
+def test_thinking_switch_reaches_the_chat_template():
+    from opd.generation import render_prompt_ids
+    from opd.toy import build_toy_tokenizer
+
+    tok = build_toy_tokenizer()
+    tok.chat_template = ("{% if enable_thinking is defined %}{{ 'T' if enable_thinking else 'F' }}{% else %}D{% endif %}"
+                         "{{ messages[0]['content'] }}")
+    msgs = [{"role": "user", "content": "1+1"}]
+    rendered = {}
+    for thinking in ("on", "off", None):
+        s = gen.GenSettings(n=1, thinking=thinking)
+        rendered[thinking] = tok.decode(render_prompt_ids(tok, msgs, **s.template_kwargs()))
+        assert f"think-{thinking or 'default'}" in s.tag()
+    assert rendered == {"on": "T1+1", "off": "F1+1", None: "D1+1"}
