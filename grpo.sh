@@ -2,6 +2,8 @@
 # The GRPO baseline: outcome-reward RL with the rule reward (math grading), no teacher. Same launcher as OPD
 # (on_policy_distillation.sh, whose header lists every variable); only the defaults that differ for GRPO are set
 # here, each ${VAR:-default} so the environment still wins. Extra arguments go to `opd train` unchanged.
+# The local engine samples with the trainer's own weights and kernels, so the rollout log-probs equal the trainer's
+# and GRPO's truncated importance weights (needed only with a separate rollout engine such as vLLM) are 1.
 #
 #   ACTOR_MODEL_PATH=/models/student bash grpo.sh [key=value ...]
 set -euo pipefail

@@ -253,7 +253,7 @@ def run_validation(s: Session, step: int) -> dict[str, float]:
     out = validate(s.student, s.tokenizer, s.val_sets, n=cfg.val_n, temperature=cfg.val_temperature,
                    top_p=cfg.val_top_p, max_new_tokens=cfg.max_val_resp_length,
                    repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, step=step,
-                   batch_size=cfg.rollout_batch_size, eos_ids=s.eos_ids, pad_id=s.pad_id)
+                   batch_size=cfg.rollout_batch_size, eos_ids=s.eos_ids, pad_id=s.pad_id, progress=cfg.progress)
     out["perf/time_validation_s"] = time.perf_counter() - t0
     return out
 

@@ -11,6 +11,7 @@ and `kl_loss` to the frozen reference when USE_KL is on. A non-finite gradient n
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -91,6 +92,8 @@ def optimizer_step(model, optimizer, scheduler, *, grad_clip: float) -> dict[str
     skipped = not math.isfinite(grad_norm)
     if not skipped:
         optimizer.step()
-    scheduler.step()
+    with warnings.catch_warnings():  # a skipped step still advances the schedule (it counts training steps)
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"actor/grad_norm": grad_norm, "actor/lr": lr, "actor/skipped_step": float(skipped)}
