@@ -3,7 +3,8 @@
 Reads every ``*.jsonl`` in the given folders (or the given files) written by `opd eval gen` (any JSONL with
 ``example_id``, ``answer`` and ``response`` per line works; ``sample_idx`` and ``response_tokens`` are used
 when present). Each response is graded by ``opd.grading`` (the same grader as the training reward); the
-metrics per file are those of ``opd.eval.metrics``. Settings come from the ``.meta.json`` beside each file.
+metrics per file are those of ``opd.eval.metrics``, plus grading_timeouts and truncated_rollouts (samples that hit
+the token limit, from ``finish_reason``). Settings come from the ``.meta.json`` beside each file.
 With ``--model-verifier`` a verifier LLM re-checks the rule failures (reported separately, see
 ``opd.eval.verifier``).
 
@@ -128,7 +129,9 @@ def grade_files(files: list[Path], *, tokenizer=None, verifier=None, workers: in
                 exv.responses.append(recs[i]["response"])
         lengths = _token_lengths(recs, tokenizer)
         res = {**_settings(path), **file_metrics(list(groups.values()), lengths),
-               "grading_timeouts": sum(x.method == "timeout" for x in g)}
+               "grading_timeouts": sum(x.method == "timeout" for x in g),
+               "truncated_rollouts": (sum(r.get("finish_reason") == "length" for r in recs)
+                                      if all("finish_reason" in r for r in recs) else None)}
         if verifier is not None:
             mv = file_metrics(list(groups_v.values()))
             vs = [verdicts[offset + i] for i in range(len(recs)) if offset + i in verdicts]

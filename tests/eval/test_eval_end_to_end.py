@@ -100,6 +100,8 @@ def test_gen_then_grade_matches_hand_computation(parrot_model_dir, bench_dir, tm
         for key, value in want.items():
             assert got[key] == pytest.approx(value), (f.name, key)
         assert got["settings"]["n"] == 4 and got["benchmark"] == f.name.split("__")[0]
+        assert got["truncated_rollouts"] == sum(r["response_tokens"] == 24 and r["finish_reason"] == "length"
+                                                for r in _lines(f))
         mixed += 0 < got["mean_score"] < 1
         assert f"{100 * got['mean_score']:.1f} / {100 * got['best_score']:.1f}" in table
     assert mixed >= 1, "the parrot model should give a mix of right and wrong answers"

@@ -72,6 +72,7 @@ def test_grade_files_on_a_hand_written_file(tmp_path, capsys):
     assert res["maj_score"] == pytest.approx(2 / 3)
     assert (res["solve_none"], res["solve_all"], res["format_error_rollouts"]) == (1, 1, 1)
     assert res["avg_output_length"] is None  # no response_tokens, no tokenizer
+    assert res["truncated_rollouts"] is None  # no finish_reason recorded
     assert "truncated last line" in capsys.readouterr().err
 
 
