@@ -93,7 +93,7 @@ def optimizer_step(model, optimizer, scheduler, *, grad_clip: float) -> dict[str
     if not skipped:
         optimizer.step()
     with warnings.catch_warnings():  # a skipped step still advances the schedule (it counts training steps)
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"actor/grad_norm": grad_norm, "actor/lr": lr, "actor/skipped_step": float(skipped)}
