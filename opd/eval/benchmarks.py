@@ -85,7 +85,9 @@ def load_benchmark(spec: str, data_dir: str | Path | None = None, template: str 
             r.setdefault("ability", "math")
         validate_rl_rows(rows, path)
         examples = [
-            Example(int(r["extra_info"]["index"]), [dict(m) for m in r["prompt"]], str(r["reward_model"]["ground_truth"]).strip())
+            Example(
+                int(r["extra_info"]["index"]), [dict(m) for m in r["prompt"]], str(r["reward_model"]["ground_truth"]).strip()
+            )
             for r in rows
         ]
     else:

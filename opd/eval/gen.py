@@ -2,8 +2,8 @@
 
 Output: ``<out>/<benchmark>__<model>__<settings>.jsonl``, one line per sample:
 ``{example_id, sample_idx, prompt, question, answer, seed, response, response_tokens, finish_reason}`` (prompt =
-the rendered chat text the model saw, question = the user turn), plus ``<same>.meta.json`` with the settings and ``complete: true`` once all
-samples are in. A complete output is skipped unless ``--replace``; an interrupted one is resumed: lines are
+the rendered chat text the model saw, question = the user turn), plus ``<same>.meta.json`` with the settings and
+``complete: true`` once all samples are in. A complete output is skipped unless ``--replace``; an interrupted one is resumed: lines are
 appended per batch, and on restart the (example_id, sample_idx) pairs already present are skipped and a
 truncated last line is cut off.
 
@@ -146,7 +146,8 @@ class VLLMBackend:
     seed_scope = "sample"
     default_batch = 2048
 
-    def __init__(self, model_path: str, dtype: str = "auto", tensor_parallel_size: int = 1, max_model_len: int | None = None):
+    def __init__(self, model_path: str, dtype: str = "auto", tensor_parallel_size: int = 1,
+                 max_model_len: int | None = None):
         from vllm import LLM
 
         kwargs = dict(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
@@ -158,9 +159,11 @@ class VLLMBackend:
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], s: GenSettings) -> list[tuple[str, int, str, int]]:
         from vllm import SamplingParams
 
-        params = [SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=sd) for sd in seeds]
+        params = [SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=sd)
+                  for sd in seeds]
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=params, use_tqdm=False)
-        return [(o.outputs[0].text, len(o.outputs[0].token_ids), str(o.outputs[0].finish_reason), sd) for o, sd in zip(outs, seeds)]
+        return [(o.outputs[0].text, len(o.outputs[0].token_ids), str(o.outputs[0].finish_reason), sd)
+                for o, sd in zip(outs, seeds)]
 
 
 def _vllm_usable() -> bool:
@@ -176,7 +179,8 @@ def make_backend(name: str, model_path: str, args: argparse.Namespace):
     if name == "auto":
         name = "vllm" if _vllm_usable() else "transformers"
     if name == "vllm":
-        return VLLMBackend(model_path, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len)
+        return VLLMBackend(model_path, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+                           max_model_len=args.max_model_len)
     return TransformersBackend(model_path, device=args.device, dtype=args.dtype)
 
 

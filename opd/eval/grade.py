@@ -151,7 +151,9 @@ def format_table(results: dict[str, dict]) -> str:
     cols: list[str] = []
     rows: list[str] = []
     for path, r in results.items():
-        col = r["model"] if len(settings_per_model[r["model"]]) == 1 else f"{r['model']} [{Path(path).stem.split('__')[-1]}]"
+        col = r["model"]
+        if len(settings_per_model[col]) > 1:  # one model sampled with several settings: one column each
+            col = f"{col} [{Path(path).stem.split('__')[-1]}]"
         if col not in cols:
             cols.append(col)
         if r["benchmark"] not in rows:

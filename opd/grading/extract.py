@@ -17,7 +17,9 @@ __all__ = ["extract_answer", "extract_boxed", "extract_answer_line"]
 # ``\boxed`` / ``\fbox`` not followed by a letter (so ``\boxedx`` is another macro).
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 # ``Answer: 42`` on its own line; optional markdown bold, any case ("Final Answer:" too).
-_ANSWER_LINE_RE = re.compile(r"^[ \t>*#_]*(?:final\s+)?answer[ \t*_]*[:：][ \t*_]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+_ANSWER_LINE_RE = re.compile(
+    r"^[ \t>*#_]*(?:final\s+)?answer[ \t*_]*[:：][ \t*_]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE
+)
 
 
 def _match_braces(text: str, open_idx: int) -> int | None:

@@ -49,7 +49,8 @@ def yes_verifier_dir(tmp_path_factory):
     tok = build_toy_tokenizer()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(tok, "tiny", max_positions=2048), dtype=torch.float32)
-    prompt = render_prompt_ids(tok, [{"role": "user", "content": build_prompt("What is 1 + 1?", "2", "one plus one is two")}])
+    text = build_prompt("What is 1 + 1?", "2", "one plus one is two")
+    prompt = render_prompt_ids(tok, [{"role": "user", "content": text}])
     target = tok("CORRECT", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ids = torch.tensor([prompt + target])
     labels = torch.tensor([[-100] * len(prompt) + target])

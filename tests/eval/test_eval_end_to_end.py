@@ -83,7 +83,8 @@ def test_gen_then_grade_matches_hand_computation(parrot_model_dir, bench_dir, tm
     for f in files:
         recs = _lines(f)
         assert len(recs) == 4 * (2 if f.name.startswith("plain") else 4)
-        assert {(r["example_id"], r["sample_idx"]) for r in recs} == {(e, j) for e in range(len(recs) // 4) for j in range(4)}
+        keys = {(r["example_id"], r["sample_idx"]) for r in recs}
+        assert keys == {(e, j) for e in range(len(recs) // 4) for j in range(4)}
         assert all(isinstance(r["seed"], int) and r["prompt"].startswith("<|user|>") for r in recs)
         meta = json.loads(f.with_name(f.name.replace(".jsonl", ".meta.json")).read_text())
         assert meta["complete"] and meta["settings_n"] == 4 and meta["settings_temperature"] == 0.7

@@ -130,7 +130,9 @@ def test_format_table_rows_are_benchmarks_and_columns_models():
         return {"benchmark": b, "model": m, "settings": {"n": 4}, "mean_score": mean, "best_score": best,
                 "samples_per_example": {"min": 4, "max": 4}}
 
-    t = grade.format_table({"1": r("aime", "base", 0.1, 0.3), "2": r("aime", "opd", 0.2, 0.5), "3": r("amc", "opd", 0.25, 0.5)})
+    t = grade.format_table(
+        {"1": r("aime", "base", 0.1, 0.3), "2": r("aime", "opd", 0.2, 0.5), "3": r("amc", "opd", 0.25, 0.5)}
+    )
     lines = t.splitlines()
     assert lines[0].split()[-2:] == ["base", "opd"]
     assert lines[2].startswith("aime") and "10.0 / 30.0" in lines[2] and "20.0 / 50.0" in lines[2]
