@@ -39,6 +39,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from opd.core.metrics import dynamics_metrics, per_position_profile
+from opd.core.rewards import sampled_token_rewards
 from opd.core.types import LogitStats
 from opd.engines.local.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opd.engines.local.config import TrainConfig, config_yaml, run_name_from
@@ -237,7 +238,9 @@ def diagnostics_inputs(scored: Scored, signals: Signals, mask_NT: torch.Tensor) 
     teacher, reverse_kl = None, None
     if scored.teacher_entropy_NT is not None:
         teacher = LogitStats(scored.teacher_topk_ids_NTK, scored.teacher_topk_lp_NTK, None, scored.teacher_entropy_NT)
-        reverse_kl = scored.full_kl_NT if scored.full_kl_NT is not None else scored.student_lp_NT - scored.teacher_lp_NT
+        reverse_kl = scored.full_kl_NT
+        if reverse_kl is None:
+            reverse_kl = -sampled_token_rewards(scored.student_lp_NT, scored.teacher_lp_NT)
     adv = signals.advantages
     if adv is not None and adv.dim() == 3:
         adv = adv[..., : signals.support.ids_NTC.shape[-1]]  # the extra sampled-token slot is not a candidate
