@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nDevice: {args.device}, threads per case: {args.threads}, K = {args.k}, N = 1, bf16 logits; "
           "peak = extra memory over the inputs (MiB).\n")
-    print("| path | V | T | chunk | chunked s | naive s | chunked peak MiB | naive peak MiB | naive/chunked mem | agree |")
+    print("| path | V | T | chunk | chunked s | naive s | chunked peak MiB | naive peak MiB | naive/chunked mem "
+          "| agree |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path, V, T, chunk, chunked, naive in rows:
         ratio, agree = "n/a", "n/a"

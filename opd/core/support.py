@@ -199,9 +199,9 @@ def sampled_token_support(
             f"{tuple(student_lp_NT.shape)}, teacher lp {tuple(teacher_lp_NT.shape)}"
         )
     ones = torch.ones((*token_ids_NT.shape, 1), dtype=torch.bool, device=token_ids_NT.device)
-    return Support(ids_NTC=token_ids_NT[..., None].long(), valid_NTC=ones, student_lp_NTC=student_lp_NT[..., None].float(),
-                   teacher_lp_NTC=teacher_lp_NT[..., None].float(), in_student_topk_NTC=ones,
-                   in_teacher_topk_NTC=ones.clone())
+    return Support(ids_NTC=token_ids_NT[..., None].long(), valid_NTC=ones,
+                   student_lp_NTC=student_lp_NT[..., None].float(), teacher_lp_NTC=teacher_lp_NT[..., None].float(),
+                   in_student_topk_NTC=ones, in_teacher_topk_NTC=ones.clone())
 
 
 def support_logprobs(
