@@ -28,14 +28,21 @@ from opd.eval.metrics import ExampleRollouts, file_metrics
 __all__ = ["read_outputs", "grade_files", "format_table", "main"]
 
 RESULTS_NAME = "grading_results.json"
+DETAILS_SUFFIX = ".graded.jsonl"
 _REQUIRED = ("example_id", "answer", "response")
 
 
+def details_path(path: Path) -> Path:
+    return path.with_name(path.name[: -len(".jsonl")] + DETAILS_SUFFIX)
+
+
 def collect_files(paths: list[str]) -> list[Path]:
+    """Generation files named directly or found (recursively) in folders; our own details files are skipped."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*.jsonl") if not f.name.startswith("."))
+            found = sorted(f for f in p.rglob("*.jsonl") if not f.name.startswith(".")
+                           and not f.name.endswith(DETAILS_SUFFIX))
             if not found:
                 raise DataError("folder holds no .jsonl files", file=p)
             files.extend(found)
@@ -95,8 +102,12 @@ def _token_lengths(records: list[dict], tokenizer) -> list[int] | None:
 
 
 def grade_files(files: list[Path], *, tokenizer=None, verifier=None, workers: int | None = None,
-                timeout: float = 5.0, progress: bool = True) -> dict[str, dict]:
-    """Grade every file; returns {file path: result object} (the content of grading_results.json)."""
+                timeout: float = 5.0, progress: bool = True, details: bool = False) -> dict[str, dict]:
+    """Grade every file; returns {file path: result object} (the content of grading_results.json).
+
+    ``details`` also writes ``<file>.graded.jsonl`` beside each input: one line per sample with the extracted
+    answer, the verdict and how it was reached (and the verifier's verdict), to inspect what the grader did.
+    """
     from opd.grading import grade_batch
 
     per_file = [read_outputs(f) for f in files]
@@ -138,6 +149,18 @@ def grade_files(files: list[Path], *, tokenizer=None, verifier=None, workers: in
             res["verifier"] = {"checked": len(vs), **{v.lower(): vs.count(v) for v in ("CORRECT", "INCORRECT", "INVALID")},
                                "mean_score": mv["mean_score"], "best_score": mv["best_score"], "maj_score": mv["maj_score"]}
         results[str(path)] = res
+        if details:
+            lines = []
+            for i, (r, x) in enumerate(zip(recs, g)):
+                row = {"example_id": r["example_id"], "sample_idx": r.get("sample_idx", i), "answer": r["answer"],
+                       "extracted": x.extracted, "score": x.score, "method": x.method}
+                if verifier is not None:
+                    row["verifier"] = verdicts.get(offset + i)
+                lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+            out = details_path(path)
+            tmp = out.with_name(f".{out.name}.tmp")
+            tmp.write_text("".join(lines), encoding="utf-8")
+            os.replace(tmp, out)
         offset += len(recs)
     return results
 
@@ -181,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verifier-max-tokens", type=int, default=32, help="verifier output budget (default 32)")
     p.add_argument("--workers", type=int, help="math-verify worker processes (default: CPU count)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per symbolic check (default 5)")
+    p.add_argument("--details", action="store_true", help=f"also write <file>{DETAILS_SUFFIX} per input: extracted "
+                   "answer, verdict and method per sample")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -202,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
         verifier = ModelVerifier(args.model_verifier, max_new_tokens=args.verifier_max_tokens)
     results = grade_files(files, tokenizer=tokenizer, verifier=verifier, workers=args.workers, timeout=args.timeout,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, details=args.details)
     first_dir = next((Path(p) for p in args.paths if Path(p).is_dir()), None)
     out = Path(args.output) if args.output else (first_dir or Path(".")) / RESULTS_NAME
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,18 @@ def test_grade_files_on_a_hand_written_file(tmp_path, capsys):
     assert "truncated last line" in capsys.readouterr().err
 
 
+def test_details_files_list_every_verdict_and_are_not_graded_again(tmp_path):
+    f = tmp_path / "math__m__s.jsonl"
+    _write(f, HAND)
+    assert grade.main([str(tmp_path), "--details", "--workers", "1", "--no-progress"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "math__m__s.graded.jsonl").read_text().splitlines()]
+    assert [(r["example_id"], r["sample_idx"]) for r in rows] == [(r["example_id"], r["sample_idx"]) for r in HAND]
+    assert [r["score"] for r in rows] == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    assert [r["method"] for r in rows][:4] == ["string", "numeric", "string", "no_answer"]
+    assert rows[5]["extracted"] == "\\sqrt{8}" and rows[5]["method"] == "symbolic"
+    assert grade.collect_files([str(tmp_path)]) == [f]
+
+
 def test_grade_errors_name_file_and_line(tmp_path):
     f = tmp_path / "a.jsonl"
     f.write_text('{"example_id": 0, "answer": "1"}\n')
