@@ -23,6 +23,7 @@
 # USE_KL               KL-to-reference loss (coef 0.005) ENABLE_FORMAT_REWARD  no loss on responses without \boxed
 # LOSS_AGG_MODE        token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
 # MODEL_DTYPE          fp32 | bf16 | fp16                GRPO_OUTCOME_WEIGHT  for token_reward_direct_plus_grpo
+# TEACHER_DTYPE        teacher/reference dtype (empty: MODEL_DTYPE)   GRADIENT_CHECKPOINTING  recompute in backward
 # TRAIN_DATASET        RL parquet                        TEST_FILE       comma-separated RL parquets (validation)
 # ENABLE_THINKING      chat-template switch (empty: not passed)
 # SAVE_FREQ, TEST_FREQ checkpoint / validate every N steps (0: never)   TOTAL_EPOCHS, TOTAL_STEPS (optional cap)
@@ -49,6 +50,7 @@ export USE_KL="${USE_KL:-False}"
 export ENABLE_FORMAT_REWARD="${ENABLE_FORMAT_REWARD:-False}"
 export LOSS_AGG_MODE="${LOSS_AGG_MODE:-token-mean}"
 export MODEL_DTYPE="${MODEL_DTYPE:-fp32}"
+export TEACHER_DTYPE="${TEACHER_DTYPE:-}"
 
 # --- data ---
 export TRAIN_DATASET="${TRAIN_DATASET:-data/dapo_math_17k.parquet}"
@@ -76,6 +78,7 @@ export VAL_BEFORE_TRAIN="${VAL_BEFORE_TRAIN:-True}"
 export LR="${LR:-1e-6}"
 export LR_SCHEDULER="${LR_SCHEDULER:-constant}"
 export MICRO_BATCH_TOKENS="${MICRO_BATCH_TOKENS:-16384}"
+export GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-False}"
 export TOTAL_EPOCHS="${TOTAL_EPOCHS:-1}"
 export TOTAL_STEPS="${TOTAL_STEPS:-}"
 export SAVE_FREQ="${SAVE_FREQ:-20}"

@@ -61,6 +61,8 @@ NON_DEFAULT = {
     "MICRO_BATCH_TOKENS": ("999", 999),
     "ROLLOUT_BATCH_SIZE": ("13", 13),
     "DEVICE": ("cpu", "cpu"),
+    "TEACHER_DTYPE": ("bf16", "bf16"),
+    "GRADIENT_CHECKPOINTING": ("True", True),
 }
 
 

@@ -118,6 +118,7 @@ def test_micro_batching_does_not_change_the_gradient(tiny_cfg, agg):
         {"USE_KL": "True", "LOG_PROB_TOP_K": "0"},
         {"LOSS_AGG_MODE": "seq-mean-token-sum", "algo.teachability": "weight"},
         {"LR_SCHEDULER": "cosine", "TEACHER_TEMPERATURE": "2.0", "TEMPERATURE": "0.8"},
+        {"TEACHER_DTYPE": "bf16", "GRADIENT_CHECKPOINTING": "True", "MICRO_BATCH_TOKENS": "40"},
     ],
 )
 def test_every_estimator_and_option_runs_a_step(tiny_cfg, monkeypatch, settings):

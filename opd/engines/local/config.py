@@ -66,6 +66,8 @@ ENV_VARS: dict[str, str] = {
     "MICRO_BATCH_TOKENS": "micro_batch_tokens",
     "ROLLOUT_BATCH_SIZE": "rollout_batch_size",
     "DEVICE": "device",
+    "TEACHER_DTYPE": "teacher_dtype",
+    "GRADIENT_CHECKPOINTING": "gradient_checkpointing",
 }
 
 # Where grpo.sh departs from the OPD defaults (spec workflow.md §1); the launcher test checks grpo.sh against this.
@@ -83,6 +85,8 @@ class TrainConfig:
     actor_model_path: str | None = None  # student (any local HF causal LM folder)
     reward_model_path: str | None = None  # teacher (must share the student's vocabulary)
     model_dtype: str = "fp32"  # master-weight dtype: fp32 | bf16 | fp16
+    teacher_dtype: str | None = None  # frozen teacher / reference dtype (None: same as model_dtype)
+    gradient_checkpointing: bool = False  # recompute activations in backward (long responses on one GPU)
     device: str = "auto"  # auto = cuda when available, else cpu
     # --- data ---
     train_dataset: str = "data/dapo_math_17k.parquet"  # RL parquet (workflow.md §2); `opd data prepare` writes it
@@ -140,6 +144,8 @@ class TrainConfig:
 
         if self.model_dtype not in DTYPES:
             raise bad("model_dtype", " | ".join(DTYPES))
+        if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
+            raise bad("teacher_dtype", " | ".join(DTYPES) + " or unset")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise bad("lr_scheduler", " | ".join(LR_SCHEDULERS))
         for name in ("max_prompt_length", "max_resp_length", "max_val_resp_length", "n_responses", "mini_batch_size",

@@ -139,7 +139,9 @@ def setup(cfg: TrainConfig) -> Session:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     student = load_causal_lm(student_dir, dtype=cfg.model_dtype, device=device, trainable=True)
-    frozen = dict(dtype=cfg.model_dtype, device=device, trainable=False)
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    frozen = dict(dtype=cfg.teacher_dtype or cfg.model_dtype, device=device, trainable=False)
     teacher = load_causal_lm(teacher_dir, **frozen) if teacher_dir else None
     reference = load_causal_lm(student_dir, **frozen) if algo.use_kl else None  # KL-to-reference: the initial student
     optimizer = make_optimizer(student, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
