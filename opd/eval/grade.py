@@ -24,6 +24,7 @@ from pathlib import Path
 
 from opd.data.schema import DataError
 from opd.eval.metrics import ExampleRollouts, file_metrics
+from opd.eval.verifier import VERDICTS
 
 __all__ = ["read_outputs", "grade_files", "format_table", "main"]
 
@@ -101,12 +102,57 @@ def _token_lengths(records: list[dict], tokenizer) -> list[int] | None:
     return None
 
 
+def _group(recs: list[dict], scores: list[float], extracted: list[str | None]) -> list[ExampleRollouts]:
+    """Samples grouped per example (in sample order), as the metric functions take them."""
+    groups: dict[str, ExampleRollouts] = defaultdict(lambda: ExampleRollouts([], [], []))
+    order = sorted(range(len(recs)), key=lambda i: (str(recs[i]["example_id"]), recs[i].get("sample_idx", i)))
+    for i in order:
+        ex = groups[str(recs[i]["example_id"])]
+        ex.scores.append(scores[i])
+        ex.extracted.append(extracted[i])
+        ex.responses.append(recs[i]["response"])
+    return list(groups.values())
+
+
+def _file_result(path: Path, recs: list[dict], grades: list, verdicts: list[str | None] | None, tokenizer) -> dict:
+    extracted = [g.extracted for g in grades]
+    res = {
+        **_settings(path),
+        **file_metrics(_group(recs, [g.score for g in grades], extracted), _token_lengths(recs, tokenizer)),
+        "grading_timeouts": sum(g.method == "timeout" for g in grades),
+        "truncated_rollouts": (sum(r.get("finish_reason") == "length" for r in recs)
+                               if all("finish_reason" in r for r in recs) else None),
+    }
+    if verdicts is not None:  # the verifier can only turn a rule failure into a success
+        scores = [float(g.score == 1.0 or v == "CORRECT") for g, v in zip(grades, verdicts)]
+        mv = file_metrics(_group(recs, scores, extracted))
+        asked = [v for v in verdicts if v is not None]
+        res["verifier"] = {"checked": len(asked), **{v.lower(): asked.count(v) for v in VERDICTS},
+                           "mean_score": mv["mean_score"], "best_score": mv["best_score"], "maj_score": mv["maj_score"]}
+    return res
+
+
+def _write_details(path: Path, recs: list[dict], grades: list, verdicts: list[str | None] | None) -> None:
+    lines = []
+    for i, (r, g) in enumerate(zip(recs, grades)):
+        row = {"example_id": r["example_id"], "sample_idx": r.get("sample_idx", i), "answer": r["answer"],
+               "extracted": g.extracted, "score": g.score, "method": g.method}
+        if verdicts is not None:
+            row["verifier"] = verdicts[i]
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    out = details_path(path)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, out)
+
+
 def grade_files(files: list[Path], *, tokenizer=None, verifier=None, workers: int | None = None,
                 timeout: float = 5.0, progress: bool = True, details: bool = False) -> dict[str, dict]:
     """Grade every file; returns {file path: result object} (the content of grading_results.json).
 
-    ``details`` also writes ``<file>.graded.jsonl`` beside each input: one line per sample with the extracted
-    answer, the verdict and how it was reached (and the verifier's verdict), to inspect what the grader did.
+    All files are graded in one batch (one pool of math-verify workers). ``details`` also writes
+    ``<file>.graded.jsonl`` beside each input: per sample the extracted answer, the verdict and how it was
+    reached (and the verifier's verdict), to inspect what the grader did.
     """
     from opd.grading import grade_batch
 
@@ -114,53 +160,22 @@ def grade_files(files: list[Path], *, tokenizer=None, verifier=None, workers: in
     flat = [r for recs in per_file for r in recs]
     grades = grade_batch([r["response"] for r in flat], [str(r["answer"]) for r in flat], workers=workers,
                          timeout=timeout, progress=progress)
-    verdicts: dict[int, str] = {}
+    verdicts: list[str | None] | None = None
     if verifier is not None:
         fails = [i for i, g in enumerate(grades) if g.score == 0.0]
         items = [(str(flat[i].get("question") or flat[i].get("prompt", "")), str(flat[i]["answer"]), flat[i]["response"])
                  for i in fails]
-        verdicts = dict(zip(fails, verifier.judge(items))) if items else {}
+        verdicts = [None] * len(flat)
+        for i, v in zip(fails, verifier.judge(items) if items else []):
+            verdicts[i] = v
     results: dict[str, dict] = {}
     offset = 0
     for path, recs in zip(files, per_file):
-        g = grades[offset : offset + len(recs)]
-        groups: dict = defaultdict(lambda: ExampleRollouts([], [], []))
-        groups_v: dict = defaultdict(lambda: ExampleRollouts([], [], []))
-        order = sorted(range(len(recs)), key=lambda i: (str(recs[i]["example_id"]), recs[i].get("sample_idx", i)))
-        for i in order:
-            ex = groups[str(recs[i]["example_id"])]
-            ex.scores.append(g[i].score)
-            ex.extracted.append(g[i].extracted)
-            ex.responses.append(recs[i]["response"])
-            if verifier is not None:
-                ok = g[i].score == 1.0 or verdicts.get(offset + i) == "CORRECT"
-                exv = groups_v[str(recs[i]["example_id"])]
-                exv.scores.append(float(ok))
-                exv.extracted.append(g[i].extracted)
-                exv.responses.append(recs[i]["response"])
-        lengths = _token_lengths(recs, tokenizer)
-        res = {**_settings(path), **file_metrics(list(groups.values()), lengths),
-               "grading_timeouts": sum(x.method == "timeout" for x in g),
-               "truncated_rollouts": (sum(r.get("finish_reason") == "length" for r in recs)
-                                      if all("finish_reason" in r for r in recs) else None)}
-        if verifier is not None:
-            mv = file_metrics(list(groups_v.values()))
-            vs = [verdicts[offset + i] for i in range(len(recs)) if offset + i in verdicts]
-            res["verifier"] = {"checked": len(vs), **{v.lower(): vs.count(v) for v in ("CORRECT", "INCORRECT", "INVALID")},
-                               "mean_score": mv["mean_score"], "best_score": mv["best_score"], "maj_score": mv["maj_score"]}
-        results[str(path)] = res
+        span = slice(offset, offset + len(recs))
+        v = verdicts[span] if verdicts is not None else None
+        results[str(path)] = _file_result(path, recs, grades[span], v, tokenizer)
         if details:
-            lines = []
-            for i, (r, x) in enumerate(zip(recs, g)):
-                row = {"example_id": r["example_id"], "sample_idx": r.get("sample_idx", i), "answer": r["answer"],
-                       "extracted": x.extracted, "score": x.score, "method": x.method}
-                if verifier is not None:
-                    row["verifier"] = verdicts.get(offset + i)
-                lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-            out = details_path(path)
-            tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text("".join(lines), encoding="utf-8")
-            os.replace(tmp, out)
+            _write_details(path, recs, grades[span], v)
         offset += len(recs)
     return results
 
