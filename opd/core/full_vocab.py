@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import torch
 
-from opd.core.logits import DEFAULT_CHUNK_SIZE, _check_temperature, _float_chunk
+from opd.core.logits import DEFAULT_CHUNK_SIZE, RowChunks, _check_temperature, _float_chunk
 
 FULL_VOCAB_WEIGHT_MODES = ("student_p", "teacher_p", "none")
 
 
-def _check_pair(student_logits_NTV: torch.Tensor, teacher_logits_NTV: torch.Tensor, chunk_size: int) -> None:
+def _check_pair(student_logits_NTV: torch.Tensor, teacher_logits_NTV: torch.Tensor) -> None:
     if student_logits_NTV.shape != teacher_logits_NTV.shape:
         raise ValueError(
             f"student logits {tuple(student_logits_NTV.shape)} and teacher logits {tuple(teacher_logits_NTV.shape)} "
             "differ; teacher and student must share the vocabulary and score the same positions"
         )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} is not valid; expected >= 1")
 
 
 def _chunk_logprobs(rows_RV: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -54,15 +52,12 @@ def full_vocab_reverse_kl(
     """
     _check_temperature(temperature)
     _check_temperature(teacher_temperature)
-    _check_pair(student_logits_NTV, teacher_logits_NTV, chunk_size)
-    vocab = student_logits_NTV.shape[-1]
-    s_RV = student_logits_NTV.reshape(-1, vocab)
-    t_RV = teacher_logits_NTV.reshape(-1, vocab)
-    kl_R = torch.empty(s_RV.shape[0], dtype=torch.float32, device=s_RV.device)
-    for start in range(0, s_RV.shape[0], chunk_size):
-        stop = min(start + chunk_size, s_RV.shape[0])
-        lp_RV = _chunk_logprobs(s_RV[start:stop], temperature)
-        diff_RV = _chunk_logprobs(t_RV[start:stop], teacher_temperature).neg_().add_(lp_RV)  # lp - lq
+    _check_pair(student_logits_NTV, teacher_logits_NTV)
+    s_chunks, t_chunks = RowChunks(student_logits_NTV, chunk_size), RowChunks(teacher_logits_NTV, chunk_size)
+    kl_R = torch.empty(s_chunks.n_rows, dtype=torch.float32, device=student_logits_NTV.device)
+    for start, stop in s_chunks.ranges():
+        lp_RV = _chunk_logprobs(s_chunks.rows(start, stop), temperature)
+        diff_RV = _chunk_logprobs(t_chunks.rows(start, stop), teacher_temperature).neg_().add_(lp_RV)  # lp - lq
         kl_R[start:stop] = diff_RV.mul_(lp_RV.exp_()).nan_to_num_(nan=0.0).sum(-1)
     return kl_R.reshape(student_logits_NTV.shape[:-1])
 
@@ -86,33 +81,35 @@ def _chunk_advantage(s_rows, t_rows, tau, teacher_tau, weight_mode):
 
 class _FullVocabPG(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_RV, teacher_RV, tau, teacher_tau, weight_mode, chunk_size):  # type: ignore[override]
-        loss_R = torch.empty(student_RV.shape[0], dtype=torch.float32, device=student_RV.device)
-        for start in range(0, student_RV.shape[0], chunk_size):
-            stop = min(start + chunk_size, student_RV.shape[0])
-            adv_RV, _ = _chunk_advantage(student_RV[start:stop], teacher_RV[start:stop], tau, teacher_tau, weight_mode)
+    def forward(ctx, student_NTV, teacher_NTV, tau, teacher_tau, weight_mode, chunk_size):  # type: ignore[override]
+        s_chunks, t_chunks = RowChunks(student_NTV, chunk_size), RowChunks(teacher_NTV, chunk_size)
+        loss_R = torch.empty(s_chunks.n_rows, dtype=torch.float32, device=student_NTV.device)
+        for start, stop in s_chunks.ranges():
+            adv_RV, _ = _chunk_advantage(s_chunks.rows(start, stop), t_chunks.rows(start, stop), tau, teacher_tau,
+                                         weight_mode)
             loss_R[start:stop] = -adv_RV.sum(-1)
         # References only: no copies. The teacher logits stay alive until backward (A is recomputed from them).
-        ctx.save_for_backward(student_RV, teacher_RV)
+        ctx.save_for_backward(student_NTV, teacher_NTV)
         ctx.args = (tau, teacher_tau, weight_mode, chunk_size)
         return loss_R
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_R):  # type: ignore[override]
-        student_RV, teacher_RV = ctx.saved_tensors
+        student_NTV, teacher_NTV = ctx.saved_tensors
         tau, teacher_tau, weight_mode, chunk_size = ctx.args
-        grad_student_RV = torch.empty_like(student_RV)
+        s_chunks, t_chunks = RowChunks(student_NTV, chunk_size), RowChunks(teacher_NTV, chunk_size)
+        grad_student_NTV = torch.empty(student_NTV.shape, dtype=student_NTV.dtype, device=student_NTV.device)
+        grad_RV = grad_student_NTV.view(-1, s_chunks.vocab)
         grad_R = grad_R.to(torch.float32)
-        for start in range(0, student_RV.shape[0], chunk_size):
-            stop = min(start + chunk_size, student_RV.shape[0])
-            adv_RV, p_RV = _chunk_advantage(student_RV[start:stop], teacher_RV[start:stop], tau, teacher_tau,
+        for start, stop in s_chunks.ranges():
+            adv_RV, p_RV = _chunk_advantage(s_chunks.rows(start, stop), t_chunks.rows(start, stop), tau, teacher_tau,
                                             weight_mode)
             # dL/dx = -(A - p * sum A) / tau, times the incoming gradient of each row
             g_RV = p_RV.mul_(adv_RV.sum(-1, keepdim=True)).sub_(adv_RV)
             g_RV.mul_((grad_R[start:stop] / tau)[:, None])
-            grad_student_RV[start:stop] = g_RV
-        return grad_student_RV, None, None, None, None, None
+            grad_RV[start:stop] = g_RV
+        return grad_student_NTV, None, None, None, None, None
 
 
 def full_vocab_pg_loss_NT(
@@ -134,10 +131,7 @@ def full_vocab_pg_loss_NT(
         raise ValueError(f"weight_mode={weight_mode!r} is not valid; allowed: {', '.join(FULL_VOCAB_WEIGHT_MODES)}")
     _check_temperature(temperature)
     _check_temperature(teacher_temperature)
-    _check_pair(student_logits_NTV, teacher_logits_NTV, chunk_size)
-    vocab = student_logits_NTV.shape[-1]
-    loss_R = _FullVocabPG.apply(
-        student_logits_NTV.reshape(-1, vocab), teacher_logits_NTV.detach().reshape(-1, vocab),
-        float(temperature), float(teacher_temperature), weight_mode, int(chunk_size),
-    )
+    _check_pair(student_logits_NTV, teacher_logits_NTV)
+    loss_R = _FullVocabPG.apply(student_logits_NTV, teacher_logits_NTV.detach(), float(temperature),
+                                float(teacher_temperature), weight_mode, int(chunk_size))
     return loss_R.reshape(student_logits_NTV.shape[:-1])

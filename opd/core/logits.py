@@ -7,8 +7,9 @@ sampled token, the other model's top-k) and the entropy. So we walk the rows (po
 chunk at a time to float32, compute the logsumexp once per row, and read what is needed from that chunk.
 
 Peak extra memory of every function here is O(chunk_size * V) float32 (a few such buffers), independent of N*T.
-Logits may be bf16, fp16 or fp32; results are float32. Leading dimensions are flattened: `_NTV` inputs may in fact
-have any number of leading dims, and outputs keep them.
+Logits may be bf16, fp16 or fp32; results are float32. `_NTV` inputs may have any number of leading dims (outputs
+keep them) and may be strided views such as the response slice `logits[:, prompt_len - 1:-1]`: rows are read
+chunk by chunk through views (`RowChunks`), never by flattening, which would copy the whole slice.
 """
 
 from __future__ import annotations
@@ -49,6 +50,43 @@ def _float_chunk(rows_RV: torch.Tensor, temperature: float) -> torch.Tensor:
     return x_RV
 
 
+class RowChunks:
+    """Consecutive flat row ranges [start, stop) of a [..., V] tensor, each as a [R, V] tensor, never a full copy.
+
+    A tensor that flattens to [rows, V] as a view is simply sliced. A strided one, typically the response slice
+    `logits[:, prompt_len - 1:-1]` of a model's output, cannot be flattened without copying all of it; its chunks
+    are assembled from per-sequence views instead (at most a chunk-sized copy when a chunk spans two sequences).
+    Row ranges depend only on the shape, so two same-shaped tensors chunk identically whatever their strides.
+    """
+
+    def __init__(self, x: torch.Tensor, chunk_size: int):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size!r} is not valid; expected >= 1")
+        if x.dim() < 2:
+            raise ValueError(f"logits must have shape [..., V] with at least one position dim, got {tuple(x.shape)}")
+        self.vocab = x.shape[-1]
+        self.n_rows = x[..., 0].numel()
+        self.chunk_size = chunk_size
+        try:
+            self._flat = x.view(-1, self.vocab)
+            self._seq = None
+        except RuntimeError:
+            self._flat = None
+            self._seq = x.reshape(-1, x.shape[-2], self.vocab)  # a view for the usual [N, T, V] slice
+
+    def ranges(self):
+        for start in range(0, self.n_rows, self.chunk_size):
+            yield start, min(start + self.chunk_size, self.n_rows)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        if self._flat is not None:
+            return self._flat[start:stop]
+        T = self._seq.shape[1]
+        seqs = range(start // T, (stop - 1) // T + 1)
+        pieces = [self._seq[n, max(start - n * T, 0):min(stop - n * T, T)] for n in seqs]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def _entropy_of_logprobs_(lp_RV: torch.Tensor) -> torch.Tensor:
     """-sum p log p per row; consumes `lp_RV` as scratch. 0 * log 0 (masked -inf logits) counts as 0."""
     p_RV = lp_RV.exp()
@@ -72,26 +110,23 @@ def logit_stats(
     Peak extra memory: about 2 * chunk_size * V float32.
     """
     _check_temperature(temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} is not valid; expected >= 1")
     lead, vocab = logits_NTV.shape[:-1], logits_NTV.shape[-1]
     if not 0 <= k <= vocab:
         raise ValueError(f"k={k!r} is not valid; expected 0 <= k <= vocab size {vocab}")
     if ids_NTJ is not None:
         _check_ids(ids_NTJ, logits_NTV)
 
-    rows_RV = logits_NTV.reshape(-1, vocab)
-    n_rows = rows_RV.shape[0]
+    chunks = RowChunks(logits_NTV, chunk_size)
+    n_rows = chunks.n_rows
     device = logits_NTV.device
     topk_ids_RK = torch.empty(n_rows, k, dtype=torch.long, device=device) if k else None
     topk_lp_RK = torch.empty(n_rows, k, dtype=torch.float32, device=device) if k else None
-    ids_RJ = ids_NTJ.reshape(n_rows, -1).long() if ids_NTJ is not None else None
+    ids_RJ = ids_NTJ.reshape(n_rows, ids_NTJ.shape[-1]).long() if ids_NTJ is not None else None
     lp_at_RJ = torch.empty(ids_RJ.shape, dtype=torch.float32, device=device) if ids_RJ is not None else None
     entropy_R = torch.empty(n_rows, dtype=torch.float32, device=device)
 
-    for start in range(0, n_rows, chunk_size):
-        stop = min(start + chunk_size, n_rows)
-        x_RV = _float_chunk(rows_RV[start:stop], temperature)
+    for start, stop in chunks.ranges():
+        x_RV = _float_chunk(chunks.rows(start, stop), temperature)
         lse_R1 = torch.logsumexp(x_RV, dim=-1, keepdim=True)
         if k:
             vals, idx = torch.topk(x_RV, k, dim=-1)
@@ -122,16 +157,15 @@ class _LogprobsAt(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits_RV, ids_RJ, temperature, chunk_size):  # type: ignore[override]
-        n_rows = logits_RV.shape[0]
-        lp_RJ = torch.empty(ids_RJ.shape, dtype=torch.float32, device=logits_RV.device)
-        lse_R = torch.empty(n_rows, dtype=torch.float32, device=logits_RV.device)
-        for start in range(0, n_rows, chunk_size):
-            stop = min(start + chunk_size, n_rows)
-            x_RV = _float_chunk(logits_RV[start:stop], temperature)
+    def forward(ctx, logits_NTV, ids_RJ, temperature, chunk_size):  # type: ignore[override]
+        chunks = RowChunks(logits_NTV, chunk_size)
+        lp_RJ = torch.empty(ids_RJ.shape, dtype=torch.float32, device=logits_NTV.device)
+        lse_R = torch.empty(chunks.n_rows, dtype=torch.float32, device=logits_NTV.device)
+        for start, stop in chunks.ranges():
+            x_RV = _float_chunk(chunks.rows(start, stop), temperature)
             lse_R[start:stop] = torch.logsumexp(x_RV, dim=-1)
             lp_RJ[start:stop] = x_RV.gather(-1, ids_RJ[start:stop]) - lse_R[start:stop, None]
-        ctx.save_for_backward(logits_RV, ids_RJ, lse_R)
+        ctx.save_for_backward(logits_NTV, ids_RJ, lse_R)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         return lp_RJ
@@ -139,21 +173,22 @@ class _LogprobsAt(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_RJ):  # type: ignore[override]
-        logits_RV, ids_RJ, lse_R = ctx.saved_tensors
-        tau, chunk_size = ctx.temperature, ctx.chunk_size
-        grad_logits_RV = torch.empty_like(logits_RV)
+        logits_NTV, ids_RJ, lse_R = ctx.saved_tensors
+        tau = ctx.temperature
+        chunks = RowChunks(logits_NTV, ctx.chunk_size)
+        grad_logits_NTV = torch.empty(logits_NTV.shape, dtype=logits_NTV.dtype, device=logits_NTV.device)
+        grad_RV = grad_logits_NTV.view(-1, chunks.vocab)
         grad_RJ = grad_RJ.to(torch.float32)
-        for start in range(0, logits_RV.shape[0], chunk_size):
-            stop = min(start + chunk_size, logits_RV.shape[0])
+        for start, stop in chunks.ranges():
             g_RJ = grad_RJ[start:stop]
             # softmax rebuilt in place from the saved normaliser, then -softmax * sum_j g + scatter of g at the ids.
-            p_RV = _float_chunk(logits_RV[start:stop], tau).sub_(lse_R[start:stop, None]).exp_()
+            p_RV = _float_chunk(chunks.rows(start, stop), tau).sub_(lse_R[start:stop, None]).exp_()
             g_RV = p_RV.mul_(-g_RJ.sum(-1, keepdim=True))
             g_RV.scatter_add_(-1, ids_RJ[start:stop], g_RJ)
             if tau != 1.0:
                 g_RV.div_(tau)
-            grad_logits_RV[start:stop] = g_RV
-        return grad_logits_RV, None, None, None
+            grad_RV[start:stop] = g_RV
+        return grad_logits_NTV, None, None, None
 
 
 def logprobs_at(
@@ -171,11 +206,7 @@ def logprobs_at(
     O(chunk_size * V) float32 scratch. Also fine under torch.no_grad(). Not twice differentiable.
     """
     _check_temperature(temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} is not valid; expected >= 1")
     _check_ids(ids_NTJ, logits_NTV)
-    vocab = logits_NTV.shape[-1]
-    rows_RV = logits_NTV.reshape(-1, vocab)
-    ids_RJ = ids_NTJ.reshape(rows_RV.shape[0], -1).long()
-    lp_RJ = _LogprobsAt.apply(rows_RV, ids_RJ, float(temperature), int(chunk_size))
+    ids_RJ = ids_NTJ.reshape(-1, ids_NTJ.shape[-1]).long()
+    lp_RJ = _LogprobsAt.apply(logits_NTV, ids_RJ, float(temperature), int(chunk_size))
     return lp_RJ.reshape(ids_NTJ.shape)

@@ -152,3 +152,19 @@ def test_bad_input_is_named():
         full_vocab_reverse_kl(s, torch.zeros(1, 2, 6))
     with pytest.raises(ValueError, match="teacher_temperature|temperature"):
         full_vocab_reverse_kl(s, s, teacher_temperature=0.0)
+
+
+def test_strided_response_slices_match_contiguous():
+    s, t = pair(6, (3, 11, 19))
+    s_full = s.clone().requires_grad_(True)
+    kl = full_vocab_reverse_kl(s_full[:, 2:-1], t[:, 1:-2], chunk_size=4)
+    torch.testing.assert_close(kl, full_vocab_reverse_kl(s[:, 2:-1].contiguous(), t[:, 1:-2].contiguous()),
+                               atol=1e-6, rtol=0)
+    loss = full_vocab_pg_loss_NT(s_full[:, 2:-1], t[:, 1:-2], "teacher_p", chunk_size=4)
+    (loss * torch.arange(loss.numel()).reshape(loss.shape)).sum().backward()
+    x = s[:, 2:-1].contiguous().requires_grad_(True)
+    ref = full_vocab_pg_loss_NT(x, t[:, 1:-2].contiguous(), "teacher_p")
+    (ref * torch.arange(ref.numel()).reshape(ref.shape)).sum().backward()
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(s_full.grad[:, 2:-1], x.grad, atol=1e-6, rtol=1e-6)
+    assert (s_full.grad[:, :2] == 0).all()

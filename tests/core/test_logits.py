@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from opd.core.logits import logit_stats, logprobs_at
+from opd.core.logits import RowChunks, logit_stats, logprobs_at
 
 
 def ref_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -167,3 +167,38 @@ def test_core_imports_no_engine():
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 100])
+def test_row_chunks_on_strided_slices_match_flattened_rows(chunk):
+    base = torch.randn(3, 9, 11)
+    for x in (base, base[:, 2:-1], base[1], base[:, :, :].transpose(0, 1)):
+        chunks = RowChunks(x, chunk)
+        flat = x.reshape(-1, x.shape[-1])
+        got = torch.cat([chunks.rows(a, b) for a, b in chunks.ranges()])
+        assert torch.equal(got, flat)
+    sliced = RowChunks(base[:, 2:-1], chunk)
+    assert sliced.rows(0, 1).data_ptr() == base[0, 2].data_ptr(), "a chunk inside one sequence must be a view"
+
+
+def test_response_slice_is_read_in_place_with_gradient():
+    """The engine passes logits[:, P-1:-1]: results and gradients equal the contiguous copy's, and no copy is saved."""
+    gen = torch.Generator().manual_seed(6)
+    full = rand_logits(gen, (3, 10, 23), torch.bfloat16).requires_grad_(True)
+    sliced = full[:, 3:-1]
+    ids = torch.randint(0, 23, (3, 6, 2), generator=gen)
+    st = logit_stats(sliced, k=3, ids_NTJ=ids, chunk_size=4)
+    ref = logit_stats(sliced.detach().contiguous(), k=3, ids_NTJ=ids, chunk_size=4)
+    assert torch.equal(st.topk_lp_NTK, ref.topk_lp_NTK) and torch.equal(st.entropy_NT, ref.entropy_NT)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lp = logprobs_at(sliced, ids, temperature=0.9, chunk_size=4)
+    assert all(t.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
+               for t in saved if t.dtype == torch.bfloat16), "the logits slice was copied"
+    lp.sum().backward()
+    ref_in = full.detach().double().requires_grad_(True)
+    torch.log_softmax(ref_in[:, 3:-1] / 0.9, -1).gather(-1, ids).sum().backward()
+    torch.testing.assert_close(lp.double(), torch.log_softmax(full.detach()[:, 3:-1].double() / 0.9, -1).gather(-1, ids),
+                               atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(full.grad.double(), ref_in.grad, atol=2e-2, rtol=1e-2)
+    assert (full.grad[:, :3] == 0).all() and (full.grad[:, -1] == 0).all()
