@@ -4,10 +4,11 @@ The responses imitate benchmark outputs: ~1.5k characters of reasoning, then a f
 flags (default 10k responses: 70% plain numbers, right or wrong, decided by the in-process fast path; 20%
 LaTeX answers that need math-verify (radicals, polynomials, multiples of pi, intervals, fractions of radicals,
 with random coefficients);
-10% without a final answer). Three timings, wall clock, after a warm-up of the worker processes:
+10% without a final answer). Four timings, wall clock, after a warm-up of the worker processes:
   batch       grade_batch(workers=W): fast paths here, symbolic checks over W math-verify worker processes
   sequential  score_response in a loop (one worker process, as the training reward calls it)
   symbolic    as many fresh answers that all need math-verify, through grade_batch (the slow path's rate)
+  toy         toy-world solutions ("...\\boxed{1234}", half wrong) through score_response, as the demo grades them
 Both runs must give the same verdicts; the script checks that and prints the per-method counts.
 
     OMP_NUM_THREADS=1 python bench/bench_grade.py                 # ~1 min on 2 cores
@@ -22,7 +23,7 @@ import random
 import time
 from collections import Counter
 
-from opd.grading import SymbolicChecker, clear_symbolic_cache, grade_batch, grade_response
+from opd.grading import SymbolicChecker, clear_symbolic_cache, grade_batch, grade_response, score_response
 
 def symbolic_item(rng: random.Random) -> tuple[str, str, str]:
     """(ground truth, an equivalent form, a wrong form) with random coefficients, so math-verify's parse cache
@@ -103,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     grade_batch(sym_r, sym_g, workers=args.workers)
     t_sym = time.perf_counter() - t0
 
+    from opd.toy.task import sample_problems
+
+    problems = sample_problems(args.n, args.seed)
+    toy = [p.solution if i % 2 else p.solution.replace("\\boxed{", "\\boxed{9") for i, p in enumerate(problems)]
+    t0 = time.perf_counter()
+    toy_scores = [score_response(r, p.answer) for r, p in zip(toy, problems)]
+    t_toy = time.perf_counter() - t0
+    if sum(toy_scores) != args.n // 2:
+        raise SystemExit(f"toy grading is wrong: {sum(toy_scores)} correct of {args.n}, expected {args.n // 2}")
+
     methods = Counter(x.method for x in batch)
     print(f"{args.n} responses, {os.cpu_count()} CPUs, workers={args.workers}; methods: {dict(methods)}; "
           f"accuracy {sum(x.score for x in batch) / args.n:.3f}")
@@ -112,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| sequential score_response | {args.n} | {t_seq:.2f} | {args.n / t_seq:,.0f} |")
     if n_sym:
         print(f"| symbolic only (workers={args.workers}) | {n_sym} | {t_sym:.2f} | {n_sym / t_sym:,.0f} |")
+    print(f"| toy answers, score_response | {args.n} | {t_toy:.2f} | {args.n / t_toy:,.0f} |")
     return 0
 
 

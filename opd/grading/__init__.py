@@ -2,7 +2,8 @@
 
 ``score_response(response, ground_truth) -> 1.0 | 0.0`` is the entry point for engines; ``extract_answer``
 finds the final answer (last ``\\boxed{}``/``\\fbox{}``, else an ``Answer:`` line); ``grade_batch`` grades many
-responses with a small pool of math-verify worker processes. See ``score.py`` for the order of checks.
+responses with a small pool of math-verify worker processes; ``reward.compute_score`` is the same grader with
+verl's custom-reward signature. See ``score.py`` for the order of checks.
 """
 
 from .extract import extract_answer, extract_boxed
