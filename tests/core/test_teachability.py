@@ -7,6 +7,9 @@ import math
 import pytest
 import torch
 
+from opd.core.config import OPDConfig
+from opd.core.rewards import compute_rewards
+from opd.core.support import build_support
 from opd.core.teachability import overlap_masses_NT, shared_mass_NT, teachability_weight_NT
 
 
@@ -49,12 +52,20 @@ def test_mask_and_weight_modes():
 
 
 def test_gating_rewards_end_to_end():
-    """Rewards multiplied by the mask vanish exactly at disjoint positions and stay untouched where overlap is full."""
+    """Gated rewards vanish at low-overlap positions, shrink linearly in weight mode, and are untouched elsewhere."""
     lp, lq, S, T = topk_inputs(1)
-    mass = shared_mass_NT(S, T, lp.gather(-1, S).float(), lq.gather(-1, S).float())
-    gate = teachability_weight_NT(mass, "mask", 0.3)
-    assert gate[0, 0] == 0 and gate[0, 1] == (mass[0, 1] >= 0.3)
-    assert torch.equal(gate, (mass >= 0.3).float())
+    slp, tlp = lp.gather(-1, S).float(), lq.gather(-1, S).float()
+    sup = build_support("only_stu", student_topk_ids_NTK=S, teacher_topk_ids_NTK=T, student_lp_at_student_NTK=slp,
+                        teacher_lp_at_student_NTK=tlp)
+    rewards = compute_rewards(OPDConfig(top_k=5, teachability="mask"), sup)
+    mass = shared_mass_NT(S, T, slp, tlp)
+    low = mass < 0.3
+    assert low.any() and (~low).any()  # both kinds of position present
+    masked = rewards * teachability_weight_NT(mass, "mask", 0.3)[..., None]
+    assert (masked[low] == 0).all() and torch.equal(masked[~low], rewards[~low])
+    weighted = rewards * teachability_weight_NT(mass, "weight", 0.3)[..., None]
+    torch.testing.assert_close(weighted[low], rewards[low] * (mass[low] / 0.3)[:, None])
+    assert torch.equal(weighted[~low], rewards[~low])
 
 
 @pytest.mark.parametrize("mode,threshold,match", [("soft", 0.5, "mode 'soft'"), ("mask", 1.5, "threshold=1.5")])
