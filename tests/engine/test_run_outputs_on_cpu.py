@@ -59,8 +59,12 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch
     assert [k for k in spec_keys if k not in a[1]] == []
     assert not any(k.startswith("val") for k in a[1])  # training diagnostics never carry a val prefix
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
-    for name in ("config.yaml", "metrics.jsonl", "profiles.jsonl"):
+    for name in ("config.yaml", "metrics.jsonl", "profiles.jsonl", "samples.jsonl"):
         assert (resumed / name).is_file()
+    samples = [json.loads(line) for line in (resumed / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [1, 1, 2, 2, 3, 3, 4, 4]  # the crashed tail was dropped and redone
+    assert samples == [json.loads(line) for line in (straight / "samples.jsonl").read_text().splitlines()]
+    assert {"prompt", "response", "score", "ground_truth"} <= set(samples[0])
     assert any((resumed / "tensorboard").iterdir())
     ckpt = resumed / "checkpoints" / "step_000004"
     assert {"model", "optimizer.pt", "rng.pt", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}

@@ -129,6 +129,7 @@ class TrainConfig:
     run_name: str | None = None  # None: built from the settings (see run_name_from)
     resume: str = "auto"  # auto: continue from the run's last checkpoint if any | off: start over | <checkpoint dir>
     progress: bool = True
+    log_samples: int = 2  # decoded rollouts per step written to samples.jsonl (0: none)
     profile_freq: int = 0  # log per-position profiles every N steps to profiles.jsonl (0: first and last step only)
     # --- algorithm ---
     algo: OPDConfig = field(default_factory=OPDConfig)

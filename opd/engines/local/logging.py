@@ -1,4 +1,5 @@
-"""Run outputs written while training: metrics.jsonl (one JSON line per step), TensorBoard events, profiles.jsonl.
+"""Run outputs written while training: metrics.jsonl (one JSON line per step), TensorBoard events, profiles.jsonl
+(per-position profiles) and samples.jsonl (a few decoded rollouts per step with their rule reward).
 
 metrics.jsonl is the machine-readable record the report and the demo read: `{"step": s, <key>: <float>, ...}`,
 one line per step (step 0: validation before training). Non-finite values are written as null. On resume the
@@ -25,10 +26,12 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.profiles_path = self.run_dir / "profiles.jsonl"
-        for path in (self.metrics_path, self.profiles_path):
+        self.samples_path = self.run_dir / "samples.jsonl"
+        for path in (self.metrics_path, self.profiles_path, self.samples_path):
             _keep_until(path, start_step)
         self._metrics = open(self.metrics_path, "a")
         self._profiles = None
+        self._samples = None
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -52,10 +55,19 @@ class RunLogger:
         self._profiles.write(json.dumps({"step": step, **profile}) + "\n")
         self._profiles.flush()
 
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """A few decoded rollouts with their rule reward, to read what the student writes."""
+        if self._samples is None:
+            self._samples = open(self.samples_path, "a")
+        for sample in samples:
+            self._samples.write(json.dumps({"step": step, **sample}) + "\n")
+        self._samples.flush()
+
     def close(self) -> None:
         self._metrics.close()
-        if self._profiles is not None:
-            self._profiles.close()
+        for handle in (self._profiles, self._samples):
+            if handle is not None:
+                handle.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -78,6 +78,7 @@ class Session:
     pad_id: int
     start_step: int
     last_profile: dict = field(default_factory=dict)  # per-position profile of the latest step
+    last_samples: list = field(default_factory=list)  # decoded rollouts of the latest step
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -95,6 +96,8 @@ def train(cfg: TrainConfig) -> Path:
             if s.val_sets and cfg.test_freq > 0 and (step % cfg.test_freq == 0 or step == total):
                 metrics.update(run_validation(s, step=step))
             logger.log(step, metrics)
+            if s.last_samples:
+                logger.log_samples(step, s.last_samples)
             if cfg.profile_freq > 0 and step % cfg.profile_freq == 0 or step in (1, total):
                 logger.log_profile(step, s.last_profile)
             if cfg.save_freq > 0 and (step % cfg.save_freq == 0 or step == total):
@@ -209,6 +212,10 @@ def train_step(s: Session, step: int) -> dict[str, float]:
     t3 = time.perf_counter()
 
     metrics.update(rollout_metrics(rollouts))
+    keep = range(min(cfg.log_samples, len(rollouts.texts)))
+    groups = batch.group_index_N.tolist()
+    s.last_samples = [{"prompt": s.tokenizer.decode(problems[groups[i]].prompt_ids), "response": rollouts.texts[i],
+                       "score": rollouts.scores[i], "ground_truth": problems[groups[i]].ground_truth} for i in keep]
     diag = diagnostics_inputs(scored, signals, batch.response_mask_NT)
     metrics.update(dynamics_metrics(**diag))
     s.last_profile = per_position_profile(**diag, bin_size=max(1, cfg.max_resp_length // PROFILE_BINS))
