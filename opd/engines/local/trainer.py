@@ -98,7 +98,7 @@ def train(cfg: TrainConfig) -> Path:
             logger.log(step, metrics)
             if s.last_samples:
                 logger.log_samples(step, s.last_samples)
-            if cfg.profile_freq > 0 and step % cfg.profile_freq == 0 or step in (1, total):
+            if step in (1, total) or (cfg.profile_freq > 0 and step % cfg.profile_freq == 0):
                 logger.log_profile(step, s.last_profile)
             if cfg.save_freq > 0 and (step % cfg.save_freq == 0 or step == total):
                 save_checkpoint(s.run_dir, step, model=s.student, tokenizer=s.tokenizer, optimizer=s.optimizer,
