@@ -3,6 +3,7 @@
 Run as a separate process so the parent can bound every check with a hard timeout and kill the process when
 sympy runs away (C-level big-integer work ignores signals). math-verify's own signal timeouts are switched
 off here (``parsing_timeout=None``, ``timeout_seconds=None``): the parent owns the clock.
+An optional argument caps the worker's address space (bytes).
 Protocol: the worker prints ``{"ready": true}`` once imports finish; each request ``{"pred": str, "gt": str}``
 gets ``{"ok": bool}`` or ``{"ok": false, "error": str}``. Not imported by the package; started by
 ``opd.grading.symbolic``.
@@ -15,6 +16,11 @@ import sys
 
 
 def main() -> None:
+    if len(sys.argv) > 1:  # address-space cap: a memory bomb fails fast with MemoryError instead of eating RAM
+        import resource
+
+        limit = int(sys.argv[1])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     proto_out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol
     logging.disable(logging.WARNING)

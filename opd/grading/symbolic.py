@@ -23,6 +23,7 @@ from pathlib import Path
 __all__ = ["SymbolicChecker", "SymbolicTimeout", "symbolic_equal", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 5.0
+WORKER_MEMORY_LIMIT = 4 << 30  # bytes of address space per worker; sympy answers need far less
 STARTUP_TIMEOUT_S = 120.0  # imports of sympy on a loaded 2-core box can be slow; not part of any check's budget
 _WORKER = Path(__file__).with_name("_worker.py")
 _LIVE: "weakref.WeakSet[SymbolicChecker]" = weakref.WeakSet()
@@ -45,7 +46,7 @@ class SymbolicChecker:
     def _start(self) -> None:
         # -P: do not put opd/grading/ on sys.path (its module names could shadow others); -u: unbuffered
         self._proc = subprocess.Popen(
-            [sys.executable, "-P", "-u", str(_WORKER)],
+            [sys.executable, "-P", "-u", str(_WORKER), str(WORKER_MEMORY_LIMIT)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
