@@ -84,9 +84,20 @@ def _grads(model) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_micro_batching_does_not_change_the_gradient(tiny_cfg, agg):
-    cfg = tiny_cfg(**{"algo.top_k": 4, "algo.loss_agg_mode": agg, "algo.use_kl": True})
+@pytest.mark.parametrize(
+    "agg, top_k, estimator",
+    [
+        ("token-mean", 4, "token_reward_direct"),
+        ("seq-mean-token-mean", 4, "token_reward_direct"),
+        ("seq-mean-token-sum-norm", 4, "token_reward_direct"),
+        ("seq-mean-token-sum", 4, "token_reward_direct_plus_grpo"),
+        ("token-mean", -1, "token_reward_direct_plus_grpo"),
+        ("token-mean", 0, "token_grpo"),
+    ],
+)
+def test_micro_batching_does_not_change_the_gradient(tiny_cfg, agg, top_k, estimator):
+    cfg = tiny_cfg(**{"algo.top_k": top_k, "algo.loss_agg_mode": agg, "algo.use_kl": True,
+                      "algo.adv_estimator": estimator})
     s = trainer.setup(cfg)
     problems = [s.train_set.problems[i] for i in s.schedule.batch(1)]
     rollouts = trainer.generate(s.student, s.tokenizer, [p.prompt_ids for p in problems],
@@ -95,15 +106,18 @@ def test_micro_batching_does_not_change_the_gradient(tiny_cfg, agg):
                                 eos_ids=s.eos_ids, pad_id=s.pad_id)
     batch = rollouts.batch
     scored = score(s.student, s.teacher, batch, cfg.algo, token_budget=10**6)
-    targets = build_signals(scored, batch, cfg.algo, outcome_scores_N=torch.zeros(batch.n_rows),
+    outcome = (torch.arange(batch.n_rows) % 3 == 0).float()  # mixed rule rewards within groups
+    targets = build_signals(scored, batch, cfg.algo, outcome_scores_N=outcome,
                             has_box_N=torch.ones(batch.n_rows, dtype=torch.bool)).targets
     targets.ref_lp_NTC = targets.old_lp_NTC - 0.1  # any constant reference exercises the KL term
     grads = {}
     for budget in (10**6, 1):  # whole batch in one pass vs one row per micro-batch
         assert len(micro_batch_bounds(batch, budget)) == (1 if budget > 1 else batch.n_rows)
         s.student.zero_grad(set_to_none=True)
-        out = loss_and_backward(s.student, batch, targets, cfg.algo, token_budget=budget, norm_length=12)
+        out = loss_and_backward(s.student, batch, targets, cfg.algo, token_budget=budget, norm_length=12,
+                                teacher=s.teacher)
         grads[budget] = (out["actor/loss"], _grads(s.student))
+    assert sum(float(g.abs().sum()) for g in grads[1][1]) > 1e-6  # a non-trivial gradient is compared
     assert grads[1][0] == pytest.approx(grads[10**6][0], rel=1e-5, abs=1e-7)
     for g_one, g_all in zip(grads[1][1], grads[10**6][1]):
         torch.testing.assert_close(g_one, g_all, rtol=1e-4, atol=1e-7)
