@@ -22,7 +22,9 @@ def main() -> None:
         limit = int(sys.argv[1])
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     proto_out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol
+    # anything a library prints (Python or C level) goes to stderr, never into the protocol stream
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
     logging.disable(logging.WARNING)
     from math_verify import parse, verify
 
