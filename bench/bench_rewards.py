@@ -28,7 +28,7 @@ import sys
 import time
 
 PATHS = ("topk", "fullkl", "fullpg")
-DEFAULT_SIZES = "32768:8192,151936:4096"
+DEFAULT_SIZES = "32768:8192,151936:2048"
 
 
 def _rss_bytes(field: str) -> int:
