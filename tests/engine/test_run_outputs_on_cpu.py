@@ -148,6 +148,8 @@ def test_every_estimator_and_option_runs_a_step(tiny_cfg, monkeypatch, settings)
     assert any(not torch.equal(a, b) for a, b in zip(before, s.student.parameters()))
     assert "train/true_reward" in metrics and "opd/reverse_kl" in metrics
     assert not any(k.startswith("val") for k in metrics), "training diagnostics must not use a val prefix"
+    if "algo.teachability" in settings:
+        assert 0.0 <= metrics["opd/teachability_weight"] <= 1.0
 
 
 def test_format_reward_masks_responses_without_a_box(tiny_cfg):

@@ -24,7 +24,7 @@ from opd.core.full_vocab import full_vocab_reverse_kl
 from opd.core.logits import logit_stats, logprobs_at
 from opd.core.loss import apply_format_mask
 from opd.core.rewards import compute_rewards
-from opd.core.support import STRATEGIES, build_support, sampled_token_support, support_logprobs
+from opd.core.support import STRATEGIES, build_support, sampled_token_support, tail_logprob
 from opd.core.teachability import shared_mass_NT, teachability_weight_NT
 from opd.core.types import Support
 from opd.engines.local.rollout import RolloutBatch, micro_batch_bounds
@@ -152,9 +152,8 @@ class Signals:
 
     targets: Targets
     support: Support
-    rewards: torch.Tensor  # [N, T, C] per-candidate (or [N, T, 1] sampled-token, or [N, T, 1] = -KL_t full vocab)
     advantages: torch.Tensor | None
-    teachability_NT: torch.Tensor | None
+    teachability_NT: torch.Tensor | None  # the per-position reward multiplier when teachability is on
 
 
 @torch.no_grad()
@@ -184,12 +183,9 @@ def build_signals(scored: Scored, batch: RolloutBatch, cfg: OPDConfig, *, outcom
     else:
         teacher_lp = scored.teacher_lp_NT if scored.teacher_lp_NT is not None else scored.student_lp_NT
         support = sampled_token_support(ids_NT, scored.student_lp_NT, teacher_lp)
-        if cfg.full_vocab:
-            rewards = -scored.full_kl_NT[..., None]  # logged only: the full-vocab loss reads the logits directly
-            token_rewards = None
-        else:
-            rewards = compute_rewards(cfg, support)
-            token_rewards = rewards[..., 0] if cfg.needs_teacher else None
+        token_rewards = None  # full vocabulary: the loss reads the logits directly; GRPO: no teacher reward
+        if cfg.needs_teacher and not cfg.full_vocab:
+            token_rewards = compute_rewards(cfg, support)[..., 0]
 
     if cfg.full_vocab:
         # the full-vocabulary term carries the direct OPD signal; only an outcome term goes through the estimator
@@ -217,17 +213,16 @@ def build_signals(scored: Scored, batch: RolloutBatch, cfg: OPDConfig, *, outcom
     targets = Targets(ids_NTC=ids_NTC, valid_NTC=valid_NTC & (mask_NT[..., None] > 0), old_lp_NTC=old_NTC,
                       adv_NTC=adv, response_mask_NT=mask_NT, has_tail=support.has_tail and cfg.top_k > 0,
                       extra_sampled_slot=extra, full_vocab=cfg.full_vocab)
-    return Signals(targets=targets, support=support, rewards=rewards, advantages=adv, teachability_NT=teach_NT)
+    return Signals(targets=targets, support=support, advantages=adv, teachability_NT=teach_NT)
 
 
 def target_logprobs(logits_NTV: torch.Tensor, targets: Targets, temperature: float, chunk_size: int) -> torch.Tensor:
     """The student's log-probs at the target slots, [n, T, C], differentiable (full-vocabulary normalised)."""
     ids = targets.ids_NTC[..., :-1] if targets.extra_sampled_slot else targets.ids_NTC
     valid = targets.valid_NTC[..., :-1] if targets.extra_sampled_slot else targets.valid_NTC
-    if targets.has_tail:
-        sup = Support(ids_NTC=ids, valid_NTC=valid, student_lp_NTC=ids, teacher_lp_NTC=ids,
-                      in_student_topk_NTC=valid, in_teacher_topk_NTC=valid, has_tail=True)
-        lp = support_logprobs(logits_NTV, sup, temperature=temperature, chunk_size=chunk_size)
+    if targets.has_tail:  # the tail slot's log-prob is log(1 - mass of the other slots), from the same lp
+        lp_K = logprobs_at(logits_NTV, ids[..., :-1], temperature=temperature, chunk_size=chunk_size)
+        lp = torch.cat([lp_K, tail_logprob(lp_K, valid[..., :-1])[..., None]], -1)
     else:
         lp = logprobs_at(logits_NTV, ids, temperature=temperature, chunk_size=chunk_size)
     if targets.extra_sampled_slot:

@@ -218,6 +218,9 @@ def train_step(s: Session, step: int) -> dict[str, float]:
                        "score": rollouts.scores[i], "ground_truth": problems[groups[i]].ground_truth} for i in keep]
     diag = diagnostics_inputs(scored, signals, batch.response_mask_NT)
     metrics.update(dynamics_metrics(**diag))
+    if signals.teachability_NT is not None:
+        mask = batch.response_mask_NT
+        metrics["opd/teachability_weight"] = float((signals.teachability_NT * mask).sum() / mask.sum().clamp(min=1))
     s.last_profile = per_position_profile(**diag, bin_size=max(1, cfg.max_resp_length // PROFILE_BINS))
     tokens = float(batch.attention_mask_NL.sum())
     metrics.update({"perf/time_rollout_s": t1 - t0, "perf/time_score_s": t2 - t1, "perf/time_update_s": t3 - t2,
