@@ -102,7 +102,7 @@ class TrainConfig:
     mini_batch_size: int = 64  # prompts per step (one optimiser step per step: on-policy)
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    rollout_batch_size: int = 256  # sequences per sampler call (memory bound of the KV cache)
+    rollout_batch_size: int = 64  # sequences per sampler call: bounds the KV cache (rows x prompt+response length)
     # --- validation ---
     val_n: int = 16
     val_temperature: float = 0.7
