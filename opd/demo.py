@@ -69,6 +69,21 @@ class DemoConfig:
     test_freq: int = 25
     max_resp_length: int = 64
 
+    def __post_init__(self) -> None:
+        positive = ("n_train", "n_dev", "n_test", "teacher_steps", "sft_batch", "cold_rollouts", "cold_max_steps",
+                    "cold_eval_every", "opd_steps", "opd_prompts", "opd_n", "test_freq", "max_resp_length")
+        for name in positive:
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"DemoConfig.{name}={getattr(self, name)!r} is not valid; expected an int >= 1")
+        for name in ("teacher_lr", "cold_lr", "opd_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"DemoConfig.{name}={getattr(self, name)!r} is not valid; expected > 0")
+        if not 0 < self.cold_target:
+            raise ValueError(f"DemoConfig.cold_target={self.cold_target!r} is not valid; expected a dev accuracy > 0")
+        if self.cold_rollouts > self.n_train or self.opd_prompts > self.n_train:
+            raise ValueError(f"DemoConfig: cold_rollouts={self.cold_rollouts} and opd_prompts={self.opd_prompts} "
+                             f"must not exceed n_train={self.n_train}")
+
     @classmethod
     def tiny(cls, **changes) -> "DemoConfig":
         """A seconds-long run of every stage (smoke tests): tiny models, a handful of steps."""
@@ -311,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         ("seed", args.seed), ("arch", args.arch), ("teacher_steps", args.teacher_steps),
         ("cold_target", args.cold_target), ("opd_steps", args.opd_steps), ("opd_lr", args.opd_lr),
         ("top_k", args.top_k), ("tail_bucket", args.tail_bucket)) if value is not None}
-    cfg = DemoConfig.tiny(**overrides) if args.tiny else replace(DemoConfig(), **overrides)
+    try:
+        cfg = DemoConfig.tiny(**overrides) if args.tiny else replace(DemoConfig(), **overrides)
+    except ValueError as err:
+        print(f"opd demo: {err}", file=sys.stderr)
+        return 2
     summary = run(cfg, args.out, reuse_teacher=args.reuse_teacher)
     print()
     print(table(summary))

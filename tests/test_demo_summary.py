@@ -37,6 +37,14 @@ def test_summary_reads_first_and_last_values():
 def test_tiny_config_and_help(capsys):
     t = DemoConfig.tiny(seed=3)
     assert t.seed == 3 and t.teacher_size == "tiny" and t.opd_steps < DemoConfig().opd_steps
+    with pytest.raises(ValueError, match="opd_steps=0"):
+        DemoConfig(opd_steps=0)
+    with pytest.raises(ValueError, match="opd_lr"):
+        DemoConfig(opd_lr=-1.0)
+    with pytest.raises(ValueError, match="must not exceed n_train"):
+        DemoConfig(n_train=100)
+    assert opd_main(["demo", "--opd-steps", "0"]) == 2
+    assert "DemoConfig.opd_steps=0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         opd_main(["demo", "--help"])
     assert exc.value.code == 0 and "--reuse-teacher" in capsys.readouterr().out
