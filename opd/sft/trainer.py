@@ -35,9 +35,10 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class SFTConfig:
+    # defaults follow the paper's cold start (workflow.md §5): lr 1e-5, 2 epochs, batch 64, warmup 0.05, cutoff 14336
     lr: float = 1e-5
     steps: int = 0  # optimiser steps; 0 = derive from `epochs`
-    epochs: float = 1.0
+    epochs: float = 2.0
     batch_size: int = 64  # sequences per optimiser step
     micro_batch_size: int = 0  # sequences per forward/backward; 0 = batch_size (no accumulation)
     warmup_ratio: float = 0.05
@@ -45,7 +46,7 @@ class SFTConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    max_length: int = 4096  # longer conversations are dropped (counted), never silently truncated
+    max_length: int = 14336  # longer conversations are dropped (counted), never silently truncated
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0 = never call `evaluate` during training
