@@ -20,7 +20,7 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     (out / "opd" / "stale.txt").write_text("from an earlier run")  # must not survive: nothing is reused
     assert opd_main(["demo", "--tiny", "--out", str(out), "--threads", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "| student accuracy (test, greedy) |" in printed and "before OPD" in printed
+    assert "| student accuracy (test, greedy) |" in printed and "| before OPD" in printed
     assert not (out / "opd" / "stale.txt").exists()
 
     summary = json.loads((out / "summary.json").read_text())
