@@ -98,9 +98,9 @@ def _log(msg: str) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    from opd.data.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def stage_world(cfg: DemoConfig, out: Path):

@@ -21,8 +21,9 @@ import math
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
+
+from opd.data.io import atomic_path, atomic_write_text
 
 # headline panels: (title, [metric keys or regexes]); each panel draws every key that exists in the run
 HEADLINE: list[tuple[str, list[str]]] = [
@@ -96,14 +97,8 @@ def group_panels(group: str, keys: list[str], series) -> list[tuple[str, dict]]:
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
 
 
 def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
@@ -217,17 +212,10 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
         plot_panels(group_panels(group, keys, series), out / name, f"{group}/*")
         lines += [f"### {group} ({len(keys)} keys)", "", f"![{group}]({name})", ""]
     summary = summarize(series)
-    _write_text(out / "report_summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "report_summary.json", json.dumps(summary, indent=1))
     report = out / "report.md"
-    _write_text(report, "\n".join(lines))
+    atomic_write_text(report, "\n".join(lines))
     return report
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,17 +112,11 @@ def write_parquet(rows: list[dict], path: str | os.PathLike) -> Path:
     """Write rows atomically (temp file + os.replace), so a crash never leaves a half-written parquet."""
     import pandas as pd
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    from opd.data.io import atomic_path
+
+    with atomic_path(path) as tmp:
         pd.DataFrame(rows).to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def write_datasets(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 20000, n_dev: int = 200,
