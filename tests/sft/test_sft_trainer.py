@@ -61,6 +61,15 @@ def test_bad_conversations_and_templates_raise(tok):
     assert len(enc.input_ids) == 5 and enc.n_dropped_too_long == 1
 
 
+def test_offsets_to_labels_and_boundary_straddle():
+    from opd.sft.trainer import _labels_from_offsets
+
+    ids, offsets = [10, 11, 12, 13], [(0, 3), (3, 5), (5, 9), (9, 9)]
+    assert _labels_from_offsets(ids, offsets, [(3, 9)]) == [IGNORE, 11, 12, IGNORE]  # empty-span token never kept
+    with pytest.raises(ValueError, match="across an assistant-turn boundary"):
+        _labels_from_offsets(ids, offsets, [(4, 9)])
+
+
 class _Logits(torch.nn.Module):
     """A stand-in model whose output logits are a parameter, to check the loss and its gradient exactly."""
 
