@@ -1,0 +1,31 @@
+"""Atomic writes: all or nothing, and the finished file gets the mode an ordinary open() would give it."""
+
+import stat
+
+import pytest
+
+from opd.data.io import atomic_path, atomic_write_text
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_replaces_and_respects_umask(tmp_path, monkeypatch, umask, mode):
+    import opd.data.io as io_mod
+
+    monkeypatch.setattr(io_mod, "_UMASK", umask)  # the module reads the process umask once, at import
+    target = tmp_path / "out" / "a.txt"
+    atomic_write_text(target, "old")
+    atomic_write_text(target, "hello")
+    assert target.read_text() == "hello"
+    assert stat.S_IMODE(target.stat().st_mode) == mode
+    assert [p.name for p in target.parent.iterdir()] == ["a.txt"]
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "b.txt"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["b.txt"]
