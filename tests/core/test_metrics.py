@@ -160,7 +160,8 @@ def test_sampled_token_and_grpo_inputs():
     no_topk = LogitStats(None, None, None, b["student"].entropy_NT)
     got = dynamics_metrics(response_mask_NT=b["mask"], student=no_topk, advantages=adv_NT, position_edges=(0,))
     m = b["mask"] > 0
-    assert got["opd/advantage_mean"] == pytest.approx(adv_NT[m].mean().item(), rel=1e-6)
+    # float64 reference with an absolute floor: a float32 mean of values summing near 0 loses relative precision
+    assert got["opd/advantage_mean"] == pytest.approx(adv_NT[m].double().mean().item(), rel=1e-6, abs=1e-7)
     assert got["opd/pos/0+/advantage_mean"] == pytest.approx(got["opd/advantage_mean"])
     assert got["opd/entropy/student"] == pytest.approx(b["student"].entropy_NT[m].double().mean().item(), rel=1e-6)
     assert not any("overlap" in k or "teacher" in k or "gap" in k for k in got)
