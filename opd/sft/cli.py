@@ -19,55 +19,34 @@ import sys
 import tempfile
 from pathlib import Path
 
+from opd.data.io import iter_records
+from opd.data.schema import DataError
 from opd.sft.trainer import SFTConfig
 
 
 def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
-    """Load `messages` lists from JSONL or parquet, validating every record (errors name the file and row)."""
+    """Load `messages` lists from JSONL, JSON or parquet, validating every record (errors name file, row, column)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file")
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        df = pd.read_parquet(path)
-        if "messages" not in df.columns:
-            raise ValueError(f"{path}: no 'messages' column (columns: {list(df.columns)})")
-        raw = [(i, _to_python(m)) for i, m in enumerate(df["messages"])]
-    else:
-        raw = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(rec, dict) or "messages" not in rec:
-                    raise ValueError(f"{path}:{lineno}: expected an object with a 'messages' key")
-                raw.append((lineno, rec["messages"]))
-    where = "row" if path.suffix == ".parquet" else "line"
     out = []
-    for loc, msgs in raw:
+    for row, rec in enumerate(iter_records(path, columns=["messages"])):
+        if "messages" not in rec:
+            raise DataError("no 'messages' column/key (expected ShareGPT records as `opd rollout` writes them)",
+                            file=path, row=row, column="messages")
+        msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
-            raise ValueError(f"{path} {where} {loc}: 'messages' must be a non-empty list")
+            raise DataError("expected a non-empty list of chat messages", file=path, row=row, column="messages")
         for m in msgs:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"{path} {where} {loc}: every message needs string 'role' and 'content'; got {m!r}")
+                raise DataError(f"every message needs string 'role' and 'content'; got {m!r}",
+                                file=path, row=row, column="messages")
         if not any(m["role"] == "assistant" for m in msgs):
-            raise ValueError(f"{path} {where} {loc}: no assistant message to train on")
+            raise DataError("no assistant message to train on", file=path, row=row, column="messages")
         out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
     if not out:
-        raise ValueError(f"{path}: no records")
+        raise DataError("no records", file=path)
     return out
-
-
-def _to_python(value):
-    """parquet gives numpy arrays of dicts; turn them back into lists."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    return [dict(m) for m in value] if isinstance(value, list) else value
 
 
 def build_parser() -> argparse.ArgumentParser:

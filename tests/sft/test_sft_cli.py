@@ -48,16 +48,16 @@ def test_read_conversations_parquet_and_errors(tmp_path):
     assert read_conversations(pq) == [r["messages"] for r in recs]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(recs[0]) + "\n{oops\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl', row 1: invalid JSON on line 2"):
         read_conversations(bad)
     _write_jsonl(bad, [recs[0], {"messages": [{"role": "user", "content": "hi"}]}])
-    with pytest.raises(ValueError, match=r"line 2: no assistant"):
+    with pytest.raises(ValueError, match=r"bad.jsonl', row 1, column 'messages': no assistant"):
         read_conversations(bad)
     _write_jsonl(bad, [{"conversation": []}])
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected an object with a 'messages' key"):
+    with pytest.raises(ValueError, match=r"bad.jsonl', row 0, column 'messages': no 'messages' column/key"):
         read_conversations(bad)
     pd.DataFrame({"text": ["x"]}).to_parquet(pq)
-    with pytest.raises(ValueError, match="no 'messages' column"):
+    with pytest.raises(ValueError, match="row 0, column 'messages': no 'messages' column"):
         read_conversations(pq)
 
 
