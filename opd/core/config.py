@@ -15,6 +15,10 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "se
 KL_LOSS_TYPES = ("low_var_kl", "k1", "k2")
 TEACHABILITY_MODES = ("off", "mask", "weight")
 FULL_VOCAB = -1  # LOG_PROB_TOP_K=-1: exact reverse KL over the whole vocabulary
+# Rows (positions) per chunk in the logits kernels. At V = 151,936 a 256-row float32 chunk is ~150 MB, so the
+# chunked paths peak at 1/16-1/64 of a naive full log-softmax (bench/bench_rewards.py); tiny vocabularies pay only
+# a few more loop iterations.
+DEFAULT_CHUNK_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ class OPDConfig:
     tail_bucket: bool = False  # one extra slot holding the probability mass outside the top-k support
     teachability: str = "off"  # off | mask | weight: act on low shared top-k mass
     teachability_threshold: float = 0.5  # shared (overlap) mass below which a position is masked / down-weighted
-    chunk_size: int = 1024  # positions per chunk in the logits kernels (bounds peak memory)
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # positions per chunk in the logits kernels (bounds peak memory)
     # --- advantages (spec §4) ---
     adv_estimator: str = "token_reward_direct"  # ADV_ESTIMATOR
     grpo_outcome_weight: float = 1.0  # GRPO_OUTCOME_WEIGHT

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from opd.core.logits import DEFAULT_CHUNK_SIZE, RowChunks, _check_temperature, _float_chunk
+from opd.core.config import DEFAULT_CHUNK_SIZE
+from opd.core.logits import RowChunks, _check_temperature, _float_chunk
 
 FULL_VOCAB_WEIGHT_MODES = ("student_p", "teacher_p", "none")
 

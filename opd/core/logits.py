@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from opd.core.config import DEFAULT_CHUNK_SIZE
 from opd.core.types import LogitStats
-
-DEFAULT_CHUNK_SIZE = 1024
 
 
 def _check_temperature(temperature: float) -> None:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.core.logits import DEFAULT_CHUNK_SIZE, logprobs_at
+from opd.core.config import DEFAULT_CHUNK_SIZE
+from opd.core.logits import logprobs_at
 from opd.core.registry import Registry
 from opd.core.types import Support
 
