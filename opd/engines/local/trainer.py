@@ -104,9 +104,11 @@ def train(cfg: TrainConfig) -> Path:
                 save_checkpoint(s.run_dir, step, model=s.student, tokenizer=s.tokenizer, optimizer=s.optimizer,
                                 scheduler=s.scheduler, generator=s.generator,
                                 data_position=s.schedule.position(step + 1))
-            bar.set_postfix(loss=f"{metrics['actor/loss']:.4f}",
-                            overlap=f"{metrics.get('opd/overlap_ratio', float('nan')):.3f}",
-                            reward=f"{metrics['train/true_reward']:.3f}")
+            shown = {"loss": f"{metrics['actor/loss']:.4f}"}
+            if "opd/overlap_ratio" in metrics:  # absent without a teacher (GRPO)
+                shown["overlap"] = f"{metrics['opd/overlap_ratio']:.3f}"
+            shown["reward"] = f"{metrics['train/true_reward']:.3f}"
+            bar.set_postfix(shown)
     finally:
         logger.close()
     return s.run_dir
