@@ -21,6 +21,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "export-llamafactory"): ("opd.data.llamafactory", "register rollouts as a LlamaFactory dataset"),
     ("rollout",): ("opd.data.rollout", "teacher rollouts with rejection sampling (SFT cold-start data)"),
     ("sft",): ("opd.sft.cli", "built-in SFT (assistant-token masking) for the cold start"),
+    ("check",): ("opd.check", "pre-flight teacher/student compatibility check (overlap, top-1 agreement, "
+                              "reverse KL) on a prompt sample"),
 }
 
 
