@@ -31,7 +31,8 @@ THRESHOLDS: dict[str, float] = {
     "top1_agreement_low": 0.5,  # below: teacher and student disagree on most of the student's own top-1 tokens
     "top1_agreement_caution": 0.8,  # below: frequent disagreement
     "reverse_kl_high": 1.0,  # nats/token above which the teacher finds the student's choices unlikely
-    "overlap_mass_student_low": 0.5,  # student mass inside the shared top-k below this: little shared support
+    "overlap_mass_student_low": 0.5,  # student mass inside the shared top-k below this, with the next one:
+    "overlap_ratio_low": 0.5,  # ... and this little top-k overlap: the two models favour different tokens
     "teacher_entropy_peaked": 0.05,  # nats: a teacher this peaked makes the top-k overlap ratio uninformative
     "indistinguishable_reverse_kl": 0.01,  # with top-1 agreement above the next value: no signal to distil
     "indistinguishable_top1": 0.99,
@@ -151,54 +152,68 @@ def measure(student, teacher, batch, *, k: int, temperature: float, teacher_temp
 
 def interpret(metrics: dict[str, float], windows: list[dict], *, accuracy: float, truncated: float,
               k: int) -> list[dict]:
-    """Flags [{level: warn|caution|note, message}] from the THRESHOLDS heuristics; empty when nothing stands out."""
+    """Flags [{code, level: warn|caution|note, message}] from the THRESHOLDS heuristics; [] when nothing stands out."""
     th, flags = THRESHOLDS, []
 
-    def flag(level: str, message: str) -> None:
-        flags.append({"level": level, "message": message})
+    def flag(code: str, level: str, message: str) -> None:
+        flags.append({"code": code, "level": level, "message": message})
 
-    top1, rkl = metrics["top1_agreement"], metrics["reverse_kl"]
+    top1, rkl, mass = metrics["top1_agreement"], metrics["reverse_kl"], metrics["overlap_mass_student"]
     if top1 < th["top1_agreement_low"]:
-        flag("warn", f"teacher and student disagree on most of the student's own top-1 tokens (top-1 agreement "
-                     f"{top1:.3f} < {th['top1_agreement_low']}): the teacher is likely to pull the student towards "
-                     f"a different way of answering")
+        flag("low_top1", "warn", f"teacher and student disagree on most of the student's own top-1 tokens (top-1 "
+             f"agreement {top1:.3f} < {th['top1_agreement_low']}): the teacher is likely to pull the student "
+             f"towards a different way of answering")
     elif top1 < th["top1_agreement_caution"]:
-        flag("caution", f"teacher and student often disagree on the student's top-1 token (top-1 agreement "
-                        f"{top1:.3f} < {th['top1_agreement_caution']})")
+        flag("low_top1", "caution", f"teacher and student often disagree on the student's top-1 token (top-1 "
+             f"agreement {top1:.3f} < {th['top1_agreement_caution']})")
     if rkl > th["reverse_kl_high"]:
-        flag("warn", f"the teacher assigns low probability to the student's choices (reverse KL {rkl:.3f} > "
-                     f"{th['reverse_kl_high']} nats/token)")
-    if metrics["overlap_mass_student"] < th["overlap_mass_student_low"]:
-        flag("warn", f"less than half of the student's probability lies on tokens in the teacher's top-{k} "
-                     f"(overlap mass {metrics['overlap_mass_student']:.3f} < {th['overlap_mass_student_low']})")
+        flag("high_reverse_kl", "warn", f"the teacher assigns low probability to the student's choices (reverse KL "
+             f"{rkl:.3f} > {th['reverse_kl_high']} nats/token)")
+    # a flat student has little mass in any top-k, so low mass alone is no disagreement: require a low overlap too
+    if mass < th["overlap_mass_student_low"] and metrics["overlap_ratio"] < th["overlap_ratio_low"]:
+        flag("low_overlap_mass", "warn", f"the two top-{k} sets share few tokens and little of the student's "
+             f"probability (overlap ratio {metrics['overlap_ratio']:.3f} < {th['overlap_ratio_low']}, overlap mass "
+             f"{mass:.3f} < {th['overlap_mass_student_low']})")
     if rkl < th["indistinguishable_reverse_kl"] and top1 > th["indistinguishable_top1"]:
-        flag("warn", f"teacher and student are nearly indistinguishable on the student's own answers (reverse KL "
-                     f"{rkl:.4f} < {th['indistinguishable_reverse_kl']}, top-1 agreement {top1:.3f} > "
-                     f"{th['indistinguishable_top1']}): OPD has little signal to distil")
+        flag("indistinguishable", "warn", f"teacher and student are nearly indistinguishable on the student's own "
+             f"answers (reverse KL {rkl:.4f} < {th['indistinguishable_reverse_kl']}, top-1 agreement {top1:.3f} > "
+             f"{th['indistinguishable_top1']}): OPD has little signal to distil")
     if metrics["entropy/teacher"] < th["teacher_entropy_peaked"]:
-        flag("note", f"the teacher is nearly deterministic (entropy {metrics['entropy/teacher']:.4f} < "
-                     f"{th['teacher_entropy_peaked']} nats): its top-{k} beyond the first token is an arbitrary "
-                     f"order of near-zero probabilities, so read top-1 agreement and reverse KL, not the overlap ratio")
+        flag("peaked_teacher", "note", f"the teacher is nearly deterministic (entropy "
+             f"{metrics['entropy/teacher']:.4f} < {th['teacher_entropy_peaked']} nats): its top-{k} beyond the first "
+             f"token is an arbitrary order of near-zero probabilities, so read top-1 agreement and reverse KL, not "
+             f"the overlap ratio")
     if len(windows) >= 2:
-        first, last = windows[0], windows[-1]
-        drop = first["metrics"]["top1_agreement"] - last["metrics"]["top1_agreement"]
+        first, last = windows[0]["metrics"], windows[-1]["metrics"]
+        where = f"positions {windows[0]['name']} vs {windows[-1]['name']}"
+        drop = first["top1_agreement"] - last["top1_agreement"]
         if drop > th["decay_top1_drop"]:
-            a, b = first["metrics"]["top1_agreement"], last["metrics"]["top1_agreement"]
-            flag("caution", f"agreement decays along the response: top-1 agreement {a:.3f} at positions "
-                            f"{first['name']} vs {b:.3f} at {last['name']} (drop {drop:.3f} > {th['decay_top1_drop']})")
+            flag("decay", "caution", f"agreement decays along the response: top-1 agreement "
+                 f"{first['top1_agreement']:.3f} vs {last['top1_agreement']:.3f} at {where} "
+                 f"(drop {drop:.3f} > {th['decay_top1_drop']})")
+        elif last["reverse_kl"] > th["reverse_kl_high"] >= first["reverse_kl"]:
+            flag("decay", "caution", f"the teacher disagrees late in the response: reverse KL "
+                 f"{first['reverse_kl']:.3f} vs {last['reverse_kl']:.3f} at {where} (late > {th['reverse_kl_high']})")
     if accuracy >= 1.0:
-        flag("note", "the student already answers every sampled prompt correctly: these prompts leave the teacher "
-                     "little to teach")
+        flag("solved", "note", "the student already answers every sampled prompt correctly: these prompts leave "
+             "the teacher little to teach")
     if truncated > th["truncated_high"]:
-        flag("note", f"{truncated:.0%} of the responses hit --max-resp-length without EOS: the numbers cover only "
-                     f"their first tokens")
+        flag("truncated", "note", f"{truncated:.0%} of the responses hit --max-resp-length without EOS: the numbers "
+             f"cover only their first tokens")
     return flags
 
 
+INCOMPATIBLE = ("low_top1", "high_reverse_kl", "low_overlap_mass")  # flags that say "the teacher's pattern differs"
+
+
 def verdict(flags: list[dict]) -> str:
-    if any(f["level"] == "warn" for f in flags):
-        return "OPD is at risk with this pair on these prompts (see the warnings); consider a cold start (SFT on " \
-               "teacher answers) or teacher-aligned prompts first"
+    warned = {f["code"] for f in flags if f["level"] == "warn"}
+    if warned & set(INCOMPATIBLE):
+        return ("OPD is at risk with this pair on these prompts (see the warnings); consider a cold start (SFT on "
+                "teacher answers) or teacher-aligned prompts first")
+    if "indistinguishable" in warned:
+        return ("little to distil: on these prompts the teacher is not measurably different from the student; a "
+                "stronger or different teacher, or harder prompts, are needed")
     if any(f["level"] == "caution" for f in flags):
         return "no strong red flag, but see the cautions"
     return "no red flag on these heuristics"

@@ -141,7 +141,8 @@ def test_identical_models_agree_fully(world):
     assert m["entropy/gap"] == pytest.approx(0.0, abs=1e-5)
     assert got["position_edges"] == auto_edges(8) == [0, 2, 4, 6]
     flags = interpret(m, got["windows"], accuracy=0.0, truncated=0.0, k=16)
-    assert any("indistinguishable" in f["message"] and f["level"] == "warn" for f in flags)
+    assert [(f["code"], f["level"]) for f in flags] == [("indistinguishable", "warn")]
+    assert verdict(flags).startswith("little to distil")
 
 
 def _table(stdout: str) -> tuple[list[str], dict[str, list[float]]]:
@@ -178,6 +179,7 @@ def test_cli_json_holds_the_printed_numbers(world, tmp_path, capsys):
     assert report["metrics"]["top1_agreement"] < THRESHOLDS["top1_agreement_low"]
     assert any(f["level"] == "warn" and "top-1" in f["message"] for f in report["flags"])
     assert report["verdict"] in stdout and "at risk" in report["verdict"]
+    assert {"low_top1"} <= {f["code"] for f in report["flags"]}
     for f in report["flags"]:
         assert f"[{f['level']}] {f['message']}" in stdout
     # the same seed gives the same sample and numbers
@@ -242,8 +244,10 @@ def test_interpretation_heuristics():
 
     kl = interpret(_metrics(reverse_kl=th["reverse_kl_high"] + 0.1), [], accuracy=0.5, truncated=0, k=16)
     assert [f["level"] for f in kl] == ["warn"] and "low probability to the student's choices" in kl[0]["message"]
-    mass = interpret(_metrics(overlap_mass_student=0.4), [], accuracy=0.5, truncated=0, k=16)
+    mass = interpret(_metrics(overlap_mass_student=0.4, overlap_ratio=0.3), [], accuracy=0.5, truncated=0, k=16)
     assert [f["level"] for f in mass] == ["warn"] and "top-16" in mass[0]["message"]
+    flat = interpret(_metrics(overlap_mass_student=0.1), [], accuracy=0.5, truncated=0, k=16)
+    assert flat == []  # a flat student: little mass in any top-k, yet both top-k sets agree
 
     peaked = interpret(_metrics(**{"entropy/teacher": 0.001}), [], accuracy=0.5, truncated=0, k=16)
     assert [f["level"] for f in peaked] == ["note"] and "overlap ratio" in peaked[0]["message"]
@@ -253,9 +257,21 @@ def test_interpretation_heuristics():
     assert [f["level"] for f in flags] == ["caution"] and "0-9" in flags[0]["message"] and "20+" in flags[0]["message"]
     slight = [_window("0-9"), _window("20+", top1_agreement=0.9 - th["decay_top1_drop"] + 0.01)]
     assert interpret(_metrics(), slight, accuracy=0.5, truncated=0.0, k=16) == []
+    late = [_window("0-9"), _window("20+", reverse_kl=th["reverse_kl_high"] + 0.5)]
+    flags = interpret(_metrics(), late, accuracy=0.5, truncated=0.0, k=16)
+    assert [(f["code"], f["level"]) for f in flags] == [("decay", "caution")] and "late" in flags[0]["message"]
+    everywhere = [_window("0-9", reverse_kl=2.0), _window("20+", reverse_kl=2.0)]
+    assert interpret(_metrics(), everywhere, accuracy=0.5, truncated=0.0, k=16) == []  # not a decay
+
+    # an incompatible pair's verdict wins over "indistinguishable"-style advice; codes are stable
+    both = interpret(_metrics(top1_agreement=0.2, reverse_kl=3.0, overlap_mass_student=0.1, overlap_ratio=0.2), [],
+                     accuracy=0.5, truncated=0, k=16)
+    assert [f["code"] for f in both] == ["low_top1", "high_reverse_kl", "low_overlap_mass"]
+    assert "cold start" in verdict(both)
 
     notes = interpret(_metrics(), [], accuracy=1.0, truncated=0.5, k=16)
-    assert [f["level"] for f in notes] == ["note", "note"]
+    assert [(f["code"], f["level"]) for f in notes] == [("solved", "note"), ("truncated", "note")]
+    assert verdict(notes) == "no red flag on these heuristics"
 
 
 def test_prompt_sample_and_edges():
