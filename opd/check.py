@@ -119,7 +119,7 @@ def measure(student, teacher, batch, *, k: int, temperature: float, teacher_temp
     "position_edges": [...], "profile": per-position means (binned)}.
     """
     from opd.core.config import OPDConfig
-    from opd.core.metrics import _window_name, dynamics_metrics, per_position_profile  # the core's key format
+    from opd.core.metrics import window_name, dynamics_metrics, per_position_profile  # the core's key format
     from opd.core.rewards import sampled_token_rewards
     from opd.core.types import LogitStats
     from opd.engines.local.scoring import score
@@ -140,7 +140,7 @@ def measure(student, teacher, batch, *, k: int, temperature: float, teacher_temp
     tokens_T = (mask_NT > 0).sum(0).tolist()
     windows = []
     for lo, hi in zip(edges, [*edges[1:], None]):
-        tag = _window_name(lo, hi)
+        tag = window_name(lo, hi)
         tokens = int(sum(tokens_T[lo:hi]))
         if tokens:
             windows.append({"name": tag[4:], "first": lo, "last": (hi - 1) if hi is not None else None,

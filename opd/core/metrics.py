@@ -130,7 +130,7 @@ def _totals_over_rollouts(
     return names, sums, counts
 
 
-def _window_name(lo: int, hi: int | None) -> str:
+def window_name(lo: int, hi: int | None) -> str:
     return f"pos/{lo}+" if hi is None else f"pos/{lo}-{hi - 1}"
 
 
@@ -161,7 +161,7 @@ def dynamics_metrics(
     mask = response_mask_NT > 0
     stats = _position_stats(mask, student, teacher, support, advantages, reverse_kl_NT)
     names, sum_ST, count_ST = _totals_over_rollouts(mask, stats)
-    windows = [("", 0, None)] + [(_window_name(lo, hi) + "/", lo, hi) for lo, hi in zip(edges, [*edges[1:], None])]
+    windows = [("", 0, None)] + [(window_name(lo, hi) + "/", lo, hi) for lo, hi in zip(edges, [*edges[1:], None])]
     # [S, W] sums and counts for every (statistic, window) pair, moved to the host once
     sums = torch.stack([sum_ST[:, lo:hi].sum(-1) for _, lo, hi in windows], -1).tolist()
     counts = torch.stack([count_ST[:, lo:hi].sum(-1) for _, lo, hi in windows], -1).tolist()
