@@ -78,3 +78,18 @@ def test_repetition_penalty_touches_seen_tokens_only():
     seen = torch.tensor([[1, 3, -1]])  # -1 is padding: token 0 must stay untouched
     out = _apply_repetition_penalty(logits, seen, 2.0)
     assert out.tolist() == [[2.0, -4.0, 1.0, 1.5]]
+
+
+def test_render_prompt_ids_uses_the_chat_template_without_doubling_special_tokens():
+    from opd.generation import render_prompt_ids
+    from opd.toy.tokenizer import build_toy_tokenizer
+
+    tok = build_toy_tokenizer()
+    msgs = [{"role": "user", "content": "What is 0457 + 0768?"}]
+    ids = render_prompt_ids(tok, msgs)
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert tok.decode(ids) == text  # round trip: the rendered prompt, generation marker included
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat_template"):
+        render_prompt_ids(tok, msgs)
