@@ -107,3 +107,31 @@ def test_shipped_yaml_configs_are_valid():
     assert shipped
     for path in shipped:
         from_yaml(path)
+
+
+@pytest.mark.parametrize(
+    "environ, fragment",
+    [
+        ({"LOG_PROB_TOP_K": "abc"}, "launcher variable LOG_PROB_TOP_K='abc': OPDConfig.top_k='abc' is not valid"),
+        ({"TOP_K_STRATEGY": "typo"}, "launcher variable TOP_K_STRATEGY='typo': OPDConfig.top_k_strategy='typo'"),
+        ({"LR": "1e-3", "MINI_BATCH_SIZE": "0"}, "launcher variable MINI_BATCH_SIZE='0': TrainConfig.mini_batch_size"),
+    ],
+)
+def test_env_errors_name_the_launcher_variable(environ, fragment, monkeypatch, capsys):
+    with pytest.raises(ValueError) as err:
+        from_env(None, environ)
+    assert fragment in str(err.value)
+    for var, value in environ.items():
+        monkeypatch.setenv(var, value)
+    assert cli.main(["--from-env", "--print-config"]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_device_accepts_the_documented_names(device):
+    assert resolve(None, {"DEVICE": device}).device == device
+
+
+def test_bad_device_is_a_config_error_not_a_torch_traceback():
+    with pytest.raises(ValueError, match=r"TrainConfig\.device='tpu' is not valid; expected auto \| cpu \| cuda"):
+        resolve(None, {"DEVICE": "tpu"})

@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from opd.engines.local.config import TrainConfig, config_yaml, env_overrides, from_yaml, resolve, run_name_from
+    from opd.engines.local.config import TrainConfig, config_yaml, from_env, from_yaml, resolve, run_name_from
 
     overrides = {}
     for item in args.settings:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = from_yaml(args.config) if args.config else TrainConfig()
         if args.from_env:
-            cfg = resolve(cfg, env_overrides())
+            cfg = from_env(cfg)
         cfg = resolve(cfg, overrides)
     except (ValueError, FileNotFoundError) as exc:
         print(f"opd train: {exc}", file=sys.stderr)

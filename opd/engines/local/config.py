@@ -171,6 +171,8 @@ class TrainConfig:
             raise bad("grad_clip", "> 0")
         if not (self.resume in ("auto", "off") or self.resume):
             raise bad("resume", "auto | off | a checkpoint folder")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise bad("device", "auto | cpu | cuda | cuda:N | mps")
         if self.algo.needs_teacher is False and self.algo.top_k != 0:
             raise ValueError(
                 f"adv_estimator='grpo' uses no teacher, but LOG_PROB_TOP_K (algo.top_k)={self.algo.top_k}; set it to 0"
@@ -295,11 +297,16 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def from_env(base: TrainConfig | None = None, environ: dict[str, str] | None = None) -> TrainConfig:
+    """`base` with the launcher variables applied; an error names the variable that set the bad value."""
     environ = os.environ if environ is None else environ
     try:
         return resolve(base, env_overrides(environ))
     except ValueError as exc:
-        raise ValueError(f"from the launcher environment: {exc}") from None
+        match = re.search(r"\b(OPDConfig|TrainConfig)\.(\w+)", str(exc))
+        key = match and (f"algo.{match[2]}" if match[1] == "OPDConfig" else match[2])
+        names = [var for var, k in ENV_VARS.items() if k == key and environ.get(var, "") != ""]
+        where = f"launcher variable {names[0]}={environ[names[0]]!r}" if names else "the launcher environment"
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def default_value(key: str):
