@@ -16,9 +16,11 @@ __all__ = ["extract_answer", "extract_boxed", "extract_answer_line"]
 
 # ``\boxed`` / ``\fbox`` not followed by a letter (so ``\boxedx`` is another macro).
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-# ``Answer: 42`` on its own line; optional markdown bold, any case ("Final Answer:" too).
+# ``Answer: 42`` on its own line; optional markdown bold, any case ("Final Answer:" too). The value is taken
+# greedily to the end of the line and stripped in Python: a lazy ``(.*?)[ \t]*$`` backtracks quadratically on a
+# long run of blanks followed by another character.
 _ANSWER_LINE_RE = re.compile(
-    r"^[ \t>*#_]*(?:final\s+)?answer[ \t*_]*[:：][ \t*_]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE
+    r"^[ \t>*#_]*(?:final[ \t]+)?answer[ \t*_]*[:：][ \t*_]*(.*)$", re.IGNORECASE | re.MULTILINE
 )
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from .extract import extract_answer, extract_boxed
-from .normalize import is_text_answer, normalize_answer, parse_number, safe_for_symbolic, text_key
+from .normalize import MAX_ANSWER_CHARS, is_text_answer, normalize_answer, parse_number, safe_for_symbolic, text_key
 from .symbolic import DEFAULT_TIMEOUT_S, SymbolicChecker, SymbolicTimeout, symbolic_equal
 
 __all__ = ["GradeResult", "grade_answer", "grade_response", "score_response", "grade_batch", "clear_symbolic_cache"]
@@ -48,6 +48,8 @@ class GradeResult:
 
 def _fast_verdict(pred: str, gt: str) -> tuple[bool, str] | None:
     """Decide without sympy when possible; None means "needs the symbolic check"."""
+    if len(pred) > MAX_ANSWER_CHARS or len(gt) > MAX_ANSWER_CHARS:
+        return pred.strip() == gt.strip() and bool(gt.strip()), "refused"
     n_pred, n_gt = normalize_answer(pred), normalize_answer(gt)
     if n_pred == n_gt and n_gt:
         return True, "string"

@@ -91,6 +91,7 @@ CASES: list[tuple[str, str, str, float]] = [
     ("answer_line", "Work.\n**Answer:** $\\frac{3}{4}$.", "0.75", 1.0),
     ("answer_line", "Answer: 12\nwait, recheck\nAnswer: 13", "13", 1.0),
     ("answer_line", "Answer: 12\nwait, recheck\nAnswer: 13", "12", 0.0),
+    ("answer_line", "Final answer: 7 \t \nThat is all.", "7", 1.0),
     ("several_boxes", f"First {B}{{3}}, corrected: {B}{{4}}", "4", 1.0),
     ("several_boxes", f"First {B}{{3}}, corrected: {B}{{4}}", "3", 0.0),
     ("several_boxes", f"{B}{{5}} ... Answer: 6", "5", 1.0),
