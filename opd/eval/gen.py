@@ -54,9 +54,28 @@ class GenSettings:
         return {} if self.thinking is None else {"enable_thinking": self.thinking == "on"}
 
 
+# Folder names that say nothing about which model it is (checkpoint layouts of opd, verl, HF Trainer, LlamaFactory).
+_GENERIC_DIR = re.compile(r"^(?:(?:global_)?step_?\d+|checkpoint-\d+|checkpoints?|ckpts?|actor|huggingface|hf|final|"
+                          r"latest|last|best|saves?|models?|outputs?|runs?|merged|export(?:ed)?)$", re.IGNORECASE)
+
+
 def model_tag(model_path: str) -> str:
-    name = Path(str(model_path).rstrip("/")).name or "model"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    """A readable, file-name-safe model name. A generic checkpoint folder is prefixed with the nearest telling
+    ancestor and any step folders in between (runs/a/checkpoints/step_000200 -> a-step_000200,
+    exp/global_step_40/actor/huggingface -> exp-global_step_40-huggingface), so two runs' checkpoints of the same
+    step do not share an output file."""
+    parts = [p for p in Path(str(model_path).rstrip("/")).parts if p not in ("/", ".", "..")] or ["model"]
+    i = len(parts) - 1
+    while i >= 0 and _GENERIC_DIR.match(parts[i]):
+        i -= 1
+    kept = [p for p in parts[i + 1 : -1] if re.search(r"\d", p)] + [parts[-1]]
+    if i >= 0 and i < len(parts) - 1:
+        kept.insert(0, parts[i])
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(kept))
+
+
+def _model_path_key(model_path: str) -> str:
+    return os.path.abspath(model_path) if os.path.exists(model_path) else str(model_path)
 
 
 def output_paths(out_dir: Path, bench: str, model: str, settings: GenSettings) -> tuple[Path, Path]:
@@ -176,22 +195,31 @@ def _vllm_usable() -> bool:
 
 
 def make_backend(name: str, model_path: str, args: argparse.Namespace):
+    """auto: vLLM when it is installed and a GPU is visible, else transformers; an explicit vllm must be usable."""
     if name == "auto":
         name = "vllm" if _vllm_usable() else "transformers"
+    elif name == "vllm" and not _vllm_usable():
+        raise ValueError("--backend vllm needs the vllm package (pip install -e '.[vllm]') and a visible CUDA GPU; "
+                         "use --backend transformers (or auto) on this machine")
     if name == "vllm":
         return VLLMBackend(model_path, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
                            max_model_len=args.max_model_len)
     return TransformersBackend(model_path, device=args.device, dtype=args.dtype)
 
 
-def is_complete(jsonl: Path, meta: Path, expected: int) -> bool:
+def is_complete(jsonl: Path, meta: Path, expected: int, model_path: str | None = None) -> bool:
+    """True when ``jsonl`` holds all ``expected`` samples (of ``model_path``, when given: a finished file of another
+    model with the same tag is an error, not a skip)."""
     if not (jsonl.exists() and meta.exists()):
         return False
     try:
         m = json.loads(meta.read_text(encoding="utf-8"))
     except ValueError:
         return False
-    return bool(m.get("complete")) and m.get("n_samples_total") == expected
+    if model_path is not None and m.get("model_path") != _model_path_key(model_path):
+        raise ValueError(f"{jsonl} holds samples of {m.get('model_path')!r}, not {_model_path_key(model_path)!r} "
+                         "(same model tag): use another --out folder")
+    return bool(m.get("complete")) and m.get("n_samples_total") == expected and len(read_done(jsonl)) == expected
 
 
 def generate_benchmark(backend, bench: Benchmark, model_path: str, settings: GenSettings, out_dir: Path,
@@ -202,7 +230,7 @@ def generate_benchmark(backend, bench: Benchmark, model_path: str, settings: Gen
     expected = len(bench.examples) * settings.n
     meta = {
         "benchmark": bench.name, "benchmark_path": os.path.abspath(bench.path), "model": model,
-        "model_path": os.path.abspath(model_path) if os.path.exists(model_path) else str(model_path),
+        "model_path": _model_path_key(model_path),
         "backend": type(backend).__name__, "seed_scope": backend.seed_scope, "n_examples": len(bench.examples),
         "n_samples_total": expected, "complete": False, **{f"settings_{k}": v for k, v in asdict(settings).items()},
     }
@@ -292,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             print(f"opd eval gen: invalid {name} {value}", file=sys.stderr)
             return 2
+    tags: dict[str, str] = {}
+    for model_path in args.model:
+        other = tags.setdefault(model_tag(model_path), model_path)
+        if other != model_path:
+            print(f"opd eval gen: --model {other} and {model_path} would share the output name "
+                  f"{model_tag(model_path)!r}: evaluate them into different --out folders", file=sys.stderr)
+            return 2
     settings = GenSettings(args.n, args.temperature, args.top_p, args.max_tokens, args.thinking, args.template, args.seed)
     benches = []
     for spec in args.benchmark:
@@ -305,18 +340,33 @@ def main(argv: list[str] | None = None) -> int:
         todo = []
         for b in benches:
             jsonl, meta = output_paths(out, b.name, model_tag(model_path), settings)
-            if args.replace:
-                jsonl.unlink(missing_ok=True)
-                meta.unlink(missing_ok=True)
-            if is_complete(jsonl, meta, len(b.examples) * settings.n):
+            try:
+                if args.replace:
+                    is_complete(jsonl, meta, 0, model_path)  # never delete another model's samples
+                    jsonl.unlink(missing_ok=True)
+                    meta.unlink(missing_ok=True)
+                complete = is_complete(jsonl, meta, len(b.examples) * settings.n, model_path)
+            except ValueError as exc:
+                print(f"opd eval gen: {exc}", file=sys.stderr)
+                return 2
+            if complete:
                 print(f"skip (complete): {jsonl}")
             else:
                 todo.append(b)
         if not todo:
             continue
-        backend = make_backend(args.backend, model_path, args)
+        try:
+            backend = make_backend(args.backend, model_path, args)
+        except ValueError as exc:
+            print(f"opd eval gen: {exc}", file=sys.stderr)
+            return 2
         for b in todo:
-            path = generate_benchmark(backend, b, model_path, settings, out, args.batch_size, progress=not args.no_progress)
+            try:
+                path = generate_benchmark(backend, b, model_path, settings, out, args.batch_size,
+                                          progress=not args.no_progress)
+            except ValueError as exc:
+                print(f"opd eval gen: {exc}", file=sys.stderr)
+                return 2
             print(f"wrote {path}")
     return 0
 

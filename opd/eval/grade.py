@@ -216,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer folder for avg_output_length (default: the response_tokens "
                    "recorded by `opd eval gen`)")
     p.add_argument("--model-verifier", help="verifier LLM folder: re-check rule failures (CORRECT/INCORRECT/INVALID)")
-    p.add_argument("--verifier-max-tokens", type=int, default=32, help="verifier output budget (default 32)")
+    p.add_argument("--verifier-max-tokens", type=int, default=32,
+                   help="verifier output budget (default 32; raise it for a model that thinks before answering)")
+    p.add_argument("--verifier-thinking", choices=["on", "off"],
+                   help="pass enable_thinking to the verifier's chat template (Qwen3-style models); default: not passed")
     p.add_argument("--workers", type=int, help="math-verify worker processes (default: CPU count)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per symbolic check (default 5)")
     p.add_argument("--details", action="store_true", help=f"also write <file>{DETAILS_SUFFIX} per input: extracted "
@@ -240,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_verifier:
         from opd.eval.verifier import ModelVerifier
 
-        verifier = ModelVerifier(args.model_verifier, max_new_tokens=args.verifier_max_tokens)
+        kwargs = {} if args.verifier_thinking is None else {"enable_thinking": args.verifier_thinking == "on"}
+        verifier = ModelVerifier(args.model_verifier, max_new_tokens=args.verifier_max_tokens, template_kwargs=kwargs)
     results = grade_files(files, tokenizer=tokenizer, verifier=verifier, workers=args.workers, timeout=args.timeout,
                           progress=not args.no_progress, details=args.details)
     first_dir = next((Path(p) for p in args.paths if Path(p).is_dir()), None)

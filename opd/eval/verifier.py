@@ -15,7 +15,8 @@ from collections.abc import Sequence
 __all__ = ["VERDICTS", "build_prompt", "parse_verdict", "ModelVerifier"]
 
 VERDICTS = ("CORRECT", "INCORRECT", "INVALID")
-_VERDICT_RE = re.compile(r"\b(INCORRECT|CORRECT|INVALID)\b")
+_VERDICT_RE = re.compile(r"\b(NOT\s+CORRECT|INCORRECT|CORRECT|INVALID)\b")
+_THINK_RE = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
 MAX_RESPONSE_CHARS = 4000  # the final answer sits at the end; keep the verifier's prompt short
 
 PROMPT = (
@@ -36,9 +37,12 @@ def build_prompt(question: str, reference: str, response: str) -> str:
 
 
 def parse_verdict(text: str) -> str:
-    """The first verdict word in the verifier's output (case-insensitive); INVALID when there is none."""
-    m = _VERDICT_RE.search(text.upper())
-    return m.group(1) if m else "INVALID"
+    """The first verdict word in the verifier's output after any ``<think>`` block (case-insensitive; "not
+    correct" reads as INCORRECT); INVALID when there is none."""
+    m = _VERDICT_RE.search(_THINK_RE.sub(" ", text).upper())
+    if m is None:
+        return "INVALID"
+    return "INCORRECT" if m.group(1).startswith("NOT") else m.group(1)
 
 
 class ModelVerifier:
@@ -64,4 +68,5 @@ class ModelVerifier:
         ]
         outs = sample(b.model, prompts, max_new_tokens=self.max_new_tokens, eos_token_ids=b.eos_ids,
                       pad_token_id=b.pad_id, temperature=0.0, batch_size=self.batch_size, progress=True)
-        return [parse_verdict(b.tokenizer.decode(ids, skip_special_tokens=True)) for ids in outs]
+        # keep special tokens: a thinking model's <think> block may be one, and parse_verdict must see it to skip it
+        return [parse_verdict(b.tokenizer.decode(ids, skip_special_tokens=False)) for ids in outs]

@@ -163,18 +163,43 @@ def test_read_done_cuts_a_corrupt_tail(tmp_path):
     assert p.read_text() == good
 
 
-def test_resume_refuses_another_model_with_the_same_name(parrot_model_dir, bench_dir, tmp_path):
+def _gen_other(other, bench_dir, out, *extra):
+    return gen.main(["--model", str(other), "--benchmark", "toyrl", "--data-dir", str(bench_dir), "--out", str(out),
+                     "--n", "4", "--max-tokens", "24", "--seed", "3", "--batch-size", "5", "--limit", "1",
+                     "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("first_run", ["interrupted", "complete"])
+def test_another_model_with_the_same_tag_is_refused(parrot_model_dir, bench_dir, tmp_path, capsys, first_run):
     import shutil
 
     out = tmp_path / "out"
     _gen(parrot_model_dir, bench_dir, out, "--limit", "1")
     other = tmp_path / "elsewhere" / parrot_model_dir.name
     shutil.copytree(parrot_model_dir, other)
-    for meta in out.glob("*.meta.json"):  # pretend the first run was interrupted
-        meta.write_text(json.dumps({**json.loads(meta.read_text()), "complete": False}))
-    with pytest.raises(ValueError, match="was started with model_path="):
-        gen.main(["--model", str(other), "--benchmark", "toyrl", "--data-dir", str(bench_dir), "--out", str(out),
-                  "--n", "4", "--max-tokens", "24", "--seed", "3", "--batch-size", "5", "--limit", "1", "--no-progress"])
+    if first_run == "interrupted":
+        for meta in out.glob("*.meta.json"):
+            meta.write_text(json.dumps({**json.loads(meta.read_text()), "complete": False}))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    # neither skipped as "complete" (that would report the first model's samples as the second's) nor resumed
+    assert _gen_other(other, bench_dir, out) == 2
+    assert "same model tag" in capsys.readouterr().err
+    # --replace must not delete the first model's samples either
+    assert _gen_other(other, bench_dir, out, "--replace") == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_model_tag_keeps_runs_apart(tmp_path, capsys):
+    assert gen.model_tag("/models/Qwen3-1.7B/") == "Qwen3-1.7B"
+    assert gen.model_tag("runs/a/checkpoints/step_000200") == "a-step_000200"
+    assert gen.model_tag("runs/b/checkpoints/step_000200") == "b-step_000200"
+    assert gen.model_tag("saves/cold_start/checkpoint-500") == "cold_start-checkpoint-500"
+    assert gen.model_tag("ckpts/exp1/global_step_40/actor/huggingface") == "exp1-global_step_40-huggingface"
+    assert gen.model_tag("ckpt/global_step_40/actor/huggingface") == "global_step_40-huggingface"
+    # two models that would still share a name in one call: refused before anything is generated
+    assert gen.main(["--model", "x/final", "y/x/final", "--benchmark", "b", "--out", str(tmp_path / "o")]) == 2
+    assert "share the output name" in capsys.readouterr().err
 
 
 def test_gen_rejects_bad_settings(capsys):
@@ -196,3 +221,19 @@ def test_thinking_switch_reaches_the_chat_template():
         rendered[thinking] = tok.decode(render_prompt_ids(tok, msgs, **s.template_kwargs()))
         assert f"think-{thinking or 'default'}" in s.tag()
     assert rendered == {"on": "T1+1", "off": "F1+1", None: "D1+1"}
+
+
+def test_backend_choice(monkeypatch):
+    import argparse
+
+    made = []
+    monkeypatch.setattr(gen, "VLLMBackend", lambda path, **kw: made.append(("vllm", path)) or "V")
+    monkeypatch.setattr(gen, "TransformersBackend", lambda path, **kw: made.append(("hf", path)) or "T")
+    args = argparse.Namespace(dtype="auto", tensor_parallel_size=1, max_model_len=None, device="cpu")
+    monkeypatch.setattr(gen, "_vllm_usable", lambda: True)
+    assert gen.make_backend("auto", "m", args) == "V" and gen.make_backend("transformers", "m", args) == "T"
+    monkeypatch.setattr(gen, "_vllm_usable", lambda: False)
+    assert gen.make_backend("auto", "m", args) == "T"
+    with pytest.raises(ValueError, match="--backend vllm needs the vllm package"):
+        gen.make_backend("vllm", "m", args)
+    assert made == [("vllm", "m"), ("hf", "m"), ("hf", "m")]

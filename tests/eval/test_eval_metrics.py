@@ -126,7 +126,9 @@ def test_verifier_sees_only_rule_failures_and_can_only_raise_scores(tmp_path):
 @pytest.mark.parametrize(
     "text,verdict",
     [("CORRECT", "CORRECT"), ("incorrect.", "INCORRECT"), ("The answer is INVALID", "INVALID"),
-     ("Verdict: Correct, because", "CORRECT"), ("INCORRECTLY", "INVALID"), ("", "INVALID")],
+     ("Verdict: Correct, because", "CORRECT"), ("INCORRECTLY", "INVALID"), ("", "INVALID"),
+     ("Not correct: 5 != 6", "INCORRECT"), ("<think>Is it correct? Hmm.</think>\nINCORRECT", "INCORRECT"),
+     ("<think>correct so far... (cut off)", "INVALID")],
 )
 def test_parse_verdict(text, verdict):
     assert parse_verdict(text) == verdict
