@@ -8,6 +8,14 @@
 #   ACTOR_MODEL_PATH=/models/student bash grpo.sh [key=value ...]
 set -euo pipefail
 
+# Which variables did the caller set? Recorded before any default is applied (grpo.sh records it first), so that
+# `--config run.yaml` beats the launcher's defaults while the caller's own variables still beat the YAML.
+if [ -z "${OPD_CALLER_ENV+x}" ]; then
+  OPD_CALLER_ENV=""
+  for _v in $(compgen -e); do [ -n "${!_v}" ] && OPD_CALLER_ENV+="$_v "; done
+  export OPD_CALLER_ENV
+fi
+
 export ADV_ESTIMATOR="${ADV_ESTIMATOR:-grpo}"
 export N_RESPONSES="${N_RESPONSES:-8}"
 export LOG_PROB_TOP_K="${LOG_PROB_TOP_K:-0}"

@@ -35,6 +35,14 @@
 # DEVICE               auto | cpu | cuda | cuda:N        PYTHON          interpreter (default: .venv next to this file)
 set -euo pipefail
 
+# Which variables did the caller set? Recorded before any default is applied (grpo.sh records it first), so that
+# `--config run.yaml` beats the launcher's defaults while the caller's own variables still beat the YAML.
+if [ -z "${OPD_CALLER_ENV+x}" ]; then
+  OPD_CALLER_ENV=""
+  for _v in $(compgen -e); do [ -n "${!_v}" ] && OPD_CALLER_ENV+="$_v "; done
+  export OPD_CALLER_ENV
+fi
+
 ENGINE="${ENGINE:-local}"
 
 # --- models and algorithm ---

@@ -173,3 +173,19 @@ def test_launcher_hygiene(script):
         m = re.match(r"^\s*(?:export\s+)?(\w+)=", line)
         if m and m.group(1) in ENV_VARS:
             assert EXPORT.match(line.strip()), f"hard-assigned variable: {line!r}"
+
+
+def test_yaml_beats_launcher_defaults_and_caller_variables_beat_the_yaml(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lr: 5.0e-4\nmax_resp_length: 48\nn_responses: 6\nalgo:\n  top_k: 4\n")
+    resolved = _print_config(OPD_SH, _clean_env(MINI_BATCH_SIZE="7"), "--config", str(cfg))
+    assert resolved["lr"] == 5e-4 and resolved["max_resp_length"] == 48 and resolved["algo"]["top_k"] == 4
+    assert resolved["mini_batch_size"] == 7  # set by the caller: beats the YAML's absence and the default
+    overridden = _print_config(OPD_SH, _clean_env(LR="0.25", LOG_PROB_TOP_K="2"), "--config", str(cfg))
+    assert overridden["lr"] == 0.25 and overridden["algo"]["top_k"] == 2 and overridden["max_resp_length"] == 48
+    # grpo.sh's recipe is a launcher default too: the YAML beats it, the caller beats both
+    cfg.write_text("lr: 5.0e-4\nn_responses: 6\n")
+    grpo = _print_config(GRPO_SH, _clean_env(), "--config", str(cfg))
+    assert grpo["n_responses"] == 6 and grpo["algo"]["adv_estimator"] == "grpo"
+    grpo = _print_config(GRPO_SH, _clean_env(N_RESPONSES="3"), "--config", str(cfg))
+    assert grpo["n_responses"] == 3

@@ -4,7 +4,8 @@
     bash on_policy_distillation.sh                          # the launcher: `opd train --from-env "$@"`
     opd train --from-env --print-config                     # show the resolved configuration and stop
 
-Precedence, lowest first: TrainConfig defaults < --config YAML < launcher variables (--from-env) < key=value.
+Precedence, lowest first: TrainConfig defaults < the launchers' own defaults < --config YAML < variables set by the
+caller (--from-env) < key=value.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from opd.engines.local.config import TrainConfig, config_yaml, from_env, from_yaml, resolve, run_name_from
+    from opd.engines.local.config import (TrainConfig, config_yaml, from_env, from_yaml, resolve, run_name_from,
+                                          split_launcher_env)
 
     overrides = {}
     for item in args.settings:
@@ -48,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         overrides[key] = value
     try:
-        cfg = from_yaml(args.config) if args.config else TrainConfig()
+        launcher_defaults, caller_env = split_launcher_env() if args.from_env else ({}, {})
+        cfg = from_env(TrainConfig(), launcher_defaults) if launcher_defaults else TrainConfig()
+        if args.config:
+            cfg = from_yaml(args.config, base=cfg)
         if args.from_env:
-            cfg = from_env(cfg)
+            cfg = from_env(cfg, caller_env)
         cfg = resolve(cfg, overrides)
     except (ValueError, FileNotFoundError) as exc:
         print(f"opd train: {exc}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """TrainConfig: every knob of the local engine with its single default, plus the algorithm's OPDConfig.
 
-Where values come from, lowest to highest precedence: the defaults below, a YAML file (`opd train --config x.yaml`),
-the launcher environment variables (`--from-env`, what on_policy_distillation.sh / grpo.sh use), then `key=value`
-arguments. Algorithm knobs live in `opd.core.config.OPDConfig` (reached as `algo.<field>`); this file holds no
+Where values come from, lowest to highest precedence: the defaults below, the launchers' own ${VAR:-default}s
+(equal to these except grpo.sh's recipe), a YAML file (`opd train --config x.yaml`), the launcher variables the caller
+set (`--from-env`, what on_policy_distillation.sh / grpo.sh use), then `key=value` arguments. Algorithm knobs live in `opd.core.config.OPDConfig` (reached as `algo.<field>`); this file holds no
 default for them. `ENV_VARS` is the one table mapping launcher variables to config keys: the launchers, the CLI help
 and the tests all read it.
 """
@@ -294,6 +294,18 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The launcher variables that are set (non-empty) in the environment, as {config key: string value}."""
     environ = os.environ if environ is None else environ
     return {key: environ[var] for var, key in ENV_VARS.items() if environ.get(var, "") != ""}
+
+
+def split_launcher_env(environ: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """(launcher defaults, caller's variables). The launchers record in OPD_CALLER_ENV which variables the caller
+    set before they applied their ${VAR:-default}s; the defaults then rank below a --config YAML and the caller's
+    variables above it. Without OPD_CALLER_ENV (`opd train --from-env` typed by hand) every variable is the caller's."""
+    environ = dict(os.environ if environ is None else environ)
+    if "OPD_CALLER_ENV" not in environ:
+        return {}, environ
+    caller = set(environ["OPD_CALLER_ENV"].split())
+    defaults = {k: v for k, v in environ.items() if k in ENV_VARS and k not in caller}
+    return defaults, {k: v for k, v in environ.items() if k not in defaults}
 
 
 def from_env(base: TrainConfig | None = None, environ: dict[str, str] | None = None) -> TrainConfig:
