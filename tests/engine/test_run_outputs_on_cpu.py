@@ -196,3 +196,38 @@ def test_resuming_with_changed_settings_warns(tiny_cfg, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "changed settings" in err and "lr: 0.001 -> 0.0005" in err and "total_steps: 1 -> 2" in err
     assert [r["step"] for r in read_metrics(tmp_path / "t")] == [1, 2]
+
+
+def test_starting_over_beside_old_checkpoints_is_refused(tiny_cfg, tmp_path, capsys):
+    cfg = tiny_cfg(total_steps=1, save_freq=1, output_dir=str(tmp_path))
+    trainer.train(cfg)
+    # RESUME=off next to step_000001 would let a later RESUME=auto continue the wrong run
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run .step_000001. and RESUME=off"):
+        trainer.train(cfg.replace(resume="off"))
+    # without checkpoints, starting over replaces the metrics and the TensorBoard events
+    cfg = tiny_cfg(total_steps=1, save_freq=0, output_dir=str(tmp_path / "nockpt"))
+    run = trainer.train(cfg)
+    (run / "tensorboard" / "stale.marker").write_text("x")
+    trainer.train(cfg.replace(resume="off"))
+    assert "starting over" in capsys.readouterr().err
+    assert not (run / "tensorboard" / "stale.marker").exists()
+    assert [r["step"] for r in read_metrics(run)] == [1]
+
+
+def test_resaving_a_step_replaces_it_whole(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from opd.engines.local.checkpoint import save_checkpoint
+    from opd.toy import build_toy_tokenizer
+
+    tok = build_toy_tokenizer()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    gen = torch.Generator().manual_seed(0)
+    for position in ({"epoch": 0, "index": 1}, {"epoch": 0, "index": 2}):
+        path = save_checkpoint(tmp_path, 1, model=model, tokenizer=tok, optimizer=opt, scheduler=sched,
+                               generator=gen, data_position=position)
+    assert json.loads((path / "trainer_state.json").read_text())["data_position"] == {"epoch": 0, "index": 2}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]

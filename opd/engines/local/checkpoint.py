@@ -66,9 +66,13 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     torch.save(rng_state(generator), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "data_position": data_position}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
+    old = final.parent / f".old-{final.name}"
+    if final.exists():  # re-saving a step (a resumed run): keep the old copy until the new one is in place
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 

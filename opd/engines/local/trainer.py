@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -174,9 +175,15 @@ def setup(cfg: TrainConfig) -> Session:
         if state["data_position"] != schedule.position(start_step + 1):
             raise ValueError(f"checkpoint {checkpoint} data position {state['data_position']} does not match this "
                              f"configuration's schedule {schedule.position(start_step + 1)} (MINI_BATCH_SIZE changed?)")
+    elif latest_checkpoint(run_dir) is not None:
+        # starting over beside an earlier run's checkpoints would let a later RESUME=auto mix the two runs
+        raise ValueError(f"{run_dir} holds checkpoints of an earlier run ({latest_checkpoint(run_dir).name}) and "
+                         f"RESUME={cfg.resume}: continue it with RESUME=auto, pick another RUN_NAME/OUTPUT_DIR, or "
+                         f"delete {run_dir / 'checkpoints'}")
     elif (run_dir / "metrics.jsonl").exists():
         print(f"opd train: {run_dir} holds an earlier run without a checkpoint to resume (RESUME={cfg.resume}); "
-              f"starting over and replacing its metrics", file=sys.stderr)
+              f"starting over and replacing its metrics and TensorBoard events", file=sys.stderr)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(run_dir / "config.yaml", config_yaml(cfg))
     return Session(cfg, run_dir, tokenizer, vocab_width, student, teacher, reference, optimizer, scheduler,
