@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="opd sft",
         description="Supervised fine-tuning on chat data; the loss covers assistant tokens only (prompt tokens and "
-        "other roles get label -100). Writes model, tokenizer and sft_log.jsonl to --output.",
+        "other roles get label -100). Writes model, tokenizer and sft_log.jsonl to --output. Nothing is downloaded: "
+        "--model is a local folder or a model id already in the Hugging Face cache.",
     )
     p.add_argument("--model", required=True, help="model folder (from_pretrained), with its tokenizer")
     p.add_argument("--data", required=True, help="JSONL with one {'messages': [...]} per line, or parquet with a 'messages' column")
@@ -91,13 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not args.overwrite:
         print(f"opd sft: --output {out} already exists (pass --overwrite to replace it)", file=sys.stderr)
         return 2
-    config = SFTConfig(
-        lr=args.lr, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size, warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_length=args.max_length, seed=args.seed,
-        log_every=args.log_every,
-    )
-    conversations = read_conversations(args.data)
+    try:
+        config = SFTConfig(
+            lr=args.lr, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+            micro_batch_size=args.micro_batch_size, warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_length=args.max_length, seed=args.seed,
+            log_every=args.log_every,
+        )
+        conversations = read_conversations(args.data)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"opd sft: {exc}", file=sys.stderr)
+        return 2
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,10 +111,16 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:  # local_files_only: a model id that is not in the cache is an error, never a download
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                                     local_files_only=True).to(device)
+    except OSError as exc:
+        print(f"opd sft: --model {args.model}: cannot load a model and tokenizer from this local folder or the Hugging "
+              f"Face cache ({str(exc).splitlines()[0]})", file=sys.stderr)
+        return 2
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
     data = encode_dataset(tokenizer, conversations, config.max_length, progress=True, **template_kwargs)
     print(f"opd sft: {len(data.input_ids)} conversations ({data.n_dropped_too_long} dropped: longer than "
           f"--max-length {config.max_length})")
@@ -122,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                              on_log=lambda rec: log.write(json.dumps(rec) + "\n") or log.flush())
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
+        old = out.parent / f".{out.name}.old"
+        if out.exists():  # --overwrite: the old output stays until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
