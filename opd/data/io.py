@@ -96,14 +96,20 @@ def iter_records(path: Path, columns: list[str] | None = None, batch_rows: int =
         raise DataError(f"unsupported file type {suffix!r}; expected one of {INPUT_SUFFIXES}", file=path)
 
 
+_RECORD_LIST_KEYS = ("data", "rows", "train", "test")
+
+
 def _looks_like_jsonl(path: Path) -> bool:
+    """True when the first line is a whole JSON record, unless it is the only line and holds a list of records
+    (a one-line {"data": [...]} file is JSON, not a one-record JSONL)."""
     with open(path, encoding="utf-8") as f:
         first = f.readline()
+        more = any(line.strip() for line in f)
     try:
-        json.loads(first)
-        return True
+        obj = json.loads(first)
     except json.JSONDecodeError:
         return False
+    return more or not (isinstance(obj, dict) and any(isinstance(obj.get(k), list) for k in _RECORD_LIST_KEYS))
 
 
 def _json_records(path: Path) -> Iterator[dict]:
@@ -112,7 +118,7 @@ def _json_records(path: Path) -> Iterator[dict]:
     except json.JSONDecodeError as e:
         raise DataError(f"invalid JSON at line {e.lineno} ({e.msg})", file=path) from e
     if isinstance(data, dict):
-        for key in ("data", "rows", "train", "test"):
+        for key in _RECORD_LIST_KEYS:
             if isinstance(data.get(key), list):
                 data = data[key]
                 break

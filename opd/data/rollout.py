@@ -97,7 +97,8 @@ def read_parts(pdir: Path) -> dict[int, dict]:
                 rec = json.loads(line)
                 if not line.endswith("\n"):
                     raise ValueError("unterminated line")
-            except ValueError:
+                int(rec["prompt_index"])
+            except (ValueError, KeyError, TypeError):
                 if k == len(lines) - 1:
                     break  # torn final write: that prompt simply runs again
                 raise DataError(f"corrupt record on line {k + 1}; delete the file to redo its prompts", file=part)

@@ -58,11 +58,32 @@ def transformers_generate_fn(settings: RolloutSettings, dtype: str = "auto", bat
     return generate
 
 
-def _vllm_worker(worker: int, gpu: str, prompts, settings: RolloutSettings, part: str, batch_prompts: int) -> None:
+def worker_gpus(requested: list[str] | None, visible: str | None) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value of each vLLM worker. `--gpus` ids count within the parent's
+    CUDA_VISIBLE_DEVICES when that is set (as for any CUDA program); with no --gpus, one worker per visible GPU."""
+    parent = [g.strip() for g in visible.split(",") if g.strip()] if visible is not None else None
+    if not requested:
+        if parent is not None:
+            return parent
+        import torch
+
+        return [str(i) for i in range(max(1, torch.cuda.device_count()))]
+    if parent is None:
+        return list(requested)
+    out = []
+    for g in requested:
+        if not g.isdigit() or int(g) >= len(parent):
+            raise ValueError(f"--gpus {g}: CUDA_VISIBLE_DEVICES={visible} makes GPUs 0..{len(parent) - 1} visible")
+        out.append(parent[int(g)])
+    return out
+
+
+def _vllm_worker(worker: int, gpu: str, prompts, settings: RolloutSettings, part: str, batch_prompts: int,
+                 dtype: str = "auto") -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before vllm/torch touch CUDA in this fresh (spawned) process
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=settings.model, seed=settings.seed + worker, dtype="auto")
+    llm = LLM(model=settings.model, seed=settings.seed + worker, dtype=dtype)
     tok = llm.get_tokenizer()
     params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, max_tokens=settings.max_tokens)
 
@@ -83,14 +104,14 @@ def run_backend(todo, settings: RolloutSettings, pdir: Path, *, backend: str, gp
         gen = transformers_generate_fn(settings, dtype=dtype, batch_size=max(1, batch_prompts) * settings.n)
         run_worker(todo, gen, settings, pdir / "worker-0.jsonl", batch_prompts=batch_prompts, progress=progress)
         return
-    gpus = gpus or [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",") if g.strip()]
+    gpus = worker_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     ctx = mp.get_context("spawn")
     procs = []
     for w, gpu in enumerate(gpus):
         share = todo[w :: len(gpus)]
         if share:
             p = ctx.Process(target=_vllm_worker, args=(w, gpu, share, settings, str(pdir / f"worker-{w}.jsonl"),
-                                                          max(batch_prompts, 256)))
+                                                          max(batch_prompts, 256), dtype))
             p.start()
             procs.append(p)
     failed = []

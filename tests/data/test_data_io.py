@@ -29,3 +29,26 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["b.txt"]
+
+
+@pytest.mark.parametrize("layout", ["list", "list_pretty", "data_one_line", "data_pretty", "jsonl_as_json", "jsonl"])
+def test_iter_records_reads_every_json_layout(tmp_path, layout):
+    import json
+
+    from opd.data.io import iter_records
+
+    recs = [{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": "4"}]
+    text = {
+        "list": json.dumps(recs),
+        "list_pretty": json.dumps(recs, indent=2),
+        "data_one_line": json.dumps({"data": recs}),
+        "data_pretty": json.dumps({"train": recs}, indent=1),
+        "jsonl_as_json": "".join(json.dumps(r) + "\n" for r in recs),
+        "jsonl": "".join(json.dumps(r) + "\n" for r in recs),
+    }[layout]
+    path = tmp_path / ("x.jsonl" if layout == "jsonl" else "x.json")
+    path.write_text(text)
+    assert list(iter_records(path)) == recs
+    # a one-record JSONL saved as .json stays one record
+    path.write_text(json.dumps(recs[0]) + "\n")
+    assert list(iter_records(path)) == [recs[0]]

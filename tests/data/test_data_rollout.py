@@ -191,3 +191,27 @@ def test_backend_choice_without_vllm(monkeypatch):
     assert rb.choose_backend("auto") == "vllm"
     monkeypatch.setattr(rb, "_cuda_available", lambda: False)
     assert rb.choose_backend("auto") == "transformers"
+
+
+def test_worker_gpus_count_within_the_parents_visible_devices(monkeypatch):
+    from opd.data import rollout_backends as rb
+
+    assert rb.worker_gpus(["0", "1"], None) == ["0", "1"]
+    assert rb.worker_gpus(["0", "1"], "4,6,7") == ["4", "6"]  # logical ids, as for any CUDA program
+    assert rb.worker_gpus(None, "4,6") == ["4", "6"]
+    with pytest.raises(ValueError, match="--gpus 3: CUDA_VISIBLE_DEVICES=4,6 makes GPUs 0..1 visible"):
+        rb.worker_gpus(["3"], "4,6")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert rb.worker_gpus(None, None) == ["0", "1", "2", "3"]  # every visible GPU, not just GPU 0
+
+
+def test_part_record_without_prompt_index_is_a_data_error(tmp_path):
+    from opd.data.rollout import read_parts
+    from opd.data.schema import DataError
+
+    (tmp_path / "worker-0.jsonl").write_text('{"prompt_index": 0, "responses": []}\n{"responses": []}\n'
+                                             '{"prompt_index": 2, "responses": []}\n')
+    with pytest.raises(DataError, match="worker-0.jsonl.*corrupt record on line 2"):
+        read_parts(tmp_path)
