@@ -96,8 +96,8 @@ def _llamafactory_python() -> list[str] | None:
 def test_llamafactory_loader_reads_export(tmp_path):
     python = _llamafactory_python()
     if python is None:
-        pytest.skip("llamafactory is not installed here (it pins transformers<=5.6); set OPD_LLAMAFACTORY_PYTHON "
-                    "to the python of a LlamaFactory environment to run this check")
+        pytest.skip("no LlamaFactory environment: scripts/test.sh builds .venv-llamafactory (see "
+                    ".venv-llamafactory.log if it failed), or set OPD_LLAMAFACTORY_PYTHON to the python of one")
     from opd.toy.models import build_tiny_model, save_model
     from opd.toy.tokenizer import build_toy_tokenizer
 
