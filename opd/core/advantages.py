@@ -22,14 +22,15 @@ slot carries GRPO_OUTCOME_WEIGHT * A_out for the sampled token. The engine gathe
 `with_sampled_slot(...)` ids (the support ids plus y_t); the summed per-slot surrogate then has exactly the
 gradient direct-OPD + w * GRPO. (If y_t is also a support slot its two terms add; each is clipped on its own.)
 
-Full-vocabulary OPD (top_k = -1) has no per-slot advantage: its loss is a per-position surrogate. To add an
-outcome term there, take `grpo` advantages and add their sampled-token surrogate before aggregation.
+Full-vocabulary OPD (top_k = -1) has no per-slot advantage: its loss is a per-position surrogate
+(`opd.core.full_vocab`). `full_vocab_outcome_advantages` gives the only advantage such a run has: the outcome term
+of `token_reward_direct_plus_grpo` on the sampled token ([N, T]), or None.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -102,6 +103,29 @@ def compute_advantages(
             outcome_scores_N=outcome_scores_N,
             cfg=cfg,
         )
+
+
+def full_vocab_outcome_advantages(
+    cfg: OPDConfig,
+    *,
+    response_mask_NT: torch.Tensor,
+    group_index_N: torch.Tensor | None = None,
+    outcome_scores_N: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Full-vocabulary OPD: the direct signal is the full-vocabulary loss, so only the outcome term of
+    `token_reward_direct_plus_grpo` (GRPO_OUTCOME_WEIGHT * GRPO advantage on the sampled token, [N, T]) remains;
+    None for `token_reward_direct`."""
+    if not cfg.full_vocab:
+        raise ValueError("full_vocab_outcome_advantages is for top_k = -1 (full vocabulary); use compute_advantages")
+    if cfg.adv_estimator == "token_reward_direct":
+        return None
+    if cfg.adv_estimator != "token_reward_direct_plus_grpo":
+        raise ValueError(f"advantage estimator {cfg.adv_estimator!r} does not combine with the full vocabulary "
+                         "(top_k = -1); allowed: token_reward_direct, token_reward_direct_plus_grpo")
+    outcome = compute_advantages(replace(cfg, adv_estimator="grpo", top_k=0), token_rewards=None,
+                                 response_mask_NT=response_mask_NT, group_index_N=group_index_N,
+                                 outcome_scores_N=outcome_scores_N)
+    return cfg.grpo_outcome_weight * outcome
 
 
 def with_sampled_slot(

@@ -205,6 +205,28 @@ def sampled_token_support(
                    in_student_topk_NTC=ones, in_teacher_topk_NTC=ones.clone())
 
 
+def slot_logprobs(
+    logits_NTV: torch.Tensor,
+    ids_NTC: torch.Tensor,
+    valid_NTC: torch.Tensor,
+    *,
+    has_tail: bool,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Differentiable log-probs of a model at slot ids, [N, T, C] (the update's re-run of the student).
+
+    Gathers through the full softmax (`logprobs_at`); with `has_tail` the last slot is the tail bucket and gets
+    log(1 - covered mass) computed from the same differentiable log-probs, so its gradient is exact too. Invalid
+    slots get their (real) log-prob: mask with `valid_NTC` downstream.
+    """
+    if not has_tail:
+        return logprobs_at(logits_NTV, ids_NTC, temperature=temperature, chunk_size=chunk_size)
+    lp_NTK = logprobs_at(logits_NTV, ids_NTC[..., :-1], temperature=temperature, chunk_size=chunk_size)
+    tail_NT = tail_logprob(lp_NTK, valid_NTC[..., :-1])
+    return torch.cat([lp_NTK, tail_NT[..., None]], dim=-1)
+
+
 def support_logprobs(
     logits_NTV: torch.Tensor,
     support: Support,
@@ -212,16 +234,6 @@ def support_logprobs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """Differentiable log-probs of a model at a support's slots, [N, T, C] (the update's re-run of the student).
-
-    Gathers through the full softmax (`logprobs_at`); a tail slot gets log(1 - covered mass) computed from the same
-    differentiable log-probs, so its gradient is exact too. Invalid slots get their (real) log-prob: mask with
-    `support.valid_NTC` downstream.
-    """
-    ids_NTC = support.ids_NTC
-    if not support.has_tail:
-        return logprobs_at(logits_NTV, ids_NTC, temperature=temperature, chunk_size=chunk_size)
-    lp_NTK = logprobs_at(logits_NTV, ids_NTC[..., :-1], temperature=temperature, chunk_size=chunk_size)
-    tail_NT = tail_logprob(lp_NTK, support.valid_NTC[..., :-1])
-    return torch.cat([lp_NTK, tail_NT[..., None]], dim=-1)
-
+    """`slot_logprobs` at a support's slots, [N, T, C]."""
+    return slot_logprobs(logits_NTV, support.ids_NTC, support.valid_NTC, has_tail=support.has_tail,
+                         temperature=temperature, chunk_size=chunk_size)

@@ -3,7 +3,7 @@
 Why: successful OPD aligns the two models on their shared high-probability tokens (spec §7; the shared top-k set
 usually holds 97-99% of both models' mass). Where the overlap S_t ∩ T_t holds little mass, the teacher's log-ratio
 on the student's candidates says little about what the teacher would do, so its reward is mostly noise. Optional
-(OPDConfig.teachability, default "off"); the caller multiplies the rewards [N, T, C] by the weight [N, T, 1].
+(OPDConfig.teachability, default "off"); `gate_rewards` multiplies the rewards [N, T, C] by the weight [N, T, 1].
 
 Shared mass (our choice, documented): min(P, Q) with P = sum of p over S_t ∩ T_t and Q = sum of q over the same
 set. A position is teachable only when BOTH models put enough mass on the shared tokens: a low Q means the teacher
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.core.config import TEACHABILITY_MODES
+from opd.core.config import TEACHABILITY_MODES, OPDConfig
 from opd.core.support import topk_membership
 
 
@@ -62,3 +62,22 @@ def teachability_weight_NT(shared_mass_NT: torch.Tensor, mode: str, threshold: f
     if mode == "mask":
         return (mass_NT >= threshold).float()
     return (mass_NT / threshold).clamp(min=0.0, max=1.0)
+
+
+@torch.no_grad()
+def gate_rewards(
+    rewards_NTC: torch.Tensor,
+    cfg: OPDConfig,
+    *,
+    student_topk_ids_NTK: torch.Tensor,
+    teacher_topk_ids_NTK: torch.Tensor,
+    student_topk_lp_NTK: torch.Tensor,
+    teacher_lp_at_student_NTK: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rewards scaled by the teachability weight of their position, the weight [N, T]); with teachability off the
+    rewards come back unchanged and the weight is None."""
+    if cfg.teachability == "off":
+        return rewards_NTC, None
+    mass_NT = shared_mass_NT(student_topk_ids_NTK, teacher_topk_ids_NTK, student_topk_lp_NTK, teacher_lp_at_student_NTK)
+    weight_NT = teachability_weight_NT(mass_NT, cfg.teachability, cfg.teachability_threshold)
+    return rewards_NTC * weight_NT.to(rewards_NTC.dtype)[..., None], weight_NT

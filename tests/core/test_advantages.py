@@ -11,6 +11,7 @@ from opd.core.advantages import (
     ADV_ESTIMATORS,
     GRPO_EPS,
     compute_advantages,
+    full_vocab_outcome_advantages,
     grpo_outcome_advantage_N,
     register_estimator,
     with_sampled_slot,
@@ -220,3 +221,19 @@ def test_estimators_on_device_match_cpu(device, estimator):
     dev = compute_advantages(cfg, **{k: v.to(device) for k, v in kw.items()})
     assert dev.device.type == device
     torch.testing.assert_close(dev.cpu(), cpu)
+
+
+def test_full_vocab_outcome_advantages():
+    """top_k = -1: direct gives no advantage (the loss carries it); direct + GRPO gives w * GRPO on valid tokens."""
+    gen = torch.Generator().manual_seed(5)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    mask = ragged_mask(gen, 6, 9)
+    kw = dict(response_mask_NT=mask, group_index_N=groups, outcome_scores_N=scores)
+    assert full_vocab_outcome_advantages(OPDConfig(top_k=-1), **kw) is None
+    got = full_vocab_outcome_advantages(
+        OPDConfig(top_k=-1, adv_estimator="token_reward_direct_plus_grpo", grpo_outcome_weight=0.5), **kw)
+    want = 0.5 * np_group_adv(scores.numpy(), groups.numpy(), True)[:, None] * mask.double().numpy()
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="for top_k = -1"):
+        full_vocab_outcome_advantages(OPDConfig(top_k=4), **kw)

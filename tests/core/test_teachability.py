@@ -10,7 +10,7 @@ import torch
 from opd.core.config import OPDConfig
 from opd.core.rewards import compute_rewards
 from opd.core.support import build_support
-from opd.core.teachability import overlap_masses_NT, shared_mass_NT, teachability_weight_NT
+from opd.core.teachability import gate_rewards, overlap_masses_NT, shared_mass_NT, teachability_weight_NT
 
 
 def topk_inputs(seed: int, V: int = 30, K: int = 5):
@@ -61,11 +61,17 @@ def test_gating_rewards_end_to_end():
     mass = shared_mass_NT(S, T, slp, tlp)
     low = mass < 0.3
     assert low.any() and (~low).any()  # both kinds of position present
-    masked = rewards * teachability_weight_NT(mass, "mask", 0.3)[..., None]
+    inputs = dict(student_topk_ids_NTK=S, teacher_topk_ids_NTK=T, student_topk_lp_NTK=slp,
+                  teacher_lp_at_student_NTK=tlp)
+    masked, w = gate_rewards(rewards, OPDConfig(top_k=5, teachability="mask", teachability_threshold=0.3), **inputs)
     assert (masked[low] == 0).all() and torch.equal(masked[~low], rewards[~low])
-    weighted = rewards * teachability_weight_NT(mass, "weight", 0.3)[..., None]
+    assert torch.equal(w, low.logical_not().float())
+    weighted, _ = gate_rewards(rewards, OPDConfig(top_k=5, teachability="weight", teachability_threshold=0.3),
+                               **inputs)
     torch.testing.assert_close(weighted[low], rewards[low] * (mass[low] / 0.3)[:, None])
     assert torch.equal(weighted[~low], rewards[~low])
+    untouched, none = gate_rewards(rewards, OPDConfig(top_k=5), **inputs)  # off by default
+    assert untouched is rewards and none is None
 
 
 @pytest.mark.parametrize("mode,threshold,match", [("soft", 0.5, "mode 'soft'"), ("mask", 1.5, "threshold=1.5")])

@@ -1,8 +1,8 @@
 """The no-grad passes of a step: student and teacher (and reference) logits -> what `opd.core` needs.
 
 The engine only moves tensors: every number below is computed by `opd.core` (logit_stats, logprobs_at,
-build_support, compute_rewards, teachability, full_vocab_reverse_kl, compute_advantages). Per micro-batch (token
-budget) the student and the teacher each run once in eval mode; their logits live only inside the micro-batch, and
+build_support, compute_rewards, gate_rewards, full_vocab_reverse_kl, compute_advantages, slot_logprobs). Per
+micro-batch (token budget) the student and the teacher each run once in eval mode; their logits live only inside the micro-batch, and
 only [N, T, K]-sized results are kept. The student's log-probs at the teacher's top-k ids reuse the student logits
 of the same micro-batch (no third forward), and only when the strategy needs them.
 
@@ -14,18 +14,18 @@ validity, the old log-probs, the advantages and (with USE_KL) the reference log-
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 
-from opd.core.advantages import compute_advantages, with_sampled_slot
+from opd.core.advantages import compute_advantages, full_vocab_outcome_advantages, with_sampled_slot
 from opd.core.config import OPDConfig
 from opd.core.full_vocab import full_vocab_reverse_kl
 from opd.core.logits import logit_stats, logprobs_at
 from opd.core.loss import apply_format_mask
 from opd.core.rewards import compute_rewards
-from opd.core.support import STRATEGIES, build_support, sampled_token_support, tail_logprob
-from opd.core.teachability import shared_mass_NT, teachability_weight_NT
+from opd.core.support import STRATEGIES, build_support, sampled_token_support, slot_logprobs
+from opd.core.teachability import gate_rewards
 from opd.core.types import Support
 from opd.engines.local.rollout import RolloutBatch, micro_batch_bounds
 
@@ -173,13 +173,10 @@ def build_signals(scored: Scored, batch: RolloutBatch, cfg: OPDConfig, *, outcom
             teacher_lp_at_student_NTK=scored.teacher_lp_at_student_NTK,
             student_lp_at_teacher_NTK=scored.student_lp_at_teacher_NTK,
             teacher_lp_at_teacher_NTK=scored.teacher_topk_lp_NTK, tail_bucket=cfg.tail_bucket)
-        rewards = compute_rewards(cfg, support)
-        if cfg.teachability != "off":
-            mass_NT = shared_mass_NT(scored.student_topk_ids_NTK, scored.teacher_topk_ids_NTK,
-                                     scored.student_topk_lp_NTK, scored.teacher_lp_at_student_NTK)
-            teach_NT = teachability_weight_NT(mass_NT, cfg.teachability, cfg.teachability_threshold)
-            rewards = rewards * teach_NT[..., None]
-        token_rewards = rewards
+        token_rewards, teach_NT = gate_rewards(
+            compute_rewards(cfg, support), cfg, student_topk_ids_NTK=scored.student_topk_ids_NTK,
+            teacher_topk_ids_NTK=scored.teacher_topk_ids_NTK, student_topk_lp_NTK=scored.student_topk_lp_NTK,
+            teacher_lp_at_student_NTK=scored.teacher_lp_at_student_NTK)
     else:
         teacher_lp = scored.teacher_lp_NT if scored.teacher_lp_NT is not None else scored.student_lp_NT
         support = sampled_token_support(ids_NT, scored.student_lp_NT, teacher_lp)
@@ -187,14 +184,9 @@ def build_signals(scored: Scored, batch: RolloutBatch, cfg: OPDConfig, *, outcom
         if cfg.needs_teacher and not cfg.full_vocab:
             token_rewards = compute_rewards(cfg, support)[..., 0]
 
-    if cfg.full_vocab:
-        # the full-vocabulary term carries the direct OPD signal; only an outcome term goes through the estimator
-        adv = None
-        if cfg.adv_estimator == "token_reward_direct_plus_grpo":
-            outcome_cfg = replace(cfg, adv_estimator="grpo", top_k=0)
-            adv = cfg.grpo_outcome_weight * compute_advantages(
-                outcome_cfg, token_rewards=None, response_mask_NT=mask_NT, group_index_N=batch.group_index_N,
-                outcome_scores_N=outcome_scores_N)
+    if cfg.full_vocab:  # the full-vocabulary loss carries the direct OPD signal
+        adv = full_vocab_outcome_advantages(cfg, response_mask_NT=mask_NT, group_index_N=batch.group_index_N,
+                                            outcome_scores_N=outcome_scores_N)
     else:
         adv = compute_advantages(cfg, token_rewards=token_rewards, response_mask_NT=mask_NT,
                                  group_index_N=batch.group_index_N, outcome_scores_N=outcome_scores_N)
@@ -220,11 +212,8 @@ def target_logprobs(logits_NTV: torch.Tensor, targets: Targets, temperature: flo
     """The student's log-probs at the target slots, [n, T, C], differentiable (full-vocabulary normalised)."""
     ids = targets.ids_NTC[..., :-1] if targets.extra_sampled_slot else targets.ids_NTC
     valid = targets.valid_NTC[..., :-1] if targets.extra_sampled_slot else targets.valid_NTC
-    if targets.has_tail:  # the tail slot's log-prob is log(1 - mass of the other slots), from the same lp
-        lp_K = logprobs_at(logits_NTV, ids[..., :-1], temperature=temperature, chunk_size=chunk_size)
-        lp = torch.cat([lp_K, tail_logprob(lp_K, valid[..., :-1])[..., None]], -1)
-    else:
-        lp = logprobs_at(logits_NTV, ids, temperature=temperature, chunk_size=chunk_size)
+    lp = slot_logprobs(logits_NTV, ids, valid, has_tail=targets.has_tail, temperature=temperature,
+                       chunk_size=chunk_size)
     if targets.extra_sampled_slot:
         lp = torch.cat([lp, logprobs_at(logits_NTV, targets.ids_NTC[..., -1:], temperature=temperature,
                                         chunk_size=chunk_size)], -1)
