@@ -8,8 +8,10 @@ It builds the toy world in a temporary folder (BPE tokenizer trained locally, te
 the phases of a training step with the engine's own functions: rollout (KV-cached sampling), the student's and
 the teacher's no-grad passes (`score`), the core's support / rewards / advantages (`build_signals`), the update
 (forward + backward + AdamW) and the dynamics metrics. Warm-up steps are excluded. Tokens/s counts generated
-tokens for the rollout and prompt + response tokens for the passes and the update. Peak memory: on CUDA the peak
-allocated during each phase; on CPU the process's peak resident set size after the phase (it only grows).
+tokens for the rollout, the core's maths, the metrics and the whole step, and prompt + response tokens for the
+model passes and the update (the table says which). Peak memory: on CUDA the peak allocated during each phase; on
+Linux CPUs the process's resident-set high-water mark during the phase (reset through /proc/self/clear_refs before
+each phase; it includes the models, data and interpreter, ~the steady resident set), elsewhere the process's peak.
 Prints a markdown table.
 """
 
@@ -25,9 +27,33 @@ from pathlib import Path
 import torch
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    """Reset the resident-set high-water mark (Linux: /proc/self/clear_refs), so each phase gets its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
@@ -36,6 +62,8 @@ def _phase(device, fn):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_cpu_peak()
     t0 = time.perf_counter()
     out = fn()
     if device.type == "cuda":
@@ -81,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         })
         s = trainer.setup(cfg)
         algo = cfg.algo
-        rows: dict[str, list[tuple[float, float, float]]] = {}
+        rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
 
         def record(name, seconds, tokens, peak):
             rows.setdefault(name, []).append((seconds, tokens, peak))
@@ -116,13 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                 **trainer.diagnostics_inputs(scored, signals, batch.response_mask_NT)))
             if step <= args.warmup:
                 continue
-            record("rollout (sampling)", t_roll, gen_tokens, m_roll)
-            record("student no-grad pass", passes["student"], all_tokens, m_score)
-            record("teacher no-grad pass", passes["teacher"], all_tokens, m_score)
-            record("support/rewards/advantages (core)", t_sig, gen_tokens, m_sig)
-            record("update (fwd+bwd+AdamW)", t_upd, all_tokens, m_upd)
-            record("dynamics metrics", t_diag, gen_tokens, m_diag)
-            record("whole step", t_roll + t_score + t_sig + t_upd + t_diag, gen_tokens,
+            record(("rollout (sampling)", "generated"), t_roll, gen_tokens, m_roll)
+            record(("student + teacher no-grad passes", "prompt+response"), t_score, all_tokens, m_score)
+            record(("- of which student", "prompt+response"), passes["student"], all_tokens, m_score)
+            record(("- of which teacher", "prompt+response"), passes["teacher"], all_tokens, m_score)
+            record(("support/rewards/advantages (core)", "generated"), t_sig, gen_tokens, m_sig)
+            record(("update (fwd+bwd+AdamW)", "prompt+response"), t_upd, all_tokens, m_upd)
+            record(("dynamics metrics", "generated"), t_diag, gen_tokens, m_diag)
+            record(("whole step", "generated"), t_roll + t_score + t_sig + t_upd + t_diag, gen_tokens,
                    max(m_roll, m_score, m_sig, m_upd, m_diag))
 
     threads = torch.get_num_threads()
@@ -130,14 +159,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.prompts} prompts x {args.n} samples x {args.max_resp} tokens, K={args.k} {args.strategy}, "
           f"{args.dtype}, device {device}" + (f" ({threads} threads)" if device.type == "cpu" else "")
           + f", mean of {args.steps} steps after {args.warmup} warm-up\n")
-    mem_label = "peak allocated MiB" if device.type == "cuda" else "peak RSS MiB"
-    print(f"| phase | s / step | tokens / s | {mem_label} |")
-    print("|---|---:|---:|---:|")
-    for name, vals in rows.items():
+    mem_label = "peak allocated MiB" if device.type == "cuda" else "peak RSS MiB (phase)"
+    print(f"| phase | s / step | tokens / s | tokens counted | {mem_label} |")
+    print("|---|---:|---:|---|---:|")
+    for (name, counted), vals in rows.items():
         sec = sum(v[0] for v in vals) / len(vals)
         tok_s = sum(v[1] for v in vals) / max(sum(v[0] for v in vals), 1e-9)
         peak = max(v[2] for v in vals)
-        print(f"| {name} | {sec:.4f} | {tok_s:,.0f} | {peak:,.0f} |")
+        print(f"| {name} | {sec:.4f} | {tok_s:,.0f} | {counted} | {peak:,.0f} |")
     return 0
 
 
