@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from opd.data.io import iter_records
+from opd.data.io import iter_records, replace_dir
 from opd.data.schema import DataError
 from opd.sft.trainer import SFTConfig
 
@@ -133,12 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                              on_log=lambda rec: log.write(json.dumps(rec) + "\n") or log.flush())
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        old = out.parent / f".{out.name}.old"
-        if out.exists():  # --overwrite: the old output stays until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)  # --overwrite: the old output stays until the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,7 +9,6 @@ to a `.tmp-` folder first and renamed, so a crash mid-save never leaves a half c
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from opd.data.io import replace_dir
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -66,13 +67,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     torch.save(rng_state(generator), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "data_position": data_position}, indent=2))
-    old = final.parent / f".old-{final.name}"
-    if final.exists():  # re-saving a step (a resumed run): keep the old copy until the new one is in place
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)  # re-saving a step (a resumed run) keeps the old copy until the new one is in place
     return final
 
 
