@@ -207,18 +207,26 @@ def make_backend(name: str, model_path: str, args: argparse.Namespace):
     return TransformersBackend(model_path, device=args.device, dtype=args.dtype)
 
 
-def is_complete(jsonl: Path, meta: Path, expected: int, model_path: str | None = None) -> bool:
-    """True when ``jsonl`` holds all ``expected`` samples (of ``model_path``, when given: a finished file of another
-    model with the same tag is an error, not a skip)."""
-    if not (jsonl.exists() and meta.exists()):
-        return False
+def _read_meta(meta: Path) -> dict | None:
     try:
-        m = json.loads(meta.read_text(encoding="utf-8"))
+        return json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else None
     except ValueError:
-        return False
-    if model_path is not None and m.get("model_path") != _model_path_key(model_path):
+        return None
+
+
+def check_same_model(jsonl: Path, meta: Path, model_path: str) -> None:
+    """Refuse an output file that holds another model's samples under the same tag (never skip or delete it)."""
+    m = _read_meta(meta)
+    if m is not None and m.get("model_path") != _model_path_key(model_path):
         raise ValueError(f"{jsonl} holds samples of {m.get('model_path')!r}, not {_model_path_key(model_path)!r} "
                          "(same model tag): use another --out folder")
+
+
+def is_complete(jsonl: Path, meta: Path, expected: int) -> bool:
+    """True when ``jsonl`` holds all ``expected`` samples."""
+    m = _read_meta(meta)
+    if m is None or not jsonl.exists():
+        return False
     return bool(m.get("complete")) and m.get("n_samples_total") == expected and len(read_done(jsonl)) == expected
 
 
@@ -341,15 +349,14 @@ def main(argv: list[str] | None = None) -> int:
         for b in benches:
             jsonl, meta = output_paths(out, b.name, model_tag(model_path), settings)
             try:
-                if args.replace:
-                    is_complete(jsonl, meta, 0, model_path)  # never delete another model's samples
-                    jsonl.unlink(missing_ok=True)
-                    meta.unlink(missing_ok=True)
-                complete = is_complete(jsonl, meta, len(b.examples) * settings.n, model_path)
+                check_same_model(jsonl, meta, model_path)
             except ValueError as exc:
                 print(f"opd eval gen: {exc}", file=sys.stderr)
                 return 2
-            if complete:
+            if args.replace:
+                jsonl.unlink(missing_ok=True)
+                meta.unlink(missing_ok=True)
+            if is_complete(jsonl, meta, len(b.examples) * settings.n):
                 print(f"skip (complete): {jsonl}")
             else:
                 todo.append(b)
