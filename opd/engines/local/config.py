@@ -1,10 +1,10 @@
 """TrainConfig: every knob of the local engine with its single default, plus the algorithm's OPDConfig.
 
 Where values come from, lowest to highest precedence: the defaults below, the launchers' own ${VAR:-default}s
-(equal to these except grpo.sh's recipe), a YAML file (`opd train --config x.yaml`), the launcher variables the caller
-set (`--from-env`, what on_policy_distillation.sh / grpo.sh use), then `key=value` arguments. Algorithm knobs live in `opd.core.config.OPDConfig` (reached as `algo.<field>`); this file holds no
-default for them. `ENV_VARS` is the one table mapping launcher variables to config keys: the launchers, the CLI help
-and the tests all read it.
+(equal to these except grpo.sh's recipe), a YAML file (`opd train --config x.yaml`), the launcher variables the
+caller set (`--from-env`, what on_policy_distillation.sh / grpo.sh use), then `key=value` arguments. Algorithm knobs
+live in `opd.core.config.OPDConfig` (reached as `algo.<field>`); this file holds no default for them. `ENV_VARS` is
+the one table mapping launcher variables to config keys: the launchers, the CLI help and the tests all read it.
 """
 
 from __future__ import annotations

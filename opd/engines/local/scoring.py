@@ -2,9 +2,9 @@
 
 The engine only moves tensors: every number below is computed by `opd.core` (logit_stats, logprobs_at,
 build_support, compute_rewards, gate_rewards, full_vocab_reverse_kl, compute_advantages, slot_logprobs). Per
-micro-batch (token budget) the student and the teacher each run once in eval mode; their logits live only inside the micro-batch, and
-only [N, T, K]-sized results are kept. The student's log-probs at the teacher's top-k ids reuse the student logits
-of the same micro-batch (no third forward), and only when the strategy needs them.
+micro-batch (token budget) the student and the teacher each run once in eval mode; their logits live only inside
+the micro-batch, and only [N, T, K]-sized results are kept. The student's log-probs at the teacher's top-k ids reuse
+the student logits of the same micro-batch (no third forward), and only when the strategy needs them.
 
 `Targets` is what the update needs: per rollout and position, the slot ids the student is re-scored at, their
 validity, the old log-probs, the advantages and (with USE_KL) the reference log-probs. The sampled-token path

@@ -175,9 +175,9 @@ def setup(cfg: TrainConfig) -> Session:
         if state["data_position"] != schedule.position(start_step + 1):
             raise ValueError(f"checkpoint {checkpoint} data position {state['data_position']} does not match this "
                              f"configuration's schedule {schedule.position(start_step + 1)} (MINI_BATCH_SIZE changed?)")
-    elif latest_checkpoint(run_dir) is not None:
+    elif (earlier := latest_checkpoint(run_dir)) is not None:
         # starting over beside an earlier run's checkpoints would let a later RESUME=auto mix the two runs
-        raise ValueError(f"{run_dir} holds checkpoints of an earlier run ({latest_checkpoint(run_dir).name}) and "
+        raise ValueError(f"{run_dir} holds checkpoints of an earlier run ({earlier.name}) and "
                          f"RESUME={cfg.resume}: continue it with RESUME=auto, pick another RUN_NAME/OUTPUT_DIR, or "
                          f"delete {run_dir / 'checkpoints'}")
     elif (run_dir / "metrics.jsonl").exists():
