@@ -85,7 +85,7 @@ def test_render_prompt_ids_uses_the_chat_template_without_doubling_special_token
     from opd.toy.tokenizer import build_toy_tokenizer
 
     tok = build_toy_tokenizer()
-    msgs = [{"role": "user", "content": "What is 0457 + 0768?"}]
+    msgs = [{"role": "user", "content": "What is 457 + 768?"}]
     ids = render_prompt_ids(tok, msgs)
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert tok.decode(ids) == text  # round trip: the rendered prompt, generation marker included

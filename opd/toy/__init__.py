@@ -1,4 +1,4 @@
-"""The embedded toy world: a verifiable 4-digit addition task, a locally trained tokenizer, tiny Llama/Qwen2 models.
+"""The embedded toy world: a verifiable 3-digit addition task, a locally trained tokenizer, tiny Llama/Qwen2 models.
 
 Everything is generated on the machine (no download), deterministically from seeds, so tests and `opd demo` run
 offline. See `opd.toy.task` (problems, gold solutions, RL parquet), `opd.toy.tokenizer` (BPE + chat template) and

@@ -13,7 +13,7 @@ from opd.generation import render_prompt_ids, sample
 from opd.grading import score_response
 from opd.toy.task import N_DIGITS, Problem
 
-# 4 column lines of at most 10 tokens ("9+9+1=19\n" is 9) plus "\boxed{12345}" and EOS, with a margin.
+# N_DIGITS column lines of at most 10 tokens ("9+9+1=19\n" is 9) plus "\boxed{1998}" and EOS, with a margin.
 MAX_NEW_TOKENS = 12 * N_DIGITS + 16
 
 

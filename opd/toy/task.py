@@ -1,4 +1,4 @@
-"""The toy world's task: 4-digit addition with a step-by-step, right-to-left solution that ends in \\boxed{SUM}.
+"""The toy world's task: 3-digit addition with a step-by-step, right-to-left solution that ends in \\boxed{SUM}.
 
 Why this task: its answer is verifiable by the same rule grader as real math benchmarks (last \\boxed{}), a tiny
 model can learn it in a couple of CPU minutes, and its difficulty has a clear knob (the carries), so a weak student
@@ -6,14 +6,19 @@ and a strong teacher are easy to make (see docs in /work/shared/spec/toy-world.m
 
 Format (operands zero-padded so every prompt has the same length, which keeps batches free of padding):
 
-    user:       What is 0457 + 0768?
+    user:       What is 057 + 768?
     assistant:  7+8+0=15
                 5+6+1=12
-                4+7+1=12
-                0+0+1=1
-                \\boxed{1225}
+                0+7+1=8
+                \\boxed{825}
 
-One line per column, ones first: `a+b+carry_in=s`; the carry into the next column is the tens digit of `s`.
+One line per column, ones first: `a+b+carry_in=s`; the carry into the next column is the tens digit of `s`, and the
+last line's `s` (carry included) is the leading part of the sum.
+
+Why 3 digits (the toy-world calibration used 4): every stage is a quarter cheaper, which is what lets the whole demo
+fit its time budget on a slow 2-core host; the task keeps every ingredient (copying operands by position, carries,
+writing the sum back in reverse order into the box).
+
 Problems are drawn by `random.Random(seed)`, so a seed fully determines every split; splits never share a problem.
 """
 
@@ -24,7 +29,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-N_DIGITS = 4
+N_DIGITS = 3
 DATA_SOURCE = "toy_add"
 SPLITS = ("train", "dev", "test")
 

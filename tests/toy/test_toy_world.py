@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from opd.toy.models import SIZES, build_tiny_model, dims, load_model, n_params, save_model
-from opd.toy.task import Problem, gold_solution, make_splits, sample_problems, write_datasets
+from opd.toy.task import N_DIGITS, Problem, gold_solution, make_splits, sample_problems, write_datasets
 from opd.toy.tokenizer import ASSISTANT, EOS, build_toy_tokenizer
 
 
@@ -40,19 +40,20 @@ def _replay(solution: str) -> tuple[str, str]:
 
 def test_gold_solution_is_correct_by_construction():
     rng = random.Random(7)
-    cases = [(0, 0), (9999, 9999), (1, 9999), (5000, 5000), (457, 768)]
-    cases += [(rng.randrange(10**4), rng.randrange(10**4)) for _ in range(300)]
+    cases = [(0, 0), (999, 999), (1, 999), (500, 500), (57, 768)]
+    cases += [(rng.randrange(10**N_DIGITS), rng.randrange(10**N_DIGITS)) for _ in range(300)]
     for a, b in cases:
         sol = gold_solution(a, b)
-        assert len(sol.split("\n")) == 5
+        assert len(sol.split("\n")) == N_DIGITS + 1
         implied, boxed = _replay(sol)
         assert implied == boxed == str(a + b)
 
 
 def test_gold_solution_example_and_bad_input():
-    assert gold_solution(457, 768) == "7+8+0=15\n5+6+1=12\n4+7+1=12\n0+0+1=1\n\\boxed{1225}"
+    assert gold_solution(57, 768) == "7+8+0=15\n5+6+1=12\n0+7+1=8\n\\boxed{825}"
+    assert gold_solution(457, 768).endswith("4+7+1=12\n\\boxed{1225}")  # the last carry lands in the box
     with pytest.raises(ValueError, match="operands"):
-        gold_solution(10000, 1)
+        gold_solution(10**N_DIGITS, 1)
 
 
 def test_gold_answers_pass_the_rule_grader():
@@ -84,7 +85,7 @@ def test_parquet_schema(tmp_path):
     assert len(df) == 6 and set(df.data_source) == {"toy_add"} and set(df.ability) == {"math"}
     row = df.iloc[2]
     assert list(row.prompt[0].keys()) == ["role", "content"] and row.prompt[0]["role"] == "user"
-    a, b = map(int, re.findall(r"\d{4}", row.prompt[0]["content"]))
+    a, b = map(int, re.findall(rf"\d{{{N_DIGITS}}}", row.prompt[0]["content"]))
     assert row.reward_model["ground_truth"] == str(a + b) and row.reward_model["style"] == "rule"
     assert row.extra_info["index"] == 2 and row.extra_info["split"] == "test"
     assert row.extra_info["question"] == row.prompt[0]["content"]
@@ -98,7 +99,7 @@ def test_tokenizer_round_trip_deterministic_and_digit_level(tok, tok_dir):
     again = build_toy_tokenizer()
     assert again.get_vocab() == tok.get_vocab()
     reloaded = AutoTokenizer.from_pretrained(tok_dir)
-    p = Problem(1234, 987)
+    p = Problem(234, 987)
     text = tok.apply_chat_template(p.messages(with_answer=True), tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert reloaded(text, add_special_tokens=False)["input_ids"] == ids
@@ -127,10 +128,12 @@ def test_chat_template_generation_prompt_and_assistant_mask(tok):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tiny_models_sizes_seed_and_save_reload(tok, tmp_path, arch):
-    assert dims(3)["hidden_size"] == 96 and dims(3)["num_hidden_layers"] == 3
-    assert dims(2)["hidden_size"] == 64 and dims(2)["num_hidden_layers"] == 2
+    assert dims(3, 96) == {"num_hidden_layers": 3, "hidden_size": 96, "num_attention_heads": 3,
+                           "num_key_value_heads": 3, "intermediate_size": 256}
+    with pytest.raises(ValueError, match="width=48"):
+        dims(2, 48)
     t, s = build_tiny_model(tok, "teacher", 0, arch), build_tiny_model(tok, "student", 0, arch)
-    assert n_params(t) > 2.5 * n_params(s)
+    assert t.config.num_hidden_layers > s.config.num_hidden_layers and n_params(t) > 1.3 * n_params(s)
     m0, m0b, m1 = (build_tiny_model(tok, "tiny", seed, arch) for seed in (0, 0, 1))
     assert all(torch.equal(a, b) for a, b in zip(m0.parameters(), m0b.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(m0.parameters(), m1.parameters()))
@@ -141,7 +144,7 @@ def test_tiny_models_sizes_seed_and_save_reload(tok, tmp_path, arch):
     torch.testing.assert_close(m0(x).logits, m2(x).logits)
     # a Qwen2 folder reloads as Qwen2Tokenizer: it must still give the same ids and size
     assert tok2.get_vocab() == tok.get_vocab() and len(tok2) == len(tok) == m2.config.vocab_size
-    text = tok.apply_chat_template(Problem(1203, 45).messages(with_answer=True), tokenize=False)
+    text = tok.apply_chat_template(Problem(203, 45).messages(with_answer=True), tokenize=False)
     assert tok2(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
     assert tok2.eos_token_id == tok.eos_token_id and tok2.pad_token_id == tok.pad_token_id
     with pytest.raises(ValueError, match="size='huge'"):
