@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from opd.engines.local.scoring import build_signals, score
     from opd.engines.local.update import loss_and_backward, optimizer_step
     from opd.toy import build_tiny_model, build_toy_tokenizer, save_model, write_datasets
+    from opd.toy.models import SIZES
 
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                    max(m_roll, m_score, m_sig, m_upd, m_diag))
 
     threads = torch.get_num_threads()
-    print(f"\nOPD step, toy teacher (3 layers, d=96) -> student (2 layers, d=64), vocab {len(tok)}, "
+    (tl, tw), (sl, sw) = SIZES["teacher"], SIZES["student"]
+    print(f"\nOPD step, toy teacher ({tl} layers, d={tw}) -> student ({sl} layers, d={sw}), vocab {len(tok)}, "
           f"{args.prompts} prompts x {args.n} samples x {args.max_resp} tokens, K={args.k} {args.strategy}, "
           f"{args.dtype}, device {device}" + (f" ({threads} threads)" if device.type == "cpu" else "")
           + f", mean of {args.steps} steps after {args.warmup} warm-up\n")

@@ -43,7 +43,7 @@ class DemoConfig:
     teacher_size: str = "teacher"
     student_size: str = "student"
     # data
-    n_train: int = 25600  # teacher SFT (1.25 epochs at the defaults) and OPD prompts (300 x 32) come from here
+    n_train: int = 25600  # teacher SFT (1.25 epochs at the defaults) and OPD prompts (150 x 32) come from here
     n_dev: int = 200  # cold-start stopping rule
     n_test: int = 500  # accuracy before / after OPD, and the accuracy curve during OPD
     # teacher SFT: measured on 3-digit addition, 3 layers x 64 reached 98% dev accuracy by step 664 of 1000 (seeds
@@ -59,9 +59,11 @@ class DemoConfig:
     cold_eval_every: int = 10
     cold_target: float = 0.25
     # OPD (local engine)
-    opd_steps: int = 300
-    # measured (docs/demo.md): 6e-4 gained +49 / +20 / +38 points on seeds 0-2 of a slow host where 3e-4 gained
-    # +44 / +18 / +14; 1e-3 without the tail slot made the reverse KL rise from the first steps
+    # measured on 3-digit addition (docs/demo.md): seeds 0-2 gained +58 / +67 / +75 points by step 150; step 300 was
+    # 3 points lower to 8 points higher for twice the time, which the 10-minute budget cannot pay on a slow host
+    opd_steps: int = 150
+    # on the 4-digit world 6e-4 gained +49 / +20 / +38 points on seeds 0-2 where 3e-4 gained +44 / +18 / +14; 1e-3
+    # without the tail slot made the reverse KL rise from the first steps
     opd_lr: float = 6e-4
     opd_prompts: int = 32
     opd_n: int = 4

@@ -128,7 +128,10 @@ def plot_panels(panels: list[tuple[str, dict[str, tuple[list, list]]]], path: Pa
         if len(lines) > 1:
             ax.legend(fontsize=6)
     fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout()
+    # fixed margins in inches: tight_layout measured every tick label and took about 40% of the report's time
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=0.55 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=1 - 0.75 / height,
+                        wspace=0.3, hspace=0.55)
     _atomic_savefig(fig, path)
     plt.close(fig)
 
