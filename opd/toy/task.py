@@ -39,6 +39,10 @@ class Problem:
     a: int
     b: int
 
+    def __post_init__(self) -> None:
+        if not (0 <= self.a < 10**N_DIGITS and 0 <= self.b < 10**N_DIGITS):
+            raise ValueError(f"operands must be in [0, {10**N_DIGITS}) ({N_DIGITS} digits); got a={self.a}, b={self.b}")
+
     @property
     def question(self) -> str:
         return f"What is {self.a:0{N_DIGITS}d} + {self.b:0{N_DIGITS}d}?"
@@ -60,8 +64,7 @@ class Problem:
 
 def gold_solution(a: int, b: int) -> str:
     """The reference step-by-step answer: one `x+y+carry=s` line per column, right to left, then the boxed sum."""
-    if not (0 <= a < 10**N_DIGITS and 0 <= b < 10**N_DIGITS):
-        raise ValueError(f"operands must be in [0, {10**N_DIGITS}); got a={a}, b={b}")
+    Problem(a, b)  # validates the operands
     da, db = f"{a:0{N_DIGITS}d}"[::-1], f"{b:0{N_DIGITS}d}"[::-1]
     lines, carry = [], 0
     for x, y in zip(da, db):

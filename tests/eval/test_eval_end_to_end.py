@@ -19,7 +19,7 @@ GTS = ["1234", "1234", "99", "7"]
 @pytest.fixture(scope="module")
 def bench_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
-    rows = rl_rows([Problem(1000 + i, 234 - i) for i in range(len(GTS))], "test")
+    rows = rl_rows([Problem(100 + i, 234 - i) for i in range(len(GTS))], "test")
     for r, gt in zip(rows, GTS):
         r["reward_model"]["ground_truth"] = gt
     write_parquet(rows, d / "toyrl.parquet")

@@ -31,7 +31,7 @@ def _multi_turn():
 
 def test_masking_matches_the_templates_generation_marks(tok):
     """Our prefix-rendering mask agrees with the independent `{% generation %}` mask of the toy template."""
-    for msgs in (Problem(4321, 999).messages(with_answer=True), _multi_turn()):
+    for msgs in (Problem(321, 999).messages(with_answer=True), _multi_turn()):
         ids, labels = encode_conversation(tok, msgs)
         ref = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         assert ids == ref["input_ids"]

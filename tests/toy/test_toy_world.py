@@ -54,6 +54,8 @@ def test_gold_solution_example_and_bad_input():
     assert gold_solution(457, 768).endswith("4+7+1=12\n\\boxed{1225}")  # the last carry lands in the box
     with pytest.raises(ValueError, match="operands"):
         gold_solution(10**N_DIGITS, 1)
+    with pytest.raises(ValueError, match=rf"operands must be in \[0, {10**N_DIGITS}\) \({N_DIGITS} digits\); got a=-1"):
+        Problem(-1, 5)
 
 
 def test_gold_answers_pass_the_rule_grader():

@@ -29,9 +29,11 @@ def require_model_dir(path: str | None, variable: str, role: str) -> Path:
         )
     folder = Path(path)
     if not (folder / "config.json").is_file():
+        # a training checkpoint keeps the model one level down, beside the optimiser and RNG states
+        hint = f"; {folder / 'model'} is one" if (folder / "model" / "config.json").is_file() else ""
         raise FileNotFoundError(
-            f"{variable}={path}: expected a local Hugging Face model folder with a config.json (nothing is downloaded; "
-            f"`opd demo` builds toy models)"
+            f"{variable}={path}: expected a local Hugging Face model folder with a config.json{hint} (nothing is "
+            f"downloaded; `opd demo` builds toy models)"
         )
     return folder
 
