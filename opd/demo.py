@@ -76,8 +76,9 @@ class DemoConfig:
     max_resp_length: int = 48  # a correct answer is at most 35 tokens (EOS included)
 
     def __post_init__(self) -> None:
-        positive = ("n_train", "n_dev", "n_test", "teacher_steps", "teacher_batch", "cold_batch", "cold_rollouts", "cold_max_steps",
-                    "cold_eval_every", "opd_steps", "opd_prompts", "opd_n", "test_freq", "max_resp_length")
+        positive = ("n_train", "n_dev", "n_test", "teacher_steps", "teacher_batch", "cold_batch", "cold_rollouts",
+                    "cold_max_steps", "cold_eval_every", "opd_steps", "opd_prompts", "opd_n", "test_freq",
+                    "max_resp_length")
         for name in positive:
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"DemoConfig.{name}={getattr(self, name)!r} is not valid; expected an int >= 1")
@@ -94,8 +95,8 @@ class DemoConfig:
     def tiny(cls, **changes) -> "DemoConfig":
         """A seconds-long run of every stage (smoke tests): tiny models, a handful of steps."""
         small = dict(teacher_size="tiny", student_size="tiny", n_train=256, n_dev=16, n_test=16, teacher_steps=6,
-                     teacher_batch=16, cold_batch=16, cold_rollouts=32, cold_max_steps=4, cold_eval_every=2, cold_target=1.01,
-                     opd_steps=2, opd_prompts=4, opd_n=2, top_k=4, test_freq=1, max_resp_length=16)
+                     teacher_batch=16, cold_batch=16, cold_rollouts=32, cold_max_steps=4, cold_eval_every=2,
+                     cold_target=1.01, opd_steps=2, opd_prompts=4, opd_n=2, top_k=4, test_freq=1, max_resp_length=16)
         return replace(cls(), **{**small, **changes})
 
 

@@ -34,14 +34,18 @@ DATA_SOURCE = "toy_add"
 SPLITS = ("train", "dev", "test")
 
 
+def check_operands(a: int, b: int) -> None:
+    if not (0 <= a < 10**N_DIGITS and 0 <= b < 10**N_DIGITS):
+        raise ValueError(f"operands must be in [0, {10**N_DIGITS}) ({N_DIGITS} digits); got a={a}, b={b}")
+
+
 @dataclass(frozen=True)
 class Problem:
     a: int
     b: int
 
     def __post_init__(self) -> None:
-        if not (0 <= self.a < 10**N_DIGITS and 0 <= self.b < 10**N_DIGITS):
-            raise ValueError(f"operands must be in [0, {10**N_DIGITS}) ({N_DIGITS} digits); got a={self.a}, b={self.b}")
+        check_operands(self.a, self.b)
 
     @property
     def question(self) -> str:
@@ -64,7 +68,7 @@ class Problem:
 
 def gold_solution(a: int, b: int) -> str:
     """The reference step-by-step answer: one `x+y+carry=s` line per column, right to left, then the boxed sum."""
-    Problem(a, b)  # validates the operands
+    check_operands(a, b)
     da, db = f"{a:0{N_DIGITS}d}"[::-1], f"{b:0{N_DIGITS}d}"[::-1]
     lines, carry = [], 0
     for x, y in zip(da, db):
