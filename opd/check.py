@@ -224,7 +224,7 @@ def run_check(s: CheckSettings) -> dict:
     import torch
 
     from opd.engines.local.data import load_prompt_set
-    from opd.engines.local.models import (
+    from opd.models import (
         check_vocabularies, load_causal_lm, require_model_dir, resolve_device, special_ids,
     )
     from opd.engines.local.rollout import generate

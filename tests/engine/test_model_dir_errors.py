@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from opd.engines.local.models import require_model_dir
+from opd.models import require_model_dir
 
 
 def test_unset_missing_and_checkpoint_folders(tmp_path):

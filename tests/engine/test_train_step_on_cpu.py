@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from opd.engines.local import trainer
-from opd.engines.local.models import VocabularyMismatchError
+from opd.models import VocabularyMismatchError
 from opd.engines.local.rollout import collate
 from opd.engines.local.scoring import response_logits
 

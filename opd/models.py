@@ -1,19 +1,64 @@
-"""Loading the student, teacher and reference for the local engine, after checking they share one vocabulary.
+"""Loading models and tokenizers with one set of rules for every tool: dtype names, device, EOS and pad ids.
+
+Why one module: training, `opd check`, `opd eval gen`, `opd rollout`, `opd sft`, the verifier and the toy evaluator
+must agree on which token stops a response and which one pads, or the same model gives different samples from tool
+to tool. Nothing is downloaded: models are local folders or ids already in the Hugging Face cache.
 
 The teacher scores the student's exact token ids and both models' top-k ids index each other's logits, so the
 vocabularies must match token for token. The check reads only the tokenizers and configs (cheap), so a mismatch is
 reported before any weights are loaded. Embedding matrices may be padded past the tokenizer (e.g. Qwen models of
 different sizes pad to 151,936 or 152,064 rows): the engine then reads both models' logits over the common width,
 which holds every real token.
+
+torch is imported inside the functions, so configuration and argument parsing can use the vocabularies cheaply.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+# auto: bf16 on a CUDA device, fp32 elsewhere (vLLM: its own "auto", the model config's dtype)
+DTYPES = ("fp32", "bf16", "fp16", "auto")
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "auto": "auto"}
+DEVICES = "auto | cpu | cuda | cuda:N | mps"
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+def normalize_dtype(name: str, flag: str = "--dtype") -> str:
+    """The canonical name (fp32, bf16, fp16, auto) of a dtype; the long torch spellings are accepted as aliases."""
+    canonical = _DTYPE_ALIASES.get(name, name)
+    if canonical not in DTYPES:
+        raise ValueError(f"{flag}={name!r} is not valid; allowed: {', '.join(DTYPES)}")
+    return canonical
+
+
+def torch_dtype(name: str, device):
+    """The torch dtype of `name` on `device` (auto: bf16 on CUDA, fp32 elsewhere)."""
+    import torch
+
+    name = normalize_dtype(name)
+    if name == "auto":
+        name = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def vllm_dtype(name: str) -> str:
+    """vLLM's spelling of a dtype name."""
+    return _VLLM_DTYPES[normalize_dtype(name)]
+
+
+def resolve_device(name: str, flag: str = "--device"):
+    """A torch.device; auto = cuda when available, else cpu."""
+    import torch
+
+    if not isinstance(name, str) or not _DEVICE_RE.fullmatch(name):
+        raise ValueError(f"{flag}={name!r} is not valid; expected {DEVICES}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 class VocabularyMismatchError(ValueError):
@@ -71,17 +116,12 @@ def check_vocabularies(student_path: Path, teacher_path: Path | None):
     return tokenizer, (None if s_width == t_width else width)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_causal_lm(path: Path, *, dtype: str, device: torch.device, trainable: bool):
-    """A causal LM on `device`; frozen models get requires_grad False and eval mode."""
+def load_causal_lm(path, *, dtype: str, device, trainable: bool):
+    """A causal LM on `device`; frozen models get requires_grad False and eval mode. Never downloads."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, device), local_files_only=True)
+    model = model.to(device)
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
@@ -89,7 +129,7 @@ def load_causal_lm(path: Path, *, dtype: str, device: torch.device, trainable: b
 
 
 def special_ids(tokenizer, model) -> tuple[list[int], int]:
-    """(EOS ids, pad id): the tokenizer's EOS plus the generation config's; pad falls back to the first EOS."""
+    """(EOS ids, pad id): the tokenizer's EOS, then the generation config's others; pad falls back to the first EOS."""
     eos: list[int] = []
     if tokenizer.eos_token_id is not None:
         eos.append(int(tokenizer.eos_token_id))
@@ -98,6 +138,30 @@ def special_ids(tokenizer, model) -> tuple[list[int], int]:
         if int(tok) not in eos:
             eos.append(int(tok))
     if not eos:
-        raise ValueError("the student tokenizer has no EOS token: rollouts could not stop")
+        name = getattr(tokenizer, "name_or_path", None) or "the model"
+        raise ValueError(f"{name}: neither the tokenizer nor the generation config names an EOS token: sampling "
+                         f"could not stop")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     return eos, int(pad)
+
+
+@dataclass
+class Policy:
+    """A model ready to sample from, with its tokenizer and the ids that stop and pad its responses."""
+
+    model: object
+    tokenizer: object
+    eos_ids: list[int]
+    pad_id: int
+    device: object
+
+
+def load_policy(path, *, dtype: str = "auto", device="auto", trainable: bool = False) -> Policy:
+    """Tokenizer, then model, from a local folder or the Hugging Face cache (never downloaded)."""
+    from transformers import AutoTokenizer
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = load_causal_lm(path, dtype=dtype, device=device, trainable=trainable)
+    eos_ids, pad_id = special_ids(tokenizer, model)
+    return Policy(model, tokenizer, eos_ids, pad_id, device)
