@@ -23,7 +23,7 @@ import re
 import sys
 from pathlib import Path
 
-from opd.data.io import atomic_path, atomic_write_text
+from opd.io import atomic_path, atomic_write_text
 
 # headline panels: (title, [metric keys or regexes]); each panel draws every key that exists in the run
 HEADLINE: list[tuple[str, list[str]]] = [

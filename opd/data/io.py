@@ -1,65 +1,18 @@
-"""File helpers shared by the data tools: atomic writes and streaming readers for parquet / JSON / JSONL inputs.
+"""Streaming readers for the data files OPD reads: parquet / JSON / JSONL inputs, and folders of them.
 
-Atomic writes (temporary file in the target folder, then os.replace) mean an interrupted tool never leaves a
-half-written output that a later step would read as complete.
+Atomic writes live in `opd.io` (shared by the engine, the report and the demo, not only the data tools).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from opd.data.schema import DataError
 
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".json")
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once at import: os.umask is process-wide, so never toggle it while threads write
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        if Path(tmp).exists():  # mkstemp creates 0600; give the file the mode a plain open() would have
-            os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Move the finished folder `tmp` to `final`. An existing `final` is kept (as `.old-<name>`) until the new one is
-    in place, so a crash in between never leaves neither."""
-    tmp, final = Path(tmp), Path(final)
-    old = final.parent / f".old-{final.name}"
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def expand_inputs(paths: list[str | os.PathLike]) -> list[Path]:

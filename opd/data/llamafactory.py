@@ -22,8 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from opd.data.io import atomic_path, atomic_write_text
 from opd.data.schema import DataError
+from opd.io import atomic_path, atomic_write_text
 
 YAML_NAME = "qwen3_full_sft_cold_start.yaml"
 

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from opd.io import atomic_path
+
 RL_COLUMNS = ("data_source", "prompt", "ability", "reward_model", "extra_info")
 
 
@@ -134,8 +136,6 @@ def write_rl_parquet(rows: list[dict], path: str | os.PathLike) -> None:
         table = pa.Table.from_pylist(rows) if rows else pa.table({c: pa.array([], pa.null()) for c in RL_COLUMNS})
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise DataError(f"rows disagree on a value's type, which one parquet column cannot hold ({e})", file=path) from e
-    from opd.data.io import atomic_path  # io imports this module, so import at call time
-
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 

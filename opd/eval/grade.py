@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from opd.data.schema import DataError
 from opd.eval.metrics import ExampleRollouts, file_metrics
 from opd.eval.verifier import VERDICTS
+from opd.io import atomic_write_text
 
 __all__ = ["read_outputs", "grade_files", "format_table", "main"]
 
@@ -140,10 +140,7 @@ def _write_details(path: Path, recs: list[dict], grades: list, verdicts: list[st
         if verdicts is not None:
             row["verifier"] = verdicts[i]
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    out = details_path(path)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(details_path(path), "".join(lines))
 
 
 def grade_files(files: list[Path], *, tokenizer=None, verifier=None, workers: int | None = None,
@@ -249,10 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                           progress=not args.no_progress, details=args.details)
     first_dir = next((Path(p) for p in args.paths if Path(p).is_dir()), None)
     out = Path(args.output) if args.output else (first_dir or Path(".")) / RESULTS_NAME
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(results, indent=2))
     print(format_table(results))
     print(f"\nwrote {out}")
     return 0

@@ -124,7 +124,7 @@ def write_parquet(rows: list[dict], path: str | os.PathLike) -> Path:
     """Write rows atomically (temp file + os.replace), so a crash never leaves a half-written parquet."""
     import pandas as pd
 
-    from opd.data.io import atomic_path
+    from opd.io import atomic_path
 
     with atomic_path(path) as tmp:
         pd.DataFrame(rows).to_parquet(tmp, index=False)

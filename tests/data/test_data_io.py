@@ -4,12 +4,12 @@ import stat
 
 import pytest
 
-from opd.data.io import atomic_path, atomic_write_text
+from opd.io import atomic_path, atomic_write_text, json_safe
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_write_replaces_and_respects_umask(tmp_path, monkeypatch, umask, mode):
-    import opd.data.io as io_mod
+    import opd.io as io_mod
 
     monkeypatch.setattr(io_mod, "_UMASK", umask)  # the module reads the process umask once, at import
     target = tmp_path / "out" / "a.txt"
@@ -29,6 +29,14 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["b.txt"]
+
+
+def test_json_safe_nulls_every_non_finite_float():
+    import json
+
+    value = {"a": float("nan"), "b": [1.0, float("inf"), (float("-inf"), 2)], "c": "nan", "d": None, "e": 3}
+    assert json_safe(value) == {"a": None, "b": [1.0, None, [None, 2]], "c": "nan", "d": None, "e": 3}
+    assert json.loads(json.dumps(json_safe(value), allow_nan=False))["b"][2] == [None, 2]
 
 
 @pytest.mark.parametrize("layout", ["list", "list_pretty", "data_one_line", "data_pretty", "jsonl_as_json", "jsonl"])

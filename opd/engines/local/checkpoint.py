@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opd.data.io import replace_dir
+from opd.io import replace_dir
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 

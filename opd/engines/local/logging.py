@@ -11,14 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
-
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+from opd.io import atomic_write_text, json_safe
 
 
 class RunLogger:
@@ -40,7 +35,7 @@ class RunLogger:
                                      purge_step=start_step + 1 if start_step > 0 else None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, **{k: _clean(float(v)) for k, v in metrics.items()}}
+        row = {"step": step, **{k: json_safe(float(v)) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         if self._tb is not None:
@@ -81,9 +76,7 @@ def _keep_until(path: Path, step: int) -> None:
         for line in path.read_text().splitlines():
             if line.strip() and json.loads(line).get("step", 0) <= step:
                 kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
