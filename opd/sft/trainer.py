@@ -11,7 +11,8 @@ not prefixes of the full rendering (some templates rewrite earlier turns) is rej
 
 Loss: token-mean cross-entropy over all assistant tokens of the optimiser batch, so micro-batching (gradient
 accumulation) gives the same update as one big batch. Logits are computed only at labelled positions, a chunk at a
-time with recomputation in backward, so a 150k vocabulary never needs [batch, length, vocab] float32 logits. AdamW with linear warmup then cosine decay to `min_lr_ratio`.
+time with recomputation in backward, so a 150k vocabulary never needs [batch, length, vocab] float32 logits.
+AdamW (no decay on 1-D parameters) with linear warmup then cosine decay to `min_lr_ratio` (`opd.optim`).
 An optional `evaluate(model, step) -> dict` callback runs every `eval_every` steps; training stops early when the
 metric `stop_metric` first reaches `stop_threshold` (the toy demo stops the student's cold start at a target dev
 accuracy, because a fixed step count lands anywhere on its steep learning curve).
@@ -29,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
+
+from opd.optim import make_optimizer, make_scheduler
 
 IGNORE = -100
 
@@ -213,14 +216,6 @@ def token_loss_sum(model, ids, mask, labels, chunk_tokens: int = 2048) -> tuple[
     return total, n
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine from 1 to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_sft(
     model,
     data: Encoded,
@@ -237,15 +232,11 @@ def train_sft(
     n = len(data.input_ids)
     total = config.steps or max(1, math.ceil(config.epochs * n / config.batch_size))
     micro = config.micro_batch_size or config.batch_size
-    warmup = int(config.warmup_ratio * total)
     device = next(model.parameters()).device
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=config.betas,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, config.min_lr_ratio))
+    opt = make_optimizer(model, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+                         decay_1d_params=False)
+    sched = make_scheduler(opt, kind="cosine", total_steps=total, warmup_ratio=config.warmup_ratio,
+                           min_lr_ratio=config.min_lr_ratio)
     rng = random.Random(config.seed)
     order: list[int] = []
     logs: list[dict] = []

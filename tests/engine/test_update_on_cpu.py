@@ -9,7 +9,8 @@ import torch
 
 from opd.engines.local import trainer
 from opd.engines.local.logging import read_metrics
-from opd.engines.local.update import make_optimizer, make_scheduler, optimizer_step
+from opd.engines.local.update import optimizer_step
+from opd.optim import make_optimizer, make_scheduler
 
 
 def _lrs(kind: str, total: int, warmup_ratio: float) -> list[float]:
@@ -28,9 +29,10 @@ def test_constant_and_cosine_with_warmup():
     assert _lrs("constant", 5, 0.03) == [1.0] * 5
     lrs = _lrs("cosine", 100, 0.03)
     assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # 3% of 100 steps of linear warmup
-    expected = [0.5 * (1 + math.cos(math.pi * (s - 3 + 1) / 97)) for s in range(3, 100)]
+    # opd.optim's convention: the decay starts at the peak and reaches 0 just after the last step (never at lr 0)
+    expected = [0.5 * (1 + math.cos(math.pi * (s - 3) / 97)) for s in range(3, 100)]
     assert lrs[3:] == pytest.approx(expected)
-    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lrs[3] == 1.0 and 0 < lrs[-1] < 1e-3 and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
 
 
 def test_non_finite_gradient_skips_the_step():

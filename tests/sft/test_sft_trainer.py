@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from opd.sft.trainer import (
-    IGNORE, SFTConfig, collate, encode_conversation, encode_dataset, lr_factor, token_loss_sum, train_sft,
-)
+from opd.optim import lr_factor
+from opd.sft.trainer import IGNORE, SFTConfig, collate, encode_conversation, encode_dataset, token_loss_sum, train_sft
 from opd.toy import Problem, build_tiny_model, build_toy_tokenizer, sample_problems, sft_messages
 
 

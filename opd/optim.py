@@ -1,0 +1,61 @@
+"""The optimiser and learning-rate schedule of every OPD trainer (`opd train` and `opd sft`): one convention.
+
+AdamW over the trainable parameters. `decay_1d_params=False` exempts 1-D parameters (biases, norm gains) from weight
+decay, the usual transformer recipe that `opd sft` follows; `opd train` decays every parameter, as plain torch does
+(kept so its runs and resumed checkpoints stay as they were). Each tool keeps its own defaults (betas, weight decay,
+warmup ratio, min_lr_ratio) and passes them here.
+
+Schedule `cosine` (`constant` is lr throughout), for step s = 0 .. total-1, counted as optimiser steps already taken:
+  warmup = floor(warmup_ratio * total)  (a 1e-6 tolerance, so 0.29 * 100 gives 29, not 28)
+  s < warmup:  lr * (s + 1) / warmup  (the first step never has lr 0)
+  s >= warmup: lr * (m + (1 - m) * (1 + cos(pi * (s - warmup) / (total - warmup))) / 2),  m = min_lr_ratio
+The first step after the warmup is at the peak again, and the floor is reached just after the last step. Until this
+module, `opd train` used another convention (warmup max(1, round(r * total)), decay one step earlier) whose cosine
+reached 0 on the last step: that step's rollout, scoring and backward were spent on a zero update. The convention
+above is `opd sft`'s, so the embedded demo (SFT stages cosine with warmup 0.05, OPD stage constant) is unchanged;
+floor rather than round is also `opd sft`'s and never warms up longer than asked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["warmup_steps", "lr_factor", "make_optimizer", "make_scheduler"]
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """Steps of linear warmup: floor(warmup_ratio * total_steps), robust to float error."""
+    return int(math.floor(warmup_ratio * total_steps + 1e-6))
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier of step `step` (0-based): linear warmup over `warmup` steps, then cosine from 1 to `min_ratio`
+    at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, *, lr: float, betas: tuple[float, float], weight_decay: float,
+                   decay_1d_params: bool = True) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; with decay_1d_params=False, 1-D ones (biases, norms) get no decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_1d_params:
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def make_scheduler(optimizer, *, kind: str, total_steps: int, warmup_ratio: float,
+                   min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """`constant`, or `cosine`: linear warmup then cosine to lr * min_lr_ratio (the convention in the module doc)."""
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if kind != "cosine":
+        raise ValueError(f"unknown LR schedule {kind!r}; expected constant or cosine")
+    warmup = warmup_steps(total_steps, warmup_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup, min_lr_ratio))

@@ -1,0 +1,89 @@
+"""One optimiser and LR schedule for `opd train` and `opd sft`: hand-computed values for both tools' settings, and
+the demo's settings reproduce exactly what each tool computed before the two were merged."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from opd.optim import lr_factor, make_optimizer, make_scheduler, warmup_steps
+
+
+def _lrs(total: int, warmup_ratio: float, min_lr_ratio: float = 0.0, kind: str = "cosine") -> list[float]:
+    opt = make_optimizer(torch.nn.Linear(2, 2), lr=1.0, betas=(0.9, 0.999), weight_decay=0.0)
+    sched = make_scheduler(opt, kind=kind, total_steps=total, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+# 10 steps, warmup 0.2 -> 2 steps; then (1 + cos(pi * j / 8)) / 2 for j = 0..7, by hand
+_COSINE_8 = [1.0, 0.9619397663, 0.8535533906, 0.6913417162, 0.5, 0.3086582838, 0.1464466094, 0.0380602337]
+
+
+def test_opd_train_schedule_by_hand():
+    """`opd train`: cosine to 0 (min_lr_ratio 0)."""
+    assert _lrs(10, 0.2) == pytest.approx([0.5, 1.0, *_COSINE_8], abs=1e-9)
+    assert _lrs(4, 0.03, kind="constant") == [1.0] * 4  # the engine's default schedule
+
+
+def test_opd_sft_schedule_by_hand(tmp_path):
+    """`opd sft`: cosine to min_lr_ratio (0.1), through train_sft itself (each log's lr is the next step's)."""
+    from opd.sft.trainer import SFTConfig, encode_dataset, train_sft
+    from opd.toy import build_tiny_model, build_toy_tokenizer, sample_problems, sft_messages
+
+    expected = [0.5, 1.0, *(0.1 + 0.9 * c for c in _COSINE_8)]
+    assert _lrs(10, 0.2, 0.1) == pytest.approx(expected, abs=1e-9)
+    tok = build_toy_tokenizer()
+    data = encode_dataset(tok, [m["messages"] for m in sft_messages(sample_problems(4, 0))], max_length=200)
+    logs = train_sft(build_tiny_model(tok, "tiny", seed=0), data,
+                     SFTConfig(lr=1e-3, steps=10, batch_size=2, warmup_ratio=0.2, log_every=1, progress=False),
+                     pad_token_id=tok.pad_token_id)
+    assert [r["lr"] / 1e-3 for r in logs[:-1]] == pytest.approx(expected[1:], abs=1e-9)
+
+
+def test_warmup_is_the_floor_of_the_ratio():
+    cases = {(100, 0.03): 3, (4, 0.25): 1, (12, 0.05): 0, (50, 0.05): 2, (40, 0.05): 2, (6, 0.05): 0}
+    assert {key: warmup_steps(*key) for key in cases} == cases
+    assert warmup_steps(100, 0.29) == 29  # 0.29 * 100 = 28.999999999999996 in floats
+    assert _lrs(4, 0.0) == pytest.approx([1.0, *((1 + math.cos(math.pi * s / 4)) / 2 for s in (1, 2, 3))])
+
+
+def _old_sft_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """opd sft's schedule before opd.optim (verbatim), the reference for the demo's SFT stages."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@pytest.mark.parametrize("total", [1000, 1500, 6, 4, 40, 50, 12, 2])  # demo teacher / cold start (full, --tiny), tests
+def test_demo_sft_settings_reproduce_the_old_schedule_exactly(total):
+    opt = make_optimizer(torch.nn.Linear(2, 2), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01, decay_1d_params=False)
+    sched = make_scheduler(opt, kind="cosine", total_steps=total, warmup_ratio=0.05, min_lr_ratio=0.1)
+    warmup = int(0.05 * total)
+    assert [sched.lr_lambdas[0](s) for s in range(total)] == [_old_sft_factor(s, total, warmup, 0.1)
+                                                              for s in range(total)]
+
+
+def test_param_groups_of_both_tools():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2, bias=False))
+    model[0].bias.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # opd train: one group, every trainable parameter decayed (torch's default)
+    opt = make_optimizer(model, lr=0.1, betas=(0.9, 0.999), weight_decay=0.01)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == trainable
+    assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[0]["betas"] == (0.9, 0.999)
+    # opd sft: matrices decayed, 1-D parameters (biases, norms) not, in this group order
+    opt = make_optimizer(model, lr=0.1, betas=(0.9, 0.95), weight_decay=0.01, decay_1d_params=False)
+    decay, no_decay = opt.param_groups
+    assert decay["params"] == [model[0].weight, model[2].weight] and decay["weight_decay"] == 0.01
+    assert no_decay["params"] == [model[1].weight, model[1].bias] and no_decay["weight_decay"] == 0.0
+    assert lr_factor(0, 10, 0) == 1.0
+    with pytest.raises(ValueError, match="unknown LR schedule"):
+        make_scheduler(opt, kind="linear", total_steps=2, warmup_ratio=0.0)
