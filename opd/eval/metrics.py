@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from opd.grading.normalize import normalize_answer, parse_number
 
-__all__ = ["ExampleRollouts", "answer_key", "majority_index", "distinct_ngram_ratio", "file_metrics"]
+__all__ = ["ExampleRollouts", "answer_key", "majority_index", "majority_score", "distinct_ngram_ratio", "file_metrics"]
 
 
 @dataclass
@@ -48,6 +48,13 @@ def majority_index(extracted: Sequence[str | None]) -> int | None:
     return next(i for i, k in enumerate(keys) if k is not None and counts[k] == best)
 
 
+def majority_score(extracted: Sequence[str | None], scores: Sequence[float]) -> float:
+    """maj@n of one problem: the score of the majority answer (0 when no sample has an answer). The one definition
+    for training validation (val/<source>/maj@n) and `opd eval grade` (maj_score), so the two agree."""
+    i = majority_index(extracted)
+    return 0.0 if i is None else scores[i]
+
+
 def distinct_ngram_ratio(texts: Sequence[str], n: int = 4) -> float | None:
     """Distinct word n-grams over all word n-grams in ``texts`` (None when there are none)."""
     grams: Counter = Counter()
@@ -66,10 +73,7 @@ def file_metrics(examples: Sequence[ExampleRollouts], lengths: Sequence[int] | N
     """All metrics of one output file; ``lengths`` are response lengths in tokens (one per sample) if known."""
     if not examples:
         raise ValueError("file_metrics needs at least one example")
-    maj = []
-    for ex in examples:
-        i = majority_index(ex.extracted)
-        maj.append(0.0 if i is None else ex.scores[i])
+    maj = [majority_score(ex.extracted, ex.scores) for ex in examples]
     distinct = [r for r in (distinct_ngram_ratio(ex.responses, 4) for ex in examples) if r is not None]
     counts = [len(ex.scores) for ex in examples]
     return {

@@ -2,29 +2,21 @@
 
 Metrics (all under the "val/" prefix, which training-batch diagnostics never use): `val/<source>/mean@n` (average
 accuracy of the n samples = avg@n), `val/<source>/best@n` (some sample correct = pass@n), `val/<source>/maj@n`
-(the most frequent extracted answer is correct; ties go to the answer seen first), `val/<source>/response_length`,
+(the most frequent final answer is correct: `opd.eval.metrics.majority_score`, the maj_score of `opd eval grade`, so
+"1/2" and "0.5" are one answer; ties go to the answer seen first), `val/<source>/response_length`,
 and `val/mean@n` over every problem of every file. Sampling uses its own generator seeded from (seed, step), so
 validating or not never changes the training samples (a resumed run stays identical).
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import torch
 
 from opd.engines.local.data import PromptSet
 from opd.engines.local.rollout import generate
-
-
-def majority_correct(extracted: list[str | None], scores: list[float]) -> float:
-    """Score of the most common extracted answer (format errors do not vote; none at all -> 0)."""
-    votes = Counter(a for a in extracted if a is not None)
-    if not votes:
-        return 0.0
-    top = max(votes.values())
-    winner = next(a for a in extracted if a is not None and votes[a] == top)
-    return scores[extracted.index(winner)]
+from opd.eval.metrics import majority_score
 
 
 def summarise(n: int, per_problem: list[tuple[str, list[float], list[str | None], list[int]]]) -> dict[str, float]:
@@ -36,7 +28,7 @@ def summarise(n: int, per_problem: list[tuple[str, list[float], list[str | None]
     for source, items in sorted(by_source.items()):
         out[f"val/{source}/mean@{n}"] = sum(sum(s) / len(s) for _, s, _, _ in items) / len(items)
         out[f"val/{source}/best@{n}"] = sum(max(s) for _, s, _, _ in items) / len(items)
-        out[f"val/{source}/maj@{n}"] = sum(majority_correct(e, s) for _, s, e, _ in items) / len(items)
+        out[f"val/{source}/maj@{n}"] = sum(majority_score(e, s) for _, s, e, _ in items) / len(items)
         out[f"val/{source}/response_length"] = sum(sum(ln) / len(ln) for *_, ln in items) / len(items)
     out[f"val/mean@{n}"] = sum(sum(s) / len(s) for _, s, _, _ in per_problem) / len(per_problem)
     return out
