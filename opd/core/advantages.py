@@ -40,14 +40,19 @@ from opd.core.registry import Registry
 GRPO_EPS = 1e-6  # added to the group std before dividing (a constant group gives 0, not inf)
 
 
+SUPPORTS = frozenset({"sampled", "topk", "full"})  # OPDConfig.support kinds
+
+
 @dataclass(frozen=True)
 class AdvantageEstimator:
-    """A registered estimator and the inputs it cannot run without."""
+    """A registered estimator, the inputs it cannot run without, and the supports it works on."""
 
     fn: Callable[..., torch.Tensor]
-    needs_token_rewards: bool
+    needs_token_rewards: bool  # False: no teacher at all (the run is plain RL on the sampled token, top_k = 0)
     needs_outcome_scores: bool
     needs_group_index: bool
+    supports: frozenset[str]  # OPDConfig.support kinds it accepts
+    sampled_slot: bool  # on a top-k support it returns C + 1 slots, the last one for the sampled token
 
     def __call__(self, **kwargs) -> torch.Tensor:
         return self.fn(**kwargs)
@@ -56,11 +61,17 @@ class AdvantageEstimator:
 ADV_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
 
 
-def register_estimator(name: str, *, needs_token_rewards: bool, needs_outcome_scores: bool, needs_group_index: bool):
-    """Decorator: register `fn` under `name` (a duplicate name raises)."""
+def register_estimator(name: str, *, needs_token_rewards: bool, needs_outcome_scores: bool, needs_group_index: bool,
+                       supports: tuple[str, ...] = ("sampled", "topk"), sampled_slot: bool = False):
+    """Decorator: register `fn` under `name` (a duplicate name raises). The full vocabulary (top_k = -1) has no
+    per-slot advantage, so only the built-ins that `full_vocab_outcome_advantages` knows list "full"."""
+    unknown = set(supports) - SUPPORTS
+    if unknown:
+        raise ValueError(f"estimator {name!r}: unknown supports {sorted(unknown)}; valid: {sorted(SUPPORTS)}")
 
     def deco(fn):
-        est = AdvantageEstimator(fn, needs_token_rewards, needs_outcome_scores, needs_group_index)
+        est = AdvantageEstimator(fn, needs_token_rewards, needs_outcome_scores, needs_group_index,
+                                 frozenset(supports), sampled_slot)
         ADV_ESTIMATORS.register(name)(est)
         return fn
 
@@ -175,17 +186,15 @@ def grpo_outcome_advantage_N(outcome_scores_N: torch.Tensor, group_index_N: torc
     return _group_normalise(scores, torch.ones_like(scores), gid, G, by_std)
 
 
-@register_estimator(
-    "token_reward_direct", needs_token_rewards=True, needs_outcome_scores=False, needs_group_index=False
-)
+@register_estimator("token_reward_direct", needs_token_rewards=True, needs_outcome_scores=False,
+                    needs_group_index=False, supports=("sampled", "topk", "full"))
 def token_reward_direct(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg):
     """The teacher reward is the advantage: no baseline, no whitening, no discount."""
     return token_rewards * _mask_like(response_mask_NT, token_rewards)
 
 
-@register_estimator(
-    "token_reward_direct_plus_grpo", needs_token_rewards=True, needs_outcome_scores=True, needs_group_index=True
-)
+@register_estimator("token_reward_direct_plus_grpo", needs_token_rewards=True, needs_outcome_scores=True,
+                    needs_group_index=True, supports=("sampled", "topk", "full"), sampled_slot=True)
 def token_reward_direct_plus_grpo(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg):
     """Direct OPD advantage + w * GRPO outcome advantage on the sampled token ([N,T,C] -> [N,T,C+1], see module doc)."""
     direct = token_rewards * _mask_like(response_mask_NT, token_rewards)
@@ -201,7 +210,8 @@ def token_reward_direct_plus_grpo(*, token_rewards, response_mask_NT, group_inde
     return torch.cat([direct, outcome_NT.unsqueeze(-1)], dim=-1)
 
 
-@register_estimator("token_grpo", needs_token_rewards=True, needs_outcome_scores=False, needs_group_index=True)
+@register_estimator("token_grpo", needs_token_rewards=True, needs_outcome_scores=False, needs_group_index=True,
+                    supports=("sampled",))
 def token_grpo(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg):
     """Group-normalise every valid token reward of a prompt's rollouts, then reward-to-go (reverse cumsum over t)."""
     if token_rewards.dim() != 2:
@@ -213,7 +223,8 @@ def token_grpo(*, token_rewards, response_mask_NT, group_index_N, outcome_scores
     return to_go * mask
 
 
-@register_estimator("grpo", needs_token_rewards=False, needs_outcome_scores=True, needs_group_index=True)
+@register_estimator("grpo", needs_token_rewards=False, needs_outcome_scores=True, needs_group_index=True,
+                    supports=("sampled",))
 def grpo(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg):
     """Outcome GRPO: the rollout's group-relative rule reward on every valid token ([N, T])."""
     adv_N = grpo_outcome_advantage_N(outcome_scores_N, group_index_N, cfg.norm_adv_by_std)

@@ -8,23 +8,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-TOP_K_STRATEGIES = ("only_stu", "only_tch", "intersection", "union", "union-intersection")
-REWARD_WEIGHT_MODES = ("student_p", "teacher_p", "none")
-ADV_ESTIMATORS = ("token_reward_direct", "token_reward_direct_plus_grpo", "token_grpo", "grpo")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_LOSS_TYPES = ("low_var_kl", "k1", "k2")
-TEACHABILITY_MODES = ("off", "mask", "weight")
+from opd.core.logits import DEFAULT_CHUNK_SIZE
+
 FULL_VOCAB = -1  # LOG_PROB_TOP_K=-1: exact reverse KL over the whole vocabulary
-# Rows (positions) per chunk in the logits kernels. At V = 151,936 a 256-row float32 chunk is ~150 MB, so the
-# chunked paths peak at 1/16-1/64 of a naive full log-softmax (bench/bench_rewards.py); tiny vocabularies pay only
-# a few more loop iterations.
-DEFAULT_CHUNK_SIZE = 256
+SUPPORT_TOP_K = {"sampled": "top_k=0 (the sampled token)", "topk": "top_k > 0 (a top-k support)",
+                 "full": "top_k=-1 (the full vocabulary)"}
 
 
 @dataclass(frozen=True)
 class OPDConfig:
     # --- supervision support (spec §1-§3) ---
-    top_k: int = 16  # LOG_PROB_TOP_K: 0 = sampled token, K > 0 = top-k support, -1 = full vocabulary
+    top_k: int = 16  # LOG_PROB_TOP_K: 0 = sampled token, K > 0 = top-k support, -1 = full vocabulary (see `support`)
     top_k_strategy: str = "only_stu"  # TOP_K_STRATEGY
     reward_weight_mode: str = "student_p"  # REWARD_WEIGHT_MODE
     temperature: float = 1.0  # student (rollout) temperature applied to student logits
@@ -38,6 +32,7 @@ class OPDConfig:
     grpo_outcome_weight: float = 1.0  # GRPO_OUTCOME_WEIGHT
     norm_adv_by_std: bool = True  # GRPO std normalisation
     # --- update (spec §5) ---
+    policy_loss: str = "ppo"  # POLICY_LOSS: ppo (dual-clip surrogate) | importance_sampling | a registered name
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
     clip_ratio_c: float = 3.0  # dual clip for negative advantages
@@ -55,14 +50,26 @@ class OPDConfig:
             if not isinstance(value, accepted[f.type]) or (isinstance(value, bool) and f.type != "bool"):
                 raise ValueError(f"OPDConfig.{f.name}={value!r} is not valid; expected a value of type {f.type}")
 
-        def check_choice(name: str, allowed: tuple[str, ...]) -> None:
+        # names come from the registries of the modules that implement them (plugins included), never a copy here
+        from opd.core.advantages import ADV_ESTIMATORS
+        from opd.core.full_vocab import FULL_VOCAB_WEIGHT_MODES
+        from opd.core.loss import KL_LOSS_TYPES, LOSS_AGG_MODES, POLICY_LOSSES
+        from opd.core.plugins import load_plugins
+        from opd.core.rewards import WEIGHT_MODES
+        from opd.core.support import STRATEGIES
+        from opd.core.teachability import TEACHABILITY_MODES
+
+        load_plugins()
+
+        def check_choice(name: str, allowed) -> None:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"OPDConfig.{name}={value!r} is not valid; allowed: {', '.join(allowed)}")
 
-        check_choice("top_k_strategy", TOP_K_STRATEGIES)
-        check_choice("reward_weight_mode", REWARD_WEIGHT_MODES)
-        check_choice("adv_estimator", ADV_ESTIMATORS)
+        check_choice("top_k_strategy", STRATEGIES.names())
+        check_choice("reward_weight_mode", WEIGHT_MODES.names())
+        check_choice("adv_estimator", ADV_ESTIMATORS.names())
+        check_choice("policy_loss", POLICY_LOSSES.names())
         check_choice("loss_agg_mode", LOSS_AGG_MODES)
         check_choice("kl_loss_type", KL_LOSS_TYPES)
         check_choice("teachability", TEACHABILITY_MODES)
@@ -84,20 +91,37 @@ class OPDConfig:
             raise ValueError(f"OPDConfig.chunk_size={self.chunk_size!r} is not valid; expected >= 1")
         if self.kl_coef < 0:
             raise ValueError(f"OPDConfig.kl_coef={self.kl_coef!r} is not valid; expected >= 0")
-        if self.tail_bucket and self.top_k <= 0:
+        if self.tail_bucket and self.support != "topk":
             raise ValueError("OPDConfig.tail_bucket=True needs a top-k support (top_k > 0)")
-        if self.teachability != "off" and self.top_k <= 0:
+        if self.teachability != "off" and self.support != "topk":
             raise ValueError(f"OPDConfig.teachability={self.teachability!r} needs a top-k support (top_k > 0)")
-        if self.adv_estimator == "token_grpo" and self.top_k != 0:
-            raise ValueError("OPDConfig.adv_estimator='token_grpo' needs top_k=0 (one reward per token)")
+        if self.support == "full" and self.reward_weight_mode not in FULL_VOCAB_WEIGHT_MODES:
+            raise ValueError(f"OPDConfig.reward_weight_mode={self.reward_weight_mode!r} has no full-vocabulary kernel "
+                             f"(top_k=-1); allowed there: {', '.join(FULL_VOCAB_WEIGHT_MODES)}")
+        estimator = ADV_ESTIMATORS.get(self.adv_estimator)
+        if not estimator.needs_token_rewards and self.top_k != 0:
+            raise ValueError(f"OPDConfig.adv_estimator={self.adv_estimator!r} uses no teacher, but LOG_PROB_TOP_K "
+                             f"(top_k)={self.top_k}; set it to 0")
+        if self.support not in estimator.supports:
+            raise ValueError(f"OPDConfig.adv_estimator={self.adv_estimator!r} needs "
+                             f"{' or '.join(SUPPORT_TOP_K[kind] for kind in estimator.supports)}; got top_k={self.top_k}")
+
+    @property
+    def support(self) -> str:
+        """The kind of support the teacher supervises: the sampled token, a top-k set, or the full vocabulary."""
+        if self.top_k == FULL_VOCAB:
+            return "full"
+        return "topk" if self.top_k > 0 else "sampled"
 
     @property
     def full_vocab(self) -> bool:
-        return self.top_k == FULL_VOCAB
+        return self.support == "full"
 
     @property
     def needs_teacher(self) -> bool:
-        return self.adv_estimator != "grpo"
+        from opd.core.advantages import ADV_ESTIMATORS
+
+        return ADV_ESTIMATORS.get(self.adv_estimator).needs_token_rewards
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from opd.core.config import DEFAULT_CHUNK_SIZE
-from opd.core.logits import RowChunks, _check_temperature, _float_chunk
+from opd.core.logits import DEFAULT_CHUNK_SIZE, RowChunks, _check_temperature, _float_chunk
 
+
+# The weightings this kernel implements in closed form over the vocabulary (a weight mode registered by a plugin
+# works on slot supports; over the full vocabulary it needs its own kernel here).
 FULL_VOCAB_WEIGHT_MODES = ("student_p", "teacher_p", "none")
 
 
@@ -129,7 +131,8 @@ def full_vocab_pg_loss_NT(
     gradient itself (in the student logits' dtype); the teacher logits are referenced until backward.
     """
     if weight_mode not in FULL_VOCAB_WEIGHT_MODES:
-        raise ValueError(f"weight_mode={weight_mode!r} is not valid; allowed: {', '.join(FULL_VOCAB_WEIGHT_MODES)}")
+        raise ValueError(f"weight_mode={weight_mode!r} is not valid for the full vocabulary; allowed: "
+                         f"{', '.join(FULL_VOCAB_WEIGHT_MODES)}")
     _check_temperature(temperature)
     _check_temperature(teacher_temperature)
     _check_pair(student_logits_NTV, teacher_logits_NTV)

@@ -1,5 +1,12 @@
-"""The update's loss (spec §5): per-slot PPO clipped surrogate summed over support slots, token aggregation, and
-the optional KL-to-reference term, as plain tensor functions every engine calls.
+"""The update's loss: a per-slot policy surrogate summed over support slots, token aggregation, and the optional
+KL-to-reference term, as plain tensor functions every engine calls.
+
+Policy losses are registered in `POLICY_LOSSES` and chosen by `OPDConfig.policy_loss` (POLICY_LOSS):
+- `ppo` (default): the dual-clip PPO surrogate -min(r A, clip(r) A), floored at -clip_ratio_c * A for A < 0;
+- `importance_sampling`: -r A with no clipping (Tinker's default loss for on-policy distillation).
+On-policy (one optimiser step per rollout batch, r = 1) both have the same gradient -A grad lp; they differ only
+when the ratio moves away from 1. A registered loss has the signature
+`fn(log_prob, old_log_prob, advantages, cfg) -> (elementwise loss, {"ratio", "clipped", "dual_clipped"})`.
 
 Why the slot dimension is kept: the top-k OPD signal is sum_c A_t(c) grad lp_t(v_c). Collapsing the K advantages
 into one scalar on the sampled token has zero expected gradient, so `log_prob`, `old_log_prob` and `advantages`
@@ -24,9 +31,18 @@ from one draw. In the 2-D path it is the usual estimate at the sampled token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 
-from opd.core.config import LOSS_AGG_MODES, OPDConfig
+from opd.core.registry import Registry
+
+if TYPE_CHECKING:
+    from opd.core.config import OPDConfig
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_LOSS_TYPES = ("low_var_kl", "k1", "k2")
 
 LOG_RATIO_CLAMP = 20.0  # |lp - old_lp| is clamped before exp so a stale sample cannot overflow the ratio
 LOW_VAR_KL_CLAMP = 10.0  # the low-variance KL estimate is clamped to [-10, 10] (it explodes when ref >> p)
@@ -102,6 +118,15 @@ def _zero_invalid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, x, torch.zeros_like(x))
 
 
+SurrogateFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+POLICY_LOSSES: Registry[SurrogateFn] = Registry("policy loss")
+
+
+def _ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> torch.Tensor:
+    return torch.exp((log_prob - old_log_prob.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+@POLICY_LOSSES.register("ppo")
 def clipped_surrogate(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, cfg: OPDConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -110,8 +135,7 @@ def clipped_surrogate(
     Returns the loss (same shape) and elementwise tensors for metrics: ratio, clipped (the clipped branch was
     active), dual_clipped (the dual-clip floor was active)."""
     adv = advantages.detach()
-    log_ratio = (log_prob - old_log_prob.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
+    ratio = _ratio(log_prob, old_log_prob)
     loss_unclipped = -adv * ratio
     loss_clipped = -adv * ratio.clamp(1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
     loss_ppo = torch.maximum(loss_unclipped, loss_clipped)
@@ -123,6 +147,16 @@ def clipped_surrogate(
         "dual_clipped": ((adv < 0) & (loss_ppo > -adv * cfg.clip_ratio_c)).detach(),
     }
     return loss, info
+
+
+@POLICY_LOSSES.register("importance_sampling")
+def importance_sampling(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, cfg: OPDConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Elementwise -r A, no clipping: the plain importance-weighted policy gradient."""
+    ratio = _ratio(log_prob, old_log_prob)
+    never = torch.zeros_like(ratio, dtype=torch.bool)
+    return -advantages.detach() * ratio, {"ratio": ratio.detach(), "clipped": never, "dual_clipped": never.clone()}
 
 
 def policy_loss(
@@ -137,14 +171,14 @@ def policy_loss(
     total_tokens: float | None = None,
     total_seqs: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-slot PPO surrogate, summed over slots, aggregated by `cfg.loss_agg_mode`.
+    """Per-slot surrogate (`cfg.policy_loss`), summed over slots, aggregated by `cfg.loss_agg_mode`.
 
     `log_prob` carries the gradient (gathered from a full-vocabulary log-softmax); `old_log_prob` and `advantages`
     are constants. Invalid slots and masked positions contribute exactly 0. Metrics are over counted elements."""
     _check_shapes(log_prob, old_log_prob, advantages, response_mask_NT, slot_valid_NTC)
     valid = _valid_elements(log_prob, response_mask_NT, slot_valid_NTC)
     # zero the inputs, not only the output: an inf/nan at an invalid slot would otherwise reach the gradient (0 * nan)
-    loss_el, info = clipped_surrogate(
+    loss_el, info = POLICY_LOSSES.get(cfg.policy_loss)(
         _zero_invalid(log_prob, valid), _zero_invalid(old_log_prob, valid), _zero_invalid(advantages, valid), cfg
     )
     loss_el = _zero_invalid(loss_el, valid)
@@ -192,7 +226,7 @@ def kl_to_reference(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: st
     if kind == "low_var_kl":
         log_r = (ref - log_prob).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         return (torch.exp(log_r) - log_r - 1).clamp(-LOW_VAR_KL_CLAMP, LOW_VAR_KL_CLAMP)
-    raise ValueError(f"kl_loss_type={kind!r} is not valid; allowed: low_var_kl, k1, k2")
+    raise ValueError(f"kl_loss_type={kind!r} is not valid; allowed: {', '.join(KL_LOSS_TYPES)}")
 
 
 def kl_per_position(

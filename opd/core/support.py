@@ -25,8 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.core.config import DEFAULT_CHUNK_SIZE
-from opd.core.logits import logprobs_at
+from opd.core.logits import DEFAULT_CHUNK_SIZE, logprobs_at
 from opd.core.registry import Registry
 from opd.core.types import Support
 
@@ -226,14 +225,3 @@ def slot_logprobs(
     tail_NT = tail_logprob(lp_NTK, valid_NTC[..., :-1])
     return torch.cat([lp_NTK, tail_NT[..., None]], dim=-1)
 
-
-def support_logprobs(
-    logits_NTV: torch.Tensor,
-    support: Support,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> torch.Tensor:
-    """`slot_logprobs` at a support's slots, [N, T, C]."""
-    return slot_logprobs(logits_NTV, support.ids_NTC, support.valid_NTC, has_tail=support.has_tail,
-                         temperature=temperature, chunk_size=chunk_size)

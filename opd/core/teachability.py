@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from opd.core.config import TEACHABILITY_MODES, OPDConfig
+from typing import TYPE_CHECKING
+
 from opd.core.support import topk_membership
+
+if TYPE_CHECKING:
+    from opd.core.config import OPDConfig
+
+TEACHABILITY_MODES = ("off", "mask", "weight")
 
 
 @torch.no_grad()

@@ -6,8 +6,12 @@ import dataclasses
 
 import pytest
 
-from opd.core import config as C
+from opd.core.advantages import ADV_ESTIMATORS
 from opd.core.config import OPDConfig
+from opd.core.loss import KL_LOSS_TYPES, LOSS_AGG_MODES, POLICY_LOSSES
+from opd.core.rewards import WEIGHT_MODES
+from opd.core.support import STRATEGIES
+from opd.core.teachability import TEACHABILITY_MODES
 
 
 def test_defaults_are_the_spec_defaults():
@@ -24,12 +28,13 @@ def test_defaults_are_the_spec_defaults():
 @pytest.mark.parametrize(
     "field,allowed",
     [
-        ("top_k_strategy", C.TOP_K_STRATEGIES),
-        ("reward_weight_mode", C.REWARD_WEIGHT_MODES),
-        ("adv_estimator", C.ADV_ESTIMATORS),
-        ("loss_agg_mode", C.LOSS_AGG_MODES),
-        ("kl_loss_type", C.KL_LOSS_TYPES),
-        ("teachability", C.TEACHABILITY_MODES),
+        ("top_k_strategy", STRATEGIES.names()),
+        ("reward_weight_mode", WEIGHT_MODES.names()),
+        ("adv_estimator", ADV_ESTIMATORS.names()),
+        ("policy_loss", POLICY_LOSSES.names()),
+        ("loss_agg_mode", LOSS_AGG_MODES),
+        ("kl_loss_type", KL_LOSS_TYPES),
+        ("teachability", TEACHABILITY_MODES),
     ],
 )
 def test_choice_fields_name_field_and_allowed_values(field, allowed):
@@ -40,7 +45,7 @@ def test_choice_fields_name_field_and_allowed_values(field, allowed):
     assert all(a in msg for a in allowed)
     for value in allowed:  # every listed value is accepted (with a compatible top_k)
         kwargs = {field: value}
-        if (field, value) == ("adv_estimator", "token_grpo"):
+        if (field, value) in (("adv_estimator", "token_grpo"), ("adv_estimator", "grpo")):
             kwargs["top_k"] = 0
         if field == "teachability":
             kwargs["top_k"] = 4

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from opd.core.config import LOSS_AGG_MODES, OPDConfig
+from opd.core.config import OPDConfig
+from opd.core.loss import LOSS_AGG_MODES
 from opd.core.loss import agg_loss, apply_format_mask, kl_loss, kl_per_position, kl_to_reference, policy_loss
 
 F64 = torch.float64
@@ -380,14 +381,14 @@ def test_losses_on_device_match_cpu(device):
 
 @pytest.mark.parametrize("K", [1, 4])
 def test_pipeline_from_logits_to_gradient_matches_brute_force(K):
-    """logits -> logit_stats -> build_support -> compute_rewards -> compute_advantages -> support_logprobs ->
+    """logits -> logit_stats -> build_support -> compute_rewards -> compute_advantages -> slot_logprobs ->
     policy_loss: the gradient equals -sum_c A(c) grad log p(v_c) with A from a float64 brute force of the spec
     (only_stu, student_p: A(c) = p(v_c) / sum_S p * (log q(v_c) - log p(v_c)), S = student top-K), non-zero at K = 1,
     and exactly zero when the teacher is the student."""
     from opd.core.advantages import compute_advantages
     from opd.core.logits import logit_stats
     from opd.core.rewards import compute_rewards
-    from opd.core.support import build_support, support_logprobs
+    from opd.core.support import build_support, slot_logprobs
 
     gen = torch.Generator().manual_seed(40 + K)
     N, T, D, V = 3, 5, 4, 13
@@ -405,7 +406,7 @@ def test_pipeline_from_logits_to_gradient_matches_brute_force(K):
                                 teacher_topk_ids_NTK=t.topk_ids_NTK, student_lp_at_student_NTK=s.topk_lp_NTK,
                                 teacher_lp_at_student_NTK=t.lp_at_ids_NTJ)
             adv = compute_advantages(cfg, token_rewards=compute_rewards(cfg, sup), response_mask_NT=mask)
-        lp = support_logprobs(logits, sup)
+        lp = slot_logprobs(logits, sup.ids_NTC, sup.valid_NTC, has_tail=sup.has_tail)
         loss, _ = policy_loss(lp, lp.detach(), adv, mask, sup.valid_NTC, cfg)
         (grad,) = torch.autograd.grad(loss, W)
         return grad, sup

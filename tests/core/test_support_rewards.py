@@ -12,18 +12,21 @@ import math
 import pytest
 import torch
 
-from opd.core.config import OPDConfig, REWARD_WEIGHT_MODES, TOP_K_STRATEGIES
-from opd.core.rewards import candidate_rewards, candidate_weights, compute_rewards, sampled_token_rewards
+from opd.core.config import OPDConfig
+from opd.core.rewards import WEIGHT_MODES, candidate_rewards, candidate_weights, compute_rewards, sampled_token_rewards
 from opd.core.support import (
     STRATEGIES,
     TAIL_ID,
     TAIL_MIN_MASS,
     build_support,
     sampled_token_support,
-    support_logprobs,
+    slot_logprobs,
     tail_logprob,
     topk_membership,
 )
+
+STRATEGY_NAMES = STRATEGIES.names()
+WEIGHT_MODE_NAMES = WEIGHT_MODES.names()
 
 
 def mixed_logits(gen: torch.Generator, V: int, K: int):
@@ -86,14 +89,14 @@ CASES = [(7, 1), (7, 3), (7, 7), (50, 4), (300, 16)]
 
 @pytest.mark.parametrize("V,K", CASES)
 @pytest.mark.parametrize("tail", [False, True])
-@pytest.mark.parametrize("strategy", TOP_K_STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_support_and_rewards_match_set_reference(strategy, V, K, tail):
     gen = torch.Generator().manual_seed(V * 100 + K)
     kw, lp, lq = make_inputs(*mixed_logits(gen, V, K), K)
     support = build_support(strategy, tail_bucket=tail, **kw)
     C = STRATEGIES.get(strategy).slots_per_k * K + int(tail)
     assert support.ids_NTC.shape == (2, 4, C) and support.has_tail == tail
-    for mode in REWARD_WEIGHT_MODES:
+    for mode in WEIGHT_MODE_NAMES:
         cfg = OPDConfig(top_k=K, top_k_strategy=strategy, reward_weight_mode=mode, tail_bucket=tail)
         rewards = compute_rewards(cfg, support)
         assert rewards.dtype == torch.float32 and torch.isfinite(rewards).all()
@@ -110,7 +113,7 @@ def test_support_and_rewards_match_set_reference(strategy, V, K, tail):
                     assert got[v] == pytest.approx(r, abs=2e-6, rel=1e-5), (mode, n, t, v)
 
 
-@pytest.mark.parametrize("strategy", TOP_K_STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_slot_layout_is_exactly_the_spec(strategy):
     gen = torch.Generator().manual_seed(11)
     kw, _, _ = make_inputs(*mixed_logits(gen, 20, 5), 5)
@@ -135,8 +138,8 @@ def test_slot_layout_is_exactly_the_spec(strategy):
         assert torch.equal(sup.teacher_lp_NTC, kw["teacher_lp_at_student_NTK"])
 
 
-@pytest.mark.parametrize("strategy", TOP_K_STRATEGIES)
-@pytest.mark.parametrize("mode", REWARD_WEIGHT_MODES)
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("mode", WEIGHT_MODE_NAMES)
 @pytest.mark.parametrize("tail", [False, True])
 def test_identical_models_give_zero_rewards(strategy, mode, tail):
     gen = torch.Generator().manual_seed(12)
@@ -154,7 +157,7 @@ def test_empty_candidate_sets_give_zero_not_nan():
     gen = torch.Generator().manual_seed(13)
     s = torch.randn(1, 3, 30, generator=gen, dtype=torch.float64)
     kw, _, _ = make_inputs(s, -s, 4)  # reversed teacher: S and T disjoint at every position
-    for mode in REWARD_WEIGHT_MODES:
+    for mode in WEIGHT_MODE_NAMES:
         sup = build_support("intersection", **kw)
         assert not sup.valid_NTC.any()
         w = candidate_weights(sup, mode, normalise=True)
@@ -236,7 +239,7 @@ def test_sampled_token_rewards_and_support():
     torch.testing.assert_close(r.double(), lq - lp, atol=1e-6, rtol=1e-6)
     sup = sampled_token_support(y, lp.float(), lq.float())
     assert sup.ids_NTC.shape == (3, 6, 1)
-    for mode in REWARD_WEIGHT_MODES:  # weight 1 whatever the mode: the K = 0 reward is the plain log-ratio
+    for mode in WEIGHT_MODE_NAMES:  # weight 1 whatever the mode: the K = 0 reward is the plain log-ratio
         rc = compute_rewards(OPDConfig(top_k=0, reward_weight_mode=mode), sup)
         torch.testing.assert_close(rc[..., 0], r)
 
@@ -250,7 +253,7 @@ def test_topk_membership_matches_brute_force():
     assert ref.any() and not ref.all()
 
 
-@pytest.mark.parametrize("strategy", TOP_K_STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_declared_needs_are_exact(strategy):
     """A strategy that declares it does not need an input runs without it and gives the same support."""
     spec = STRATEGIES.get(strategy)
@@ -290,7 +293,7 @@ def test_bad_inputs_are_named():
 
 
 @pytest.mark.parametrize("tail", [False, True])
-def test_support_logprobs_value_and_gradient(tail):
+def test_slot_logprobs_value_and_gradient(tail):
     """The update's re-gather (tail included) matches a float64 log_softmax reference in value and gradient."""
     gen = torch.Generator().manual_seed(20)
     s, t = mixed_logits(gen, 40, 5)
@@ -298,7 +301,7 @@ def test_support_logprobs_value_and_gradient(tail):
     sup = build_support("union", tail_bucket=tail, **kw)
     upstream = torch.randn(sup.ids_NTC.shape, generator=gen, dtype=torch.float64) * sup.valid_NTC
     x = s.float().requires_grad_(True)
-    got = support_logprobs(x, sup, temperature=0.8, chunk_size=3)
+    got = slot_logprobs(x, sup.ids_NTC, sup.valid_NTC, has_tail=sup.has_tail, temperature=0.8, chunk_size=3)
     (got.double() * upstream).sum().backward()
     x64 = s.clone().requires_grad_(True)
     lp64 = torch.log_softmax(x64 / 0.8, -1)

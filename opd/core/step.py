@@ -1,0 +1,340 @@
+"""One OPD step as pure tensor functions: what every engine calls between its forward passes.
+
+An engine only runs the models, micro-batches, calls `backward` and steps the optimiser. Everything it computes in
+between is here, in this order:
+
+  1. reads (no grad), per micro-batch, from each model's logits at the response positions:
+       `read_student`              log p at the sampled token, top-k ids / log-probs, entropy
+       `read_teacher`              the same for the teacher, plus log q at the student's top-k ids
+       `read_student_at_teacher`   log p at the teacher's top-k ids (only strategies that read it; else None)
+       `read_full_kl`              the exact per-position reverse KL (full vocabulary only; else None)
+     bundled as `StepReads` over the whole batch;
+  2. `build_targets`: support -> rewards -> teachability -> advantages -> the update's `Targets` (slot ids, validity,
+     old log-probs, advantages, flags). This is the only place that branches on the kind of support
+     (`OPDConfig.support`: the sampled token, a top-k set, or the full vocabulary);
+  3. `step_loss` per micro-batch: the student's differentiable log-probs at the targets (`target_logprobs`), the
+     policy loss, the full-vocabulary term and the KL-to-reference term, one aggregation (`loss_totals` makes the
+     micro-batch losses add up to the full-batch loss); `merge_loss_metrics` combines the micro-batches' metrics;
+  4. `step_diagnostics` / `step_profile`: the dynamics metrics of `opd.core.metrics` on the same tensors.
+
+What LOG_PROB_TOP_K selects, in one place:
+  top_k = 0   "sampled"  one slot, the sampled token; reward lq - lp there (k1 estimate of -KL); GRPO too
+  top_k = K   "topk"     the strategy's K or 2K candidate slots (+ tail bucket), per-slot rewards, K-dim update
+  top_k = -1  "full"     no slots: the full-vocabulary surrogate carries the signal; only the outcome advantage of
+                         token_reward_direct_plus_grpo sits on the sampled-token slot
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from opd.core.advantages import ADV_ESTIMATORS, compute_advantages, full_vocab_outcome_advantages, with_sampled_slot
+from opd.core.config import OPDConfig
+from opd.core.full_vocab import full_vocab_pg_loss_NT, full_vocab_reverse_kl
+from opd.core.logits import logit_stats, logprobs_at
+from opd.core.loss import agg_loss, apply_format_mask, kl_loss, policy_loss
+from opd.core.metrics import DEFAULT_POSITION_EDGES, dynamics_metrics, per_position_profile
+from opd.core.rewards import compute_rewards, sampled_token_rewards
+from opd.core.support import STRATEGIES, build_support, sampled_token_support, slot_logprobs
+from opd.core.teachability import gate_rewards
+from opd.core.types import LogitStats, Support
+
+__all__ = [
+    "DIAGNOSTIC_K",
+    "ModelStats",
+    "StepReads",
+    "Targets",
+    "build_targets",
+    "loss_totals",
+    "merge_loss_metrics",
+    "read_full_kl",
+    "read_student",
+    "read_student_at_teacher",
+    "read_teacher",
+    "reads_width",
+    "step_diagnostics",
+    "step_loss",
+    "step_profile",
+    "target_logprobs",
+]
+
+DIAGNOSTIC_K = 16  # top-k width read for the overlap diagnostics when the support is not top-k (K = 0, full vocab)
+
+
+# --- 1. reads ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelStats:
+    """One model's no-grad reads at the response positions, float32 log-probs at its temperature, [N, T, ...]."""
+
+    lp_NT: torch.Tensor  # log-prob at the sampled token
+    entropy_NT: torch.Tensor  # full-vocabulary entropy
+    topk_ids_NTK: torch.Tensor  # long; the model's own top-k ids (K = `reads_width`)
+    topk_lp_NTK: torch.Tensor
+    lp_at_other_NTK: torch.Tensor | None = None  # log-probs at the other model's top-k ids, when read
+
+
+@dataclass
+class StepReads:
+    """Both models' reads over the batch; `teacher` is None when the estimator needs no teacher (GRPO)."""
+
+    student: ModelStats
+    teacher: ModelStats | None = None
+    full_kl_NT: torch.Tensor | None = None  # exact reverse KL per position (full vocabulary only)
+
+
+def reads_width(cfg: OPDConfig, vocab_size: int) -> int:
+    """The top-k width both models are read at: K for a top-k support, else DIAGNOSTIC_K (for the metrics)."""
+    return min(cfg.top_k if cfg.support == "topk" else DIAGNOSTIC_K, vocab_size)
+
+
+@torch.no_grad()
+def read_student(cfg: OPDConfig, logits_NTV: torch.Tensor, response_ids_NT: torch.Tensor) -> ModelStats:
+    stats = logit_stats(logits_NTV, k=reads_width(cfg, logits_NTV.shape[-1]), ids_NTJ=response_ids_NT[..., None],
+                        temperature=cfg.temperature, chunk_size=cfg.chunk_size)
+    return ModelStats(lp_NT=stats.lp_at_ids_NTJ[..., 0], entropy_NT=stats.entropy_NT,
+                      topk_ids_NTK=stats.topk_ids_NTK, topk_lp_NTK=stats.topk_lp_NTK)
+
+
+@torch.no_grad()
+def read_teacher(cfg: OPDConfig, logits_NTV: torch.Tensor, response_ids_NT: torch.Tensor,
+                 student_topk_ids_NTK: torch.Tensor) -> ModelStats:
+    """The teacher scores the student's exact ids: the sampled token and the student's top-k."""
+    ids_NTJ = torch.cat([response_ids_NT[..., None], student_topk_ids_NTK], -1)
+    stats = logit_stats(logits_NTV, k=student_topk_ids_NTK.shape[-1], ids_NTJ=ids_NTJ,
+                        temperature=cfg.teacher_temperature, chunk_size=cfg.chunk_size)
+    return ModelStats(lp_NT=stats.lp_at_ids_NTJ[..., 0], entropy_NT=stats.entropy_NT,
+                      topk_ids_NTK=stats.topk_ids_NTK, topk_lp_NTK=stats.topk_lp_NTK,
+                      lp_at_other_NTK=stats.lp_at_ids_NTJ[..., 1:])
+
+
+@torch.no_grad()
+def read_student_at_teacher(cfg: OPDConfig, student_logits_NTV: torch.Tensor,
+                            teacher_topk_ids_NTK: torch.Tensor) -> torch.Tensor | None:
+    """log p at the teacher's top-k ids, for strategies whose slots include them (only_tch, union, ...); else None."""
+    if cfg.support != "topk" or not STRATEGIES.get(cfg.top_k_strategy).needs_student_lp_at_teacher:
+        return None
+    return logprobs_at(student_logits_NTV, teacher_topk_ids_NTK, temperature=cfg.temperature,
+                       chunk_size=cfg.chunk_size)
+
+
+@torch.no_grad()
+def read_full_kl(cfg: OPDConfig, student_logits_NTV: torch.Tensor,
+                 teacher_logits_NTV: torch.Tensor) -> torch.Tensor | None:
+    """The exact reverse KL per position when the support is the full vocabulary; else None (never needed)."""
+    if cfg.support != "full":
+        return None
+    return full_vocab_reverse_kl(student_logits_NTV, teacher_logits_NTV, temperature=cfg.temperature,
+                                 teacher_temperature=cfg.teacher_temperature, chunk_size=cfg.chunk_size)
+
+
+# --- 2. targets -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Targets:
+    """What the update reads, [N, T, C] (C = 1 for the sampled token), and what the diagnostics read."""
+
+    ids_NTC: torch.Tensor  # token ids the student is re-scored at (-1: tail bucket)
+    valid_NTC: torch.Tensor  # bool, False at masked positions too
+    old_lp_NTC: torch.Tensor  # the no-grad reads at those ids (ratio = 1 on-policy)
+    adv_NTC: torch.Tensor | None  # None: the full-vocabulary loss is the whole signal
+    response_mask_NT: torch.Tensor  # after the optional format mask
+    support: Support  # the candidate slots (for the diagnostics)
+    has_tail: bool  # the last support slot (before an extra sampled slot) is the tail bucket
+    extra_sampled_slot: bool  # a last slot holding the sampled token (an estimator with `sampled_slot`, top-k)
+    full_vocab: bool  # add the full-vocabulary surrogate (the update needs the teacher's logits)
+    teachability_NT: torch.Tensor | None = None  # the reward multiplier per position when teachability is on
+    ref_lp_NTC: torch.Tensor | None = None  # USE_KL: the reference's log-probs at the slots (`target_logprobs`)
+
+    def rows(self, start: int, stop: int, width: int) -> "Targets":
+        """Rows start..stop, positions 0..width (a micro-batch); non-tensor fields are shared."""
+        def cut(value):
+            return value[start:stop, :width] if torch.is_tensor(value) else value
+
+        return Targets(**{f.name: cut(getattr(self, f.name)) for f in fields(self)})
+
+    def support_advantages(self) -> torch.Tensor | None:
+        """The advantages of the support's candidates (the extra sampled slot is none), [N, T] for one slot."""
+        if self.adv_NTC is None:
+            return None
+        n_slots = self.support.ids_NTC.shape[-1]
+        adv = self.adv_NTC[..., :n_slots]
+        return adv[..., 0] if n_slots == 1 else adv
+
+
+@torch.no_grad()
+def build_targets(cfg: OPDConfig, reads: StepReads, *, response_ids_NT: torch.Tensor,
+                  response_mask_NT: torch.Tensor, group_index_N: torch.Tensor | None = None,
+                  outcome_scores_N: torch.Tensor | None = None, has_box_N: torch.Tensor | None = None) -> Targets:
+    """Support -> rewards -> advantages -> the update's targets, for the configured kind of support.
+
+    `group_index_N` says which prompt each rollout answers, `outcome_scores_N` is its rule reward, `has_box_N`
+    whether its text holds a \\boxed answer (read only with ENABLE_FORMAT_REWARD)."""
+    mask_NT = response_mask_NT
+    if cfg.enable_format_reward:
+        if has_box_N is None:
+            raise ValueError("OPDConfig.enable_format_reward=True needs has_box_N (which responses hold \\boxed)")
+        mask_NT = apply_format_mask(mask_NT, has_box_N)
+    student, teacher = reads.student, reads.teacher
+    if cfg.needs_teacher and teacher is None:
+        raise ValueError(f"OPDConfig.adv_estimator={cfg.adv_estimator!r} needs the teacher's reads; got none")
+    advantages = dict(response_mask_NT=mask_NT, group_index_N=group_index_N, outcome_scores_N=outcome_scores_N)
+    teach_NT = None
+    extra = False
+    match cfg.support:
+        case "topk":
+            support = build_support(
+                cfg.top_k_strategy, student_topk_ids_NTK=student.topk_ids_NTK,
+                teacher_topk_ids_NTK=teacher.topk_ids_NTK, student_lp_at_student_NTK=student.topk_lp_NTK,
+                teacher_lp_at_student_NTK=teacher.lp_at_other_NTK, student_lp_at_teacher_NTK=student.lp_at_other_NTK,
+                teacher_lp_at_teacher_NTK=teacher.topk_lp_NTK, tail_bucket=cfg.tail_bucket)
+            rewards, teach_NT = gate_rewards(
+                compute_rewards(cfg, support), cfg, student_topk_ids_NTK=student.topk_ids_NTK,
+                teacher_topk_ids_NTK=teacher.topk_ids_NTK, student_topk_lp_NTK=student.topk_lp_NTK,
+                teacher_lp_at_student_NTK=teacher.lp_at_other_NTK)
+            adv = compute_advantages(cfg, token_rewards=rewards, **advantages)
+            ids_NTC, valid_NTC, old_NTC = support.ids_NTC, support.valid_NTC, support.student_lp_NTC
+            extra = ADV_ESTIMATORS.get(cfg.adv_estimator).sampled_slot
+            expected = ids_NTC.shape[-1] + int(extra)
+            if adv.shape != (*ids_NTC.shape[:2], expected):
+                raise ValueError(f"advantage estimator {cfg.adv_estimator!r} returned {tuple(adv.shape)}; expected "
+                                 f"{(*ids_NTC.shape[:2], expected)} on this {ids_NTC.shape[-1]}-slot support")
+            if extra:  # the outcome advantage acts on the sampled token, an extra last slot
+                ids_NTC, valid_NTC = with_sampled_slot(ids_NTC, valid_NTC, response_ids_NT, mask_NT)
+                old_NTC = torch.cat([old_NTC, student.lp_NT[..., None]], -1)
+        case "sampled":
+            teacher_lp_NT = teacher.lp_NT if teacher is not None else student.lp_NT
+            support = sampled_token_support(response_ids_NT, student.lp_NT, teacher_lp_NT)
+            rewards = compute_rewards(cfg, support)[..., 0] if cfg.needs_teacher else None
+            adv = compute_advantages(cfg, token_rewards=rewards, **advantages)[..., None]
+            ids_NTC, valid_NTC, old_NTC = support.ids_NTC, support.valid_NTC, support.student_lp_NTC
+        case "full":
+            support = sampled_token_support(response_ids_NT, student.lp_NT, teacher.lp_NT)
+            adv = full_vocab_outcome_advantages(cfg, **advantages)
+            adv = adv[..., None] if adv is not None else None
+            ids_NTC, valid_NTC, old_NTC = support.ids_NTC, support.valid_NTC, support.student_lp_NTC
+        case other:
+            raise ValueError(f"unknown support kind {other!r}")
+    return Targets(ids_NTC=ids_NTC, valid_NTC=valid_NTC & (mask_NT[..., None] > 0), old_lp_NTC=old_NTC,
+                   adv_NTC=adv, response_mask_NT=mask_NT, support=support, has_tail=support.has_tail,
+                   extra_sampled_slot=extra, full_vocab=cfg.support == "full", teachability_NT=teach_NT)
+
+
+# --- 3. loss ----------------------------------------------------------------------------------------------------
+
+
+def target_logprobs(cfg: OPDConfig, logits_NTV: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """A model's log-probs at the target slots, [n, T, C], differentiable (full-vocabulary normalised)."""
+    n_support = targets.ids_NTC.shape[-1] - int(targets.extra_sampled_slot)
+    lp = slot_logprobs(logits_NTV, targets.ids_NTC[..., :n_support], targets.valid_NTC[..., :n_support],
+                       has_tail=targets.has_tail, temperature=cfg.temperature, chunk_size=cfg.chunk_size)
+    if targets.extra_sampled_slot:
+        lp = torch.cat([lp, logprobs_at(logits_NTV, targets.ids_NTC[..., n_support:], temperature=cfg.temperature,
+                                        chunk_size=cfg.chunk_size)], -1)
+    return lp
+
+
+def loss_totals(targets: Targets, norm_length: int) -> dict[str, float]:
+    """The whole batch's token / sequence counts: pass them to every micro-batch's `step_loss` so that the summed
+    micro-batch losses equal the full-batch loss (micro-batching never changes the gradient)."""
+    mask = targets.response_mask_NT
+    return dict(norm_length=float(norm_length), total_tokens=float(mask.sum()),
+                total_seqs=float((mask.sum(-1) > 0).sum()))
+
+
+def step_loss(cfg: OPDConfig, targets: Targets, logits_NTV: torch.Tensor, *, totals: dict[str, float],
+              teacher_logits_NTV: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The update's loss on (a micro-batch of) the targets: policy + full-vocabulary + kl_coef * KL terms.
+
+    `logits_NTV` are the student's logits with gradient; `teacher_logits_NTV` (no grad) only for the full vocabulary.
+    Returns the scalar loss and its metrics (see `merge_loss_metrics`)."""
+    loss = logits_NTV.new_zeros((), dtype=torch.float32)
+    metrics: dict[str, float] = {}
+    lp = None
+    if targets.adv_NTC is not None or cfg.use_kl:
+        lp = target_logprobs(cfg, logits_NTV, targets)
+    mask, valid = targets.response_mask_NT, targets.valid_NTC
+    if targets.adv_NTC is not None:
+        pg, pg_metrics = policy_loss(lp, targets.old_lp_NTC, targets.adv_NTC, mask, valid, cfg, **totals)
+        loss = loss + pg
+        metrics.update(pg_metrics)
+    if targets.full_vocab:
+        if teacher_logits_NTV is None:
+            raise ValueError("the full-vocabulary loss (top_k=-1) needs the teacher's logits")
+        per_pos = full_vocab_pg_loss_NT(logits_NTV, teacher_logits_NTV, cfg.reward_weight_mode,
+                                        temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
+                                        chunk_size=cfg.chunk_size)
+        full = agg_loss(per_pos, mask, cfg.loss_agg_mode, **totals)
+        loss = loss + full
+        metrics["actor/full_vocab_loss"] = float(full.detach())
+    if cfg.use_kl:
+        if targets.ref_lp_NTC is None:
+            raise ValueError("OPDConfig.use_kl=True needs targets.ref_lp_NTC (the reference's target_logprobs)")
+        kl, _ = kl_loss(lp, targets.ref_lp_NTC, mask, valid, cfg, **totals)
+        loss = loss + cfg.kl_coef * kl
+        metrics["actor/kl_loss"] = float(kl.detach())
+    metrics["actor/loss"] = float(loss.detach())
+    return loss, metrics
+
+
+# Loss terms: each micro-batch's value is its share of the full-batch loss, so they add up; the other loss metrics
+# (clip fractions, ratios, ...) are per-token means and are averaged weighted by each micro-batch's valid tokens.
+SUMMED_LOSS_METRICS = ("actor/loss", "actor/pg_loss", "actor/full_vocab_loss", "actor/kl_loss")
+
+
+def merge_loss_metrics(parts: list[tuple[dict[str, float], float]], total_tokens: float) -> dict[str, float]:
+    """Combine (metrics, valid tokens) of the micro-batches of one step into the step's loss metrics."""
+    out: dict[str, float] = {"actor/loss": 0.0}
+    weighted: dict[str, float] = {}
+    for metrics, n_valid in parts:
+        for key, value in metrics.items():
+            if key in SUMMED_LOSS_METRICS:
+                out[key] = out.get(key, 0.0) + value
+            else:
+                weighted[key] = weighted.get(key, 0.0) + value * n_valid
+    n_total = max(1.0, total_tokens)
+    out.update({key: value / n_total for key, value in weighted.items()})
+    return out
+
+
+# --- 4. diagnostics ---------------------------------------------------------------------------------------------
+
+
+def _diagnostics_inputs(reads: StepReads, response_mask_NT: torch.Tensor, targets: Targets | None) -> dict:
+    """reverse_kl: exact KL_t with the full vocabulary, else the k1 estimate at the sampled token (lp - lq), an
+    unbiased per-token estimate for any K."""
+    s, t = reads.student, reads.teacher
+    student = LogitStats(s.topk_ids_NTK, s.topk_lp_NTK, None, s.entropy_NT)
+    teacher, reverse_kl = None, None
+    if t is not None:
+        teacher = LogitStats(t.topk_ids_NTK, t.topk_lp_NTK, None, t.entropy_NT)
+        reverse_kl = reads.full_kl_NT if reads.full_kl_NT is not None else -sampled_token_rewards(s.lp_NT, t.lp_NT)
+    with_targets = targets is not None
+    return dict(response_mask_NT=response_mask_NT, student=student, teacher=teacher,
+                support=targets.support if with_targets and teacher is not None else None,
+                advantages=targets.support_advantages() if with_targets else None, reverse_kl_NT=reverse_kl)
+
+
+@torch.no_grad()
+def step_diagnostics(reads: StepReads, response_mask_NT: torch.Tensor, targets: Targets | None = None, *,
+                     position_edges=DEFAULT_POSITION_EDGES, prefix: str = "opd/") -> dict[str, float]:
+    """The step's dynamics metrics (`opd.core.metrics.dynamics_metrics` keys) plus the mean teachability weight.
+
+    Without `targets` (a pre-flight check that builds none) the advantage and candidate keys are left out."""
+    inputs = _diagnostics_inputs(reads, response_mask_NT, targets)
+    out = dynamics_metrics(**inputs, position_edges=position_edges, prefix=prefix)
+    if targets is not None and targets.teachability_NT is not None:
+        mask = response_mask_NT
+        out[f"{prefix}teachability_weight"] = float((targets.teachability_NT * mask).sum() / mask.sum().clamp(min=1))
+    return out
+
+
+@torch.no_grad()
+def step_profile(reads: StepReads, response_mask_NT: torch.Tensor, targets: Targets | None = None, *,
+                 bin_size: int = 1) -> dict[str, list[float]]:
+    """The same statistics per position (binned), for the report's "vs position" plots."""
+    return per_position_profile(**_diagnostics_inputs(reads, response_mask_NT, targets), bin_size=bin_size)
