@@ -6,8 +6,9 @@ Recognised layouts (`--format auto` picks one from the columns):
   deepmath      DeepMath-103K: question, final_answer, difficulty, topic, r1_solution_1..3 (solutions not read).
   openthoughts  OpenThoughts3-1.2M: conversations [{from, value}], domain, source, difficulty; only domain == "math"
                 rows are kept and the answer is the last \\boxed{} of the assistant ("gpt") turn.
-  benchmark     AIME / AMC / MATH-500 style: problem|question|Problem|Question and answer|Answer|final_answer,
-                optional id column (id, ID, unique_id, problem_id, idx); MATH-500's subject/level are kept.
+  benchmark     AIME / AMC / MATH-500 style: problem|question and answer|final_answer|expected_answer|ground_truth|
+                solution_answer in any case (the columns the trainer and `opd eval gen` read too), optional id column
+                (id, ID, unique_id, problem_id, idx); MATH-500's subject/level are kept.
 Each output row's prompt is the raw problem wrapped in --template (dapo, boxed, none, or a text file with one
 {problem} placeholder); the raw problem stays in extra_info.question. Structurally malformed input (missing column,
 wrong type) stops with an error naming the file, row and column; rows without usable content (empty question or
@@ -31,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from opd.data.io import expand_inputs, iter_records
-from opd.data.schema import DataError, make_rl_row, write_rl_parquet
+from opd.data.schema import (
+    ANSWER_COLUMNS, PROBLEM_COLUMNS, DataError, cell_text, make_rl_row, resolve_problem_columns, write_rl_parquet,
+)
 from opd.data.templates import apply_template, load_template, strip_template
 
-QUESTION_COLUMNS = ("problem", "question", "Problem", "Question")
-ANSWER_COLUMNS = ("answer", "Answer", "final_answer", "expected_answer")
 ID_COLUMNS = ("id", "ID", "unique_id", "problem_id", "idx")
 
 
@@ -60,29 +61,17 @@ class Format:
 
 
 def _text(rec: dict, col: str, file: Path, row: int, *, what: str) -> str:
-    """A string cell; integers (AIME answers) become their decimal text; null/blank -> Drop."""
+    """A string cell (`opd.data.schema.cell_text`: integers such as AIME answers become their decimal text);
+    null/NaN/blank -> Drop."""
     if col not in rec:
         raise DataError("missing column", file=file, row=row, column=col)
-    v = rec[col]
+    try:
+        v = cell_text(rec[col])
+    except TypeError as e:
+        raise DataError(str(e), file=file, row=row, column=col) from None
     if v is None:
         raise Drop(f"empty {what}")
-    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-        raise DataError(f"expected a string, got {type(v).__name__} {str(v)[:60]!r}", file=file, row=row, column=col)
-    if isinstance(v, float):
-        if v != v:  # NaN from pandas-written files
-            raise Drop(f"empty {what}")
-        v = int(v) if v.is_integer() else v
-    v = str(v).strip()
-    if not v:
-        raise Drop(f"empty {what}")
     return v
-
-
-def _first_present(rec: dict, names: tuple[str, ...], file: Path, row: int, kind: str) -> str:
-    for n in names:
-        if n in rec:
-            return n
-    raise DataError(f"no {kind} column; expected one of {list(names)}, found {sorted(rec)}", file=file, row=row)
 
 
 def _scalar_extras(rec: dict, cols: tuple[str, ...]) -> dict[str, Any]:
@@ -141,8 +130,13 @@ def _convert_openthoughts(rec: dict, file: Path, row: int) -> Converted:
 
 
 def _convert_benchmark(rec: dict, file: Path, row: int) -> Converted:
-    q = _text(rec, _first_present(rec, QUESTION_COLUMNS, file, row, "question"), file, row, what="question")
-    a = _text(rec, _first_present(rec, ANSWER_COLUMNS, file, row, "answer"), file, row, what="answer")
+    qcol, acol = resolve_problem_columns(rec)
+    for col, kind, names in ((qcol, "question", PROBLEM_COLUMNS), (acol, "answer", ANSWER_COLUMNS)):
+        if col is None:
+            raise DataError(f"no {kind} column; expected one of {list(names)} (any case), found {sorted(rec)}",
+                            file=file, row=row)
+    q = _text(rec, qcol, file, row, what="question")
+    a = _text(rec, acol, file, row, what="answer")
     extra = _scalar_extras(rec, ("subject", "level"))
     for c in ID_COLUMNS:
         if rec.get(c) is not None:
@@ -170,7 +164,7 @@ def detect_format(columns: list[str], file: Path) -> Format:
         return FORMATS["openthoughts"]
     if {"question", "final_answer"} <= cols:
         return FORMATS["deepmath"]
-    if cols & set(QUESTION_COLUMNS) and cols & set(ANSWER_COLUMNS):
+    if None not in resolve_problem_columns(cols):
         return FORMATS["benchmark"]
     raise DataError(
         f"cannot tell the layout from columns {sorted(cols)}; pass --format ({', '.join(FORMATS)})", file=file

@@ -6,6 +6,10 @@ raw `question`, i.e. the problem without the instruction template). Readers (tra
 `read_rl_parquet`, which returns plain Python dicts and raises `DataError` naming the file, row and column of the
 first problem, so a bad file never gets half-way through a run. Writers call `write_rl_parquet`, which writes a
 temporary file and renames it, so a crash never leaves a truncated parquet behind.
+
+Plain problem/answer files (AIME, AMC, MATH-500 uploads) are read by the trainer (TRAIN_DATASET / TEST_FILE),
+`opd eval gen` and `opd data prepare` alike: `resolve_problem_columns` names their columns and `cell_text` reads a
+cell, so a file one tool accepts the others accept too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from typing import Any
 from opd.io import atomic_path
 
 RL_COLUMNS = ("data_source", "prompt", "ability", "reward_model", "extra_info")
+PROBLEM_COLUMNS = ("problem", "question")  # in order of preference, matched in any case
+ANSWER_COLUMNS = ("answer", "final_answer", "expected_answer", "ground_truth", "solution_answer")
+PROBLEM_LAYOUT = f"{'/'.join(PROBLEM_COLUMNS)} + {'/'.join(ANSWER_COLUMNS)} columns, any case"
 
 
 class DataError(ValueError):
@@ -32,6 +39,33 @@ class DataError(ValueError):
             where.append(f"column {column!r}")
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
         self.file, self.row, self.column = file, row, column
+
+
+def resolve_problem_columns(columns) -> tuple[str | None, str | None]:
+    """The (problem, answer) columns of a plain problem/answer file as spelled in `columns` (any case: AIME uploads
+    write Problem/Answer), None for a role no column fills; the first name of PROBLEM_COLUMNS / ANSWER_COLUMNS wins."""
+    by_lower: dict[str, str] = {}
+    for c in columns:
+        if c == c.lower() or c.lower() not in by_lower:  # the all-lowercase spelling wins a clash
+            by_lower[c.lower()] = c
+    problem = next((by_lower[n] for n in PROBLEM_COLUMNS if n in by_lower), None)
+    answer = next((by_lower[n] for n in ANSWER_COLUMNS if n in by_lower), None)
+    return problem, answer
+
+
+def cell_text(value) -> str | None:
+    """A problem or answer cell as stripped text, None when empty (null, NaN, blank). Integers stored as floats by
+    pandas (AIME answers: 33.0) lose the `.0`, so the ground truth reads as written. TypeError for a value that is
+    neither a string nor a number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(f"expected a string, got {type(value).__name__} {str(value)[:60]!r}")
+    if isinstance(value, float):
+        if value != value:  # NaN: pandas' empty cell
+            return None
+        value = int(value) if value.is_integer() else value
+    return str(value).strip() or None
 
 
 def make_rl_row(

@@ -1,9 +1,9 @@
 """Benchmark problems from local files: a path, or a name looked up in a local folder (never a download).
 
 Two layouts are read: the RL schema (workflow.md §2: `prompt` chat messages, `reward_model.ground_truth`,
-`extra_info.index` as the example id) and plain `problem`/`answer` columns (any case; AIME-style uploads, example
-id = row number), whose problems
-are wrapped in an instruction template (default: the boxed suffix) as one user turn.
+`extra_info.index` as the example id) and plain problem/answer columns (`opd.data.schema.resolve_problem_columns`,
+any case: AIME-style uploads; example id = row number), whose problems are wrapped in an instruction template
+(default: the boxed suffix) as one user turn.
 A name such as ``aime24`` resolves to ``<data-dir>/aime24.{parquet,jsonl,json}`` (case-insensitive).
 """
 
@@ -13,13 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opd.data.io import INPUT_SUFFIXES, iter_records
-from opd.data.schema import DataError, validate_rl_rows
+from opd.data.schema import PROBLEM_LAYOUT, DataError, cell_text, resolve_problem_columns, validate_rl_rows
 from opd.data.templates import apply_template, load_template
 
 __all__ = ["Example", "Benchmark", "resolve_benchmark", "load_benchmark"]
-
-_PROBLEM_COLUMNS = ("problem", "question")
-_ANSWER_COLUMNS = ("answer", "ground_truth", "solution_answer")
 
 
 @dataclass(frozen=True)
@@ -58,11 +55,13 @@ def resolve_benchmark(spec: str, data_dir: str | Path | None = None) -> Path:
 
 
 def _text(value, file: Path, row: int, column: str) -> str:
-    if value is None or (isinstance(value, str) and not value.strip()):
+    try:
+        text = cell_text(value)
+    except TypeError as e:
+        raise DataError(str(e), file=file, row=row, column=column) from None
+    if text is None:
         raise DataError("empty value", file=file, row=row, column=column)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # answers stored as floats (e.g. 33.0) by pandas
-    return str(value).strip()
+    return text
 
 
 def load_benchmark(spec: str, data_dir: str | Path | None = None, template: str = "boxed") -> Benchmark:
@@ -91,13 +90,11 @@ def load_benchmark(spec: str, data_dir: str | Path | None = None, template: str 
             for r in rows
         ]
     else:
-        lower = {c.lower(): c for c in rows[0]}  # AIME uploads use "Problem"/"Answer"
-        pcol = next((lower[c] for c in _PROBLEM_COLUMNS if c in lower), None)
-        acol = next((lower[c] for c in _ANSWER_COLUMNS if c in lower), None)
+        pcol, acol = resolve_problem_columns(rows[0])
         if pcol is None or acol is None:
             raise DataError(
                 f"columns {sorted(rows[0])} are neither the RL schema (prompt, reward_model) nor "
-                f"problem/answer ({'/'.join(_PROBLEM_COLUMNS)} + {'/'.join(_ANSWER_COLUMNS)}, any case)",
+                f"problem/answer ({PROBLEM_LAYOUT})",
                 file=path,
             )
         tmpl = load_template(template)

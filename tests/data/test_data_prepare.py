@@ -142,6 +142,23 @@ def test_benchmark_without_answer_column_and_undetectable_layout(tmp_path):
         convert([path], fmt="benchmark")
 
 
+def test_one_problem_answer_column_rule_and_cell_reader():
+    from opd.data.schema import cell_text, resolve_problem_columns
+
+    assert resolve_problem_columns(["ID", "Problem", "Answer"]) == ("Problem", "Answer")  # AIME uploads
+    assert resolve_problem_columns(["question", "final_answer"]) == ("question", "final_answer")
+    assert resolve_problem_columns(["Question", "problem", "ground_truth", "answer"]) == ("problem", "answer")
+    assert resolve_problem_columns(["Problem", "problem", "Answer"]) == ("problem", "Answer")
+    assert resolve_problem_columns(["problem", "solution"]) == ("problem", None)
+    values = (33.0, 2.5, 7, " x ", "", None, float("nan"))
+    assert [cell_text(v) for v in values] == ["33", "2.5", "7", "x", None, None, None]
+    with pytest.raises(TypeError, match="expected a string, got list"):
+        cell_text([1])
+    # opd data prepare detects the same layout as the trainer and opd eval gen (any case, the same answer names)
+    assert pr.detect_format(["Problem", "Answer"], Path("a.jsonl")).name == "benchmark"
+    assert pr.detect_format(["problem", "ground_truth"], Path("a.jsonl")).name == "benchmark"
+
+
 def test_bad_json_line_is_named(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"problem": "p", "answer": "1"}\n{"problem": "p2", "answer": \n')

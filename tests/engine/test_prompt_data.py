@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -60,6 +64,39 @@ def test_problem_answer_files_and_bad_files(tmp_path, tok):
         load_prompt_set(str(empty), tok, max_prompt_length=1024, template_kwargs={})
     with pytest.raises(FileNotFoundError, match="opd data prepare"):
         load_prompt_set(str(tmp_path / "missing.parquet"), tok, max_prompt_length=1024, template_kwargs={})
+
+
+@pytest.mark.parametrize("suffix", [".json", ".parquet"])
+def test_an_aime_file_opd_eval_gen_reads_is_a_test_file(tiny_cfg, tok, tmp_path, suffix):
+    """Problem/Answer columns (an AIME upload; pandas stores the integer answers of a parquet as floats)."""
+    from opd.eval.benchmarks import load_benchmark
+
+    fixture = Path(__file__).parents[1] / "fixtures" / "data" / "aime_mini.json"
+    aime = tmp_path / f"aime24{suffix}"
+    if suffix == ".parquet":
+        frame = pd.DataFrame(json.loads(fixture.read_text()))
+        frame["Answer"] = frame["Answer"].astype(float)
+        frame.to_parquet(aime)
+    else:
+        shutil.copy(fixture, aime)
+    bench = load_benchmark(str(aime), template="none")
+    s = trainer.setup(tiny_cfg(test_files=[str(aime)]))
+    problems = s.val_sets[0].problems
+    assert [p.ground_truth for p in problems] == [e.answer for e in bench.examples] == ["9", "24"]
+    assert [tok.decode(p.prompt_ids) for p in problems] == [
+        tok.apply_chat_template(e.messages, add_generation_prompt=True, tokenize=False) for e in bench.examples]
+    assert {p.data_source for p in problems} == {"aime24"}
+    assert set(trainer.run_validation(s, 0)) >= {"val/aime24/mean@2", "val/aime24/maj@2"}
+
+
+def test_problem_answer_errors_name_the_file_and_the_columns(tmp_path, tok):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"Problem": "1+1?", "Solution": "2"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl.*problem/question \+ answer/final_answer/.*any case.*Solution"):
+        load_prompt_set(str(bad), tok, max_prompt_length=1024, template_kwargs={})
+    bad.write_text(json.dumps({"Problem": "1+1?", "Answer": [2]}) + "\n")
+    with pytest.raises(DataError, match=r"row 0, column 'Answer': expected a string, got list"):
+        load_prompt_set(str(bad), tok, max_prompt_length=1024, template_kwargs={})
 
 
 @pytest.mark.parametrize("enable_thinking, starts_with_think", [(True, True), (False, False), (None, False)])

@@ -1,9 +1,10 @@
 """Prompt loading for the local engine: RL parquet -> chat-template token ids, tokenised once, in a fixed order.
 
 Rows follow the verl RL schema (workflow.md §2: `prompt` messages + `reward_model.ground_truth` + `data_source`);
-evaluation files may instead carry `problem` / `answer` columns. RL files are read and validated by
-`opd.data.schema.read_rl_parquet` (errors name file, row and column). Prompts longer than `max_prompt_length`
-tokens are dropped and counted.
+evaluation files may instead carry plain problem/answer columns, the ones `opd eval gen` reads (any case, e.g. an AIME
+upload's Problem/Answer; `opd.data.schema.resolve_problem_columns`), as parquet, JSON or JSONL; the raw problem is
+the user turn. RL files are validated by `opd.data.schema` (errors name file, row and column). Prompts longer than
+`max_prompt_length` tokens are dropped and counted.
 
 The training order is a per-epoch permutation drawn from the seed, so the batch of step s is a pure function of
 (seed, s): a resumed run reads exactly the prompts the uninterrupted run would have read.
@@ -35,34 +36,49 @@ class PromptSet:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    """[{messages, ground_truth, data_source}] from an RL parquet or a problem/answer file; clear errors otherwise."""
-    import pyarrow.parquet as pq
+    """[{messages, ground_truth, data_source}] from an RL file or a problem/answer file; clear errors otherwise."""
+    from opd.data.io import iter_records
+    from opd.data.schema import (
+        PROBLEM_LAYOUT, DataError, cell_text, read_rl_parquet, resolve_problem_columns, validate_rl_rows,
+    )
 
-    from opd.data.schema import DataError, read_rl_parquet
+    rows = None
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
 
-    try:
-        cols = set(pq.read_schema(path).names)
-    except Exception as exc:
-        raise DataError(f"not a readable parquet file ({exc})", file=path) from exc
+        try:
+            cols = list(pq.read_schema(path).names)
+        except Exception as exc:
+            raise DataError(f"not a readable parquet file ({exc})", file=path) from exc
+    else:
+        rows = list(iter_records(path))  # JSON / JSONL (other suffixes: an error naming the supported ones)
+        cols = list(rows[0]) if rows else []
     if "prompt" in cols or "reward_model" in cols:
+        if rows is None:
+            rows = read_rl_parquet(path)  # validates every row, naming file / row / column
+        else:
+            validate_rl_rows(rows, path)
         return [
             {"messages": [dict(m) for m in row["prompt"]], "ground_truth": row["reward_model"]["ground_truth"],
              "data_source": row["data_source"]}
-            for row in read_rl_parquet(path)  # validates every row, naming file / row / column
+            for row in rows
         ]
-    question_col = next((c for c in ("problem", "question") if c in cols), None)
-    if question_col is None or "answer" not in cols:
+    question_col, answer_col = resolve_problem_columns(cols)
+    if question_col is None or answer_col is None:
         raise DataError(
-            f"expected the RL schema (columns prompt, reward_model, ...; workflow.md §2) or 'problem'/'answer' "
-            f"columns; found {sorted(cols)}", file=path)
+            f"expected the RL schema (columns prompt, reward_model, ...; workflow.md §2) or problem/answer "
+            f"columns ({PROBLEM_LAYOUT}); found {sorted(cols)}", file=path)
     out = []
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
-        question, answer = row[question_col], row["answer"]
-        if question is None or not str(question).strip():
-            raise DataError("empty question", file=path, row=i, column=question_col)
-        if answer is None or not str(answer).strip():
-            raise DataError("empty answer", file=path, row=i, column="answer")
-        out.append({"messages": [{"role": "user", "content": str(question)}], "ground_truth": str(answer),
+    for i, row in enumerate(rows if rows is not None else iter_records(path)):
+        cells = {}
+        for role, col in (("question", question_col), ("answer", answer_col)):
+            try:
+                cells[role] = cell_text(row.get(col))
+            except TypeError as exc:
+                raise DataError(str(exc), file=path, row=i, column=col) from None
+            if cells[role] is None:
+                raise DataError(f"empty {role}", file=path, row=i, column=col)
+        out.append({"messages": [{"role": "user", "content": cells["question"]}], "ground_truth": cells["answer"],
                     "data_source": str(row.get("data_source") or path.stem)})
     return out
 
