@@ -246,16 +246,22 @@ def loss_totals(targets: Targets, norm_length: int) -> dict[str, float]:
                 total_seqs=float((mask.sum(-1) > 0).sum()))
 
 
-def step_loss(cfg: OPDConfig, targets: Targets, logits_NTV: torch.Tensor, *, totals: dict[str, float],
-              teacher_logits_NTV: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def step_loss(cfg: OPDConfig, targets: Targets, logits_NTV: torch.Tensor | None, *, totals: dict[str, float],
+              teacher_logits_NTV: torch.Tensor | None = None,
+              lp_NTC: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The update's loss on (a micro-batch of) the targets: policy + full-vocabulary + kl_coef * KL terms.
 
     `logits_NTV` are the student's logits with gradient; `teacher_logits_NTV` (no grad) only for the full vocabulary.
+    An engine whose logits live elsewhere (a logits hook) may pass `lp_NTC` = `target_logprobs(...)` with gradient
+    instead, and no logits (then the full-vocabulary term is unavailable).
     Returns the scalar loss and its metrics (see `merge_loss_metrics`)."""
-    loss = logits_NTV.new_zeros((), dtype=torch.float32)
+    if (logits_NTV is None) == (lp_NTC is None):
+        raise ValueError("step_loss needs exactly one of logits_NTV and lp_NTC")
+    anchor = logits_NTV if logits_NTV is not None else lp_NTC
+    loss = anchor.new_zeros((), dtype=torch.float32)
     metrics: dict[str, float] = {}
-    lp = None
-    if targets.adv_NTC is not None or cfg.use_kl:
+    lp = lp_NTC
+    if lp is None and (targets.adv_NTC is not None or cfg.use_kl):
         lp = target_logprobs(cfg, logits_NTV, targets)
     mask, valid = targets.response_mask_NT, targets.valid_NTC
     if targets.adv_NTC is not None:
@@ -263,8 +269,8 @@ def step_loss(cfg: OPDConfig, targets: Targets, logits_NTV: torch.Tensor, *, tot
         loss = loss + pg
         metrics.update(pg_metrics)
     if targets.full_vocab:
-        if teacher_logits_NTV is None:
-            raise ValueError("the full-vocabulary loss (top_k=-1) needs the teacher's logits")
+        if teacher_logits_NTV is None or logits_NTV is None:
+            raise ValueError("the full-vocabulary loss (top_k=-1) needs the student's and the teacher's logits")
         per_pos = full_vocab_pg_loss_NT(logits_NTV, teacher_logits_NTV, cfg.reward_weight_mode,
                                         temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
                                         chunk_size=cfg.chunk_size)

@@ -234,3 +234,29 @@ def test_missing_inputs_are_named():
     with pytest.raises(ValueError, match="needs has_box_N"):
         build_targets(fmt, StepReads(read_student(fmt, student, ids), reads.teacher), response_ids_NT=ids,
                       response_mask_NT=mask)
+
+
+def test_loss_from_precomputed_target_logprobs_equals_the_logits_path():
+    """An engine whose logits live in a hook passes the targets' log-probs instead of the logits: same loss, same
+    gradient."""
+    from opd.core.step import target_logprobs
+
+    cfg = OPDConfig(top_k=3, adv_estimator="token_reward_direct_plus_grpo", use_kl=True)
+    student, teacher, ids, mask, outcome = make_batch(seed=11)
+    *_, targets, _ = run_step(OPDConfig(top_k=3, adv_estimator="token_reward_direct_plus_grpo"),
+                                            student, teacher, ids, mask, outcome)
+    targets.ref_lp_NTC = targets.old_lp_NTC - 0.2
+    totals = loss_totals(targets, T)
+    results = []
+    for via_lp in (False, True):
+        logits = student.detach().clone().requires_grad_(True)
+        if via_lp:
+            loss, m = step_loss(cfg, targets, None, totals=totals, lp_NTC=target_logprobs(cfg, logits, targets))
+        else:
+            loss, m = step_loss(cfg, targets, logits, totals=totals)
+        loss.backward()
+        results.append((float(loss.detach()), logits.grad, m))
+    assert results[0][0] == results[1][0] and results[0][2] == results[1][2]
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="exactly one of logits_NTV and lp_NTC"):
+        step_loss(cfg, targets, None, totals=totals)
