@@ -165,3 +165,47 @@ def load_policy(path, *, dtype: str = "auto", device="auto", trainable: bool = F
     model = load_causal_lm(path, dtype=dtype, device=device, trainable=trainable)
     eos_ids, pad_id = special_ids(tokenizer, model)
     return Policy(model, tokenizer, eos_ids, pad_id, device)
+
+
+@dataclass(frozen=True)
+class PairFolders:
+    """A student folder and an optional teacher folder that share one vocabulary; no weights are loaded yet."""
+
+    student: Path
+    teacher: Path | None
+    tokenizer: object
+    vocab_width: int | None  # the logit width both models are read at (None: the full width)
+
+
+def open_pair(student: str | None, teacher: str | None, *, names: tuple[str, str],
+              with_teacher: bool = True) -> PairFolders:
+    """Check the folders and the vocabularies first, so a mismatch fails before any data or weights are read.
+
+    `names`: how the caller's user spells the two paths (e.g. ("--student", "--teacher")), for the errors.
+    """
+    student_dir = require_model_dir(student, names[0], "student")
+    teacher_dir = require_model_dir(teacher, names[1], "teacher") if with_teacher else None
+    tokenizer, vocab_width = check_vocabularies(student_dir, teacher_dir)
+    return PairFolders(student_dir, teacher_dir, tokenizer, vocab_width)
+
+
+@dataclass
+class Pair:
+    student: object
+    teacher: object | None
+    eos_ids: list[int]
+    pad_id: int
+
+
+def load_pair(folders: PairFolders, *, device, dtype: str, teacher_dtype: str | None = None, trainable: bool,
+              top_k: int, top_k_name: str) -> Pair:
+    """The student, then the frozen teacher, on `device`; fails when `top_k` exceeds the width both are read at."""
+    student = load_causal_lm(folders.student, dtype=dtype, device=device, trainable=trainable)
+    teacher = None
+    if folders.teacher is not None:
+        teacher = load_causal_lm(folders.teacher, dtype=teacher_dtype or dtype, device=device, trainable=False)
+    width = folders.vocab_width or student.get_output_embeddings().weight.shape[0]
+    if top_k > width:
+        raise ValueError(f"{top_k_name}={top_k} exceeds the vocabulary ({width} tokens)")
+    eos_ids, pad_id = special_ids(folders.tokenizer, student)
+    return Pair(student, teacher, eos_ids, pad_id)

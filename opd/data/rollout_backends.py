@@ -1,7 +1,7 @@
 """Generation backends for `opd rollout`: transformers (any machine) and vLLM (CUDA, one process per GPU).
 
 Both turn the shared worker loop `opd.data.rollout.run_worker` into real sampling by supplying its `generate_fn`.
-Models load with local_files_only, so a missing model fails fast instead of downloading.
+Sampling is `opd.sampling` (models load with local_files_only, so a missing model fails fast instead of downloading).
 The vLLM path cannot run on the project's CPU test machines; it is kept small and uses only vLLM's public
 `LLM.generate` API.
 """
@@ -30,32 +30,28 @@ def choose_backend(backend: str) -> str:
     return backend
 
 
-def transformers_generate_fn(settings: RolloutSettings, dtype: str = "auto", batch_size: int = 64):
-    """A generate_fn sampling with opd.generation.sample on GPU 0 (or CPU) from the chat-rendered prompts."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from opd.generation import render_prompt_ids, sample
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = (torch.bfloat16 if device == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
-    tok = AutoTokenizer.from_pretrained(settings.model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch_dtype, local_files_only=True).to(device)
-    eos = getattr(model.generation_config, "eos_token_id", None) or tok.eos_token_id
-    eos_ids = sorted({*(eos if isinstance(eos, list) else [eos]), *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
-    if not eos_ids:
-        raise ValueError(f"{settings.model}: neither the tokenizer nor generation_config names an EOS token")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
-    gen = torch.Generator(device=device).manual_seed(settings.seed)
+def sampler_generate_fn(sampler, settings: RolloutSettings):
+    """A generate_fn: chat-render the prompts with the sampler's tokenizer, sample one response text each."""
+    from opd.generation import render_prompt_ids
 
     def generate(prompts: list[list[dict]]) -> list[str]:
-        ids = [render_prompt_ids(tok, m, **settings.template_kwargs) for m in prompts]
-        out = sample(model, ids, max_new_tokens=settings.max_tokens, temperature=settings.temperature,
-                     top_p=settings.top_p, eos_token_ids=eos_ids, pad_token_id=pad, generator=gen,
-                     batch_size=batch_size)
-        return tok.batch_decode(out, skip_special_tokens=True)
+        ids = [render_prompt_ids(sampler.tokenizer, m, **settings.template_kwargs) for m in prompts]
+        outs = sampler.generate(ids, max_tokens=settings.max_tokens, temperature=settings.temperature,
+                                top_p=settings.top_p)
+        return [out.text for out in outs]
 
     return generate
+
+
+def transformers_generate_fn(settings: RolloutSettings, dtype: str = "auto", batch_size: int = 64,
+                             device: str = "auto"):
+    """A generate_fn sampling with opd.generation.sample on `device` (auto: GPU 0, else CPU); one random stream,
+    seeded once with the rollout seed."""
+    from opd.sampling import TransformersSampler
+
+    sampler = TransformersSampler.load(settings.model, device=device, dtype=dtype, seed=settings.seed,
+                                       batch_size=batch_size)
+    return sampler_generate_fn(sampler, settings)
 
 
 def worker_gpus(requested: list[str] | None, visible: str | None) -> list[str]:
@@ -81,27 +77,20 @@ def worker_gpus(requested: list[str] | None, visible: str | None) -> list[str]:
 def _vllm_worker(worker: int, gpu: str, prompts, settings: RolloutSettings, part: str, batch_prompts: int,
                  dtype: str = "auto") -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before vllm/torch touch CUDA in this fresh (spawned) process
-    from vllm import LLM, SamplingParams
+    from opd.models import vllm_dtype
+    from opd.sampling import VLLMSampler
 
-    llm = LLM(model=settings.model, seed=settings.seed + worker, dtype=dtype)
-    tok = llm.get_tokenizer()
-    params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, max_tokens=settings.max_tokens)
-
-    def generate(batch: list[list[dict]]) -> list[str]:
-        texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False, **settings.template_kwargs)
-                 for m in batch]
-        outs = llm.generate([{"prompt_token_ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts],
-                            params, use_tqdm=False)
-        return [o.outputs[0].text for o in outs]
-
+    sampler = VLLMSampler(settings.model, seed=settings.seed + worker, dtype=vllm_dtype(dtype))
+    generate = sampler_generate_fn(sampler, settings)
     run_worker(prompts, generate, settings, Path(part), batch_prompts=batch_prompts, progress=worker == 0)
 
 
 def run_backend(todo, settings: RolloutSettings, pdir: Path, *, backend: str, gpus: list[str] | None,
-                batch_prompts: int, progress: bool, dtype: str) -> None:
+                batch_prompts: int, progress: bool, dtype: str, device: str = "auto") -> None:
     backend = choose_backend(backend)
     if backend == "transformers":
-        gen = transformers_generate_fn(settings, dtype=dtype, batch_size=max(1, batch_prompts) * settings.n)
+        gen = transformers_generate_fn(settings, dtype=dtype, batch_size=max(1, batch_prompts) * settings.n,
+                                       device=device)
         run_worker(todo, gen, settings, pdir / "worker-0.jsonl", batch_prompts=batch_prompts, progress=progress)
         return
     gpus = worker_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))

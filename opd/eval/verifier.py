@@ -50,23 +50,20 @@ class ModelVerifier:
 
     def __init__(self, model_path: str, *, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 32,
                  batch_size: int = 16, template_kwargs: dict | None = None):
-        from opd.eval.gen import TransformersBackend
+        from opd.sampling import TransformersSampler
 
-        self.backend = TransformersBackend(model_path, device=device, dtype=dtype)
+        # keep special tokens: a thinking model's <think> block may be one, and parse_verdict must see it to skip it
+        self.sampler = TransformersSampler.load(model_path, device=device, dtype=dtype, batch_size=batch_size,
+                                                skip_special_tokens=False, progress=True)
         self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
         self.template_kwargs = template_kwargs or {}
 
     def judge(self, items: Sequence[tuple[str, str, str]]) -> list[str]:
         """Verdicts for (question, reference, response) triples."""
-        from opd.generation import render_prompt_ids, sample
+        from opd.generation import render_prompt_ids
 
-        b = self.backend
-        prompts = [
-            render_prompt_ids(b.tokenizer, [{"role": "user", "content": build_prompt(*it)}], **self.template_kwargs)
-            for it in items
-        ]
-        outs = sample(b.model, prompts, max_new_tokens=self.max_new_tokens, eos_token_ids=b.eos_ids,
-                      pad_token_id=b.pad_id, temperature=0.0, batch_size=self.batch_size, progress=True)
-        # keep special tokens: a thinking model's <think> block may be one, and parse_verdict must see it to skip it
-        return [parse_verdict(b.tokenizer.decode(ids, skip_special_tokens=False)) for ids in outs]
+        tok = self.sampler.tokenizer
+        prompts = [render_prompt_ids(tok, [{"role": "user", "content": build_prompt(*it)}], **self.template_kwargs)
+                   for it in items]
+        outs = self.sampler.generate(prompts, max_tokens=self.max_new_tokens, temperature=0.0)
+        return [parse_verdict(out.text) for out in outs]

@@ -11,6 +11,7 @@ import torch
 
 from opd.generation import render_prompt_ids, sample
 from opd.grading import score_response
+from opd.models import special_ids
 from opd.toy.task import N_DIGITS, Problem
 
 # N_DIGITS column lines of at most 10 tokens ("9+9+1=19\n" is 9) plus "\boxed{1998}" and EOS, with a margin.
@@ -21,10 +22,10 @@ def accuracy(model, tokenizer, problems: Sequence[Problem], *, temperature: floa
              batch_size: int = 250, max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, float]:
     """{"accuracy": fraction graded correct, "response_length": mean tokens} over `problems`."""
     prompts = [render_prompt_ids(tokenizer, p.messages()) for p in problems]
+    eos_ids, pad_id = special_ids(tokenizer, model)
     gen = torch.Generator().manual_seed(seed)
     responses = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_token_ids=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       generator=gen, batch_size=batch_size)
+                       eos_token_ids=eos_ids, pad_token_id=pad_id, generator=gen, batch_size=batch_size)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     scores = [score_response(t, p.answer) for t, p in zip(texts, problems)]
     return {"accuracy": sum(scores) / len(scores), "response_length": sum(map(len, responses)) / len(responses)}
