@@ -6,7 +6,7 @@
 It builds the toy world in a temporary folder (BPE tokenizer trained locally, teacher and student from
 `opd.toy`, untrained, so every response runs to --max-resp tokens: the worst case for the sampler), then times
 the phases of a training step with the engine's own functions: rollout (KV-cached sampling), the student's and
-the teacher's no-grad passes (`score`), the core's support / rewards / advantages (`build_signals`), the update
+the teacher's no-grad passes (`score`), the core's support / rewards / advantages (`build_targets`), the update
 (forward + backward + AdamW) and the dynamics metrics. Warm-up steps are excluded. Tokens/s counts generated
 tokens for the rollout, the core's maths, the metrics and the whole step, and prompt + response tokens for the
 model passes and the update (the table says which). Peak memory: on CUDA the peak allocated during each phase; on
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from opd.engines.local import trainer
     from opd.engines.local.config import resolve
-    from opd.engines.local.scoring import build_signals, score
+    from opd.core.step import build_targets, step_diagnostics
+    from opd.engines.local.scoring import score
     from opd.engines.local.update import loss_and_backward, optimizer_step
     from opd.toy import build_tiny_model, build_toy_tokenizer, save_model, write_datasets
     from opd.toy.models import SIZES
@@ -127,22 +128,22 @@ def main(argv: list[str] | None = None) -> int:
             all_tokens = float(batch.attention_mask_NL.sum())
             s.student.eval()
             passes: dict[str, float] = {}
-            scored, t_score, m_score = _phase(device, lambda: score(
+            reads, t_score, m_score = _phase(device, lambda: score(
                 s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, timings=passes))
             outcome = torch.tensor(rollouts.scores, device=device)
             has_box = torch.ones(batch.n_rows, dtype=torch.bool, device=device)
-            signals, t_sig, m_sig = _phase(device, lambda: build_signals(
-                scored, batch, algo, outcome_scores_N=outcome, has_box_N=has_box))
+            targets, t_sig, m_sig = _phase(device, lambda: build_targets(
+                algo, reads, response_ids_NT=batch.response_ids_NT, response_mask_NT=batch.response_mask_NT,
+                group_index_N=batch.group_index_N, outcome_scores_N=outcome, has_box_N=has_box))
             s.student.train()
 
             def update():
-                loss_and_backward(s.student, batch, signals.targets, algo, token_budget=cfg.micro_batch_tokens,
+                loss_and_backward(s.student, batch, targets, algo, token_budget=cfg.micro_batch_tokens,
                                   norm_length=cfg.max_resp_length, teacher=s.teacher)
                 return optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip)
 
             _, t_upd, m_upd = _phase(device, update)
-            _, t_diag, m_diag = _phase(device, lambda: trainer.dynamics_metrics(
-                **trainer.diagnostics_inputs(scored, signals, batch.response_mask_NT)))
+            _, t_diag, m_diag = _phase(device, lambda: step_diagnostics(reads, batch.response_mask_NT, targets))
             if step <= args.warmup:
                 continue
             record(("rollout (sampling)", "generated"), t_roll, gen_tokens, m_roll)

@@ -24,7 +24,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 # Heuristic thresholds of the verdict (documented in docs/local_engine.md, "Pre-flight check"; printed with it).
 THRESHOLDS: dict[str, float] = {
@@ -119,23 +119,16 @@ def measure(student, teacher, batch, *, k: int, temperature: float, teacher_temp
     "position_edges": [...], "profile": per-position means (binned)}.
     """
     from opd.core.config import OPDConfig
-    from opd.core.metrics import window_name, dynamics_metrics, per_position_profile  # the core's key format
-    from opd.core.rewards import sampled_token_rewards
-    from opd.core.types import LogitStats
+    from opd.core.metrics import window_name  # the core's key format
+    from opd.core.step import step_diagnostics, step_profile
     from opd.engines.local.scoring import score
 
     cfg = OPDConfig(top_k=k, temperature=temperature, teacher_temperature=teacher_temperature)
-    scored = score(student, teacher, batch, cfg, token_budget=token_budget, vocab_size=vocab_size)
+    reads = score(student, teacher, batch, cfg, token_budget=token_budget, vocab_size=vocab_size)
     mask_NT = batch.response_mask_NT
-    diag = dict(
-        response_mask_NT=mask_NT,
-        student=LogitStats(scored.student_topk_ids_NTK, scored.student_topk_lp_NTK, None, scored.student_entropy_NT),
-        teacher=LogitStats(scored.teacher_topk_ids_NTK, scored.teacher_topk_lp_NTK, None, scored.teacher_entropy_NT),
-        reverse_kl_NT=-sampled_token_rewards(scored.student_lp_NT, scored.teacher_lp_NT),  # k1: lp - lq
-    )
     longest = int(mask_NT.sum(-1).max())
     edges = list(position_edges) if position_edges is not None else auto_edges(longest)
-    flat = dynamics_metrics(**diag, position_edges=edges, prefix="")
+    flat = step_diagnostics(reads, mask_NT, position_edges=edges, prefix="")
     names = [key for key, _ in METRICS]
     tokens_T = (mask_NT > 0).sum(0).tolist()
     windows = []
@@ -145,7 +138,7 @@ def measure(student, teacher, batch, *, k: int, temperature: float, teacher_temp
         if tokens:
             windows.append({"name": tag[4:], "first": lo, "last": (hi - 1) if hi is not None else None,
                             "tokens": tokens, "metrics": {m: flat[f"{tag}/{m}"] for m in names}})
-    profile = per_position_profile(**diag, bin_size=max(1, math.ceil(longest / profile_bins)))
+    profile = step_profile(reads, mask_NT, bin_size=max(1, math.ceil(longest / profile_bins)))
     return {"metrics": {m: flat[m] for m in names}, "windows": windows, "position_edges": edges,
             "profile": profile}
 
@@ -224,14 +217,11 @@ def run_check(s: CheckSettings) -> dict:
     import torch
 
     from opd.engines.local.data import load_prompt_set
-    from opd.models import (
-        check_vocabularies, load_causal_lm, require_model_dir, resolve_device, special_ids,
-    )
+    from opd.models import load_pair, open_pair, resolve_device
     from opd.engines.local.rollout import generate
 
-    student_dir = require_model_dir(s.student, "--student", "student")
-    teacher_dir = require_model_dir(s.teacher, "--teacher", "teacher")
-    tokenizer, vocab_width = check_vocabularies(student_dir, teacher_dir)  # fails before any weights are loaded
+    folders = open_pair(s.student, s.teacher, names=("--student", "--teacher"))  # fails before any weights load
+    tokenizer, vocab_width = folders.tokenizer, folders.vocab_width
     template_kwargs = {} if s.enable_thinking is None else {"enable_thinking": s.enable_thinking}
     prompt_set = load_prompt_set(s.data, tokenizer, max_prompt_length=s.max_prompt_length,
                                  template_kwargs=template_kwargs)
@@ -239,12 +229,8 @@ def run_check(s: CheckSettings) -> dict:
 
     torch.manual_seed(s.seed)
     device = resolve_device(s.device)
-    student = load_causal_lm(student_dir, dtype=s.dtype, device=device, trainable=False)
-    teacher = load_causal_lm(teacher_dir, dtype=s.dtype, device=device, trainable=False)
-    width = vocab_width or student.get_output_embeddings().weight.shape[0]
-    if s.k > width:
-        raise ValueError(f"--k={s.k} exceeds the vocabulary ({width} tokens)")
-    eos_ids, pad_id = special_ids(tokenizer, student)
+    pair = load_pair(folders, device=device, dtype=s.dtype, trainable=False, top_k=s.k, top_k_name="--k")
+    student, teacher, eos_ids, pad_id = pair.student, pair.teacher, pair.eos_ids, pair.pad_id
     rollouts = generate(student, tokenizer, [p.prompt_ids for p in chosen], [p.ground_truth for p in chosen],
                         n=s.n, max_new_tokens=s.max_resp_length, temperature=s.temperature, top_p=1.0,
                         repetition_penalty=1.0, generator=torch.Generator(device=device).manual_seed(s.seed),
@@ -301,17 +287,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value):
-    """NaN (a profile bin with no population) -> null, so the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     d = CheckSettings("", "", "")
     p = argparse.ArgumentParser(
@@ -366,14 +341,11 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise ValueError(f"--position-edges={args.position_edges!r} is not valid; expected comma-separated "
                                  f"integers, e.g. 0,256,1024") from None
-        settings = CheckSettings(
-            student=args.student, teacher=args.teacher, data=args.data, n_prompts=args.n_prompts, n=args.n,
-            k=args.k, max_resp_length=args.max_resp_length, max_prompt_length=args.max_prompt_length,
-            temperature=args.temperature, teacher_temperature=args.teacher_temperature, seed=args.seed,
-            device=args.device, dtype=args.dtype,
-            enable_thinking=None if args.enable_thinking is None else args.enable_thinking == "true",
-            position_edges=edges, micro_batch_tokens=args.micro_batch_tokens, batch_size=args.batch_size,
-            progress=not args.no_progress)
+        # every other field is the flag of the same name
+        parsed = {"enable_thinking": None if args.enable_thinking is None else args.enable_thinking == "true",
+                  "position_edges": edges, "progress": not args.no_progress}
+        settings = CheckSettings(**{f.name: parsed[f.name] if f.name in parsed else getattr(args, f.name)
+                                    for f in fields(CheckSettings)})
     except ValueError as exc:
         print(f"opd check: {exc}", file=sys.stderr)
         return 2
@@ -384,9 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_report(report))
     if args.json:
-        from opd.data.io import atomic_write_text
+        from opd.io import atomic_write_text, json_safe
 
-        atomic_write_text(args.json, json.dumps(_json_safe(report), indent=1, allow_nan=False) + "\n")
+        # NaN (a profile bin with no population) -> null, so the file is strict JSON
+        atomic_write_text(args.json, json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
     return 0
 

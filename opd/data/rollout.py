@@ -4,7 +4,7 @@ Workflow.md §3. Each prompt gets --n slots; with --enable-rejection-sampling a 
 `opd.data.rejection` is re-sampled, up to --max-attempts-per-rollout attempts, after which the slot is abandoned.
 Backends: vLLM when it is installed and a GPU is visible (one worker process per GPU in --gpus or
 CUDA_VISIBLE_DEVICES, each taking every k-th prompt), else transformers with `opd.generation.sample` (one process,
-GPU 0 or CPU). The vLLM path needs a CUDA machine and is not exercised by the test suite.
+GPU 0 or CPU, or --device). The vLLM path needs a CUDA machine and is not exercised by the test suite.
 
 Resumable: every worker appends one JSON line per finished prompt to `<output>.parts/worker-<k>.jsonl` (flushed
 and fsynced), so a restart with the same settings skips finished prompts; nothing is duplicated or lost.
@@ -29,9 +29,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from opd.data.io import atomic_path, atomic_write_text
 from opd.data.rejection import REASONS, rejection_reason
 from opd.data.schema import DataError, read_rl_parquet
+from opd.io import atomic_path, atomic_write_text
+from opd.models import normalize_dtype
 
 # chat prompts (one list of messages each) -> one sampled response text per prompt, same order
 GenerateFn = Callable[[list[list[dict]]], list[str]]
@@ -246,6 +247,7 @@ def rollout(
     overwrite: bool = False,
     progress: bool = True,
     dtype: str = "auto",
+    device: str = "auto",
 ) -> dict:
     """Resume-or-run the rollout and merge; `generate_fn` (tests, custom engines) replaces the backends."""
     rows = read_rl_parquet(input_path)
@@ -263,7 +265,7 @@ def rollout(
             from opd.data import rollout_backends as rb
 
             rb.run_backend(todo, settings, pdir, backend=backend, gpus=gpus, batch_prompts=batch_prompts,
-                           progress=progress, dtype=dtype)
+                           progress=progress, dtype=dtype, device=device)
         done = read_parts(pdir)
     done = {i: rec for i, rec in done.items() if i < len(rows)}  # an earlier run may have gone past --limit
     return merge(rows, done, settings, output, str(input_path))
@@ -295,7 +297,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
                    help="auto: vLLM if installed and a GPU is visible, else transformers")
     p.add_argument("--gpus", help="comma-separated GPU ids, one vLLM worker each (default: CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32...")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on GPU, fp32 on CPU; vLLM: the model's), "
+                   "fp32, bf16, fp16 (float32, bfloat16, float16 are accepted too)")
+    p.add_argument("--device", default="auto", help="transformers backend: auto (GPU 0, else CPU), cpu, cuda, cuda:1")
     p.add_argument("--batch-prompts", type=int, default=64, help="prompts per generation round (vLLM: per request)")
     p.add_argument("--limit", type=int, help="only the first N prompts")
     p.add_argument("--overwrite", action="store_true", help="discard the partial files of an earlier run")
@@ -306,6 +310,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        dtype = normalize_dtype(args.dtype)
         settings = RolloutSettings(
             model=args.model, n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
             enable_thinking=args.enable_thinking, rejection_sampling=args.enable_rejection_sampling,
@@ -314,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = rollout(
             args.input, args.output, settings, backend=args.backend,
             gpus=args.gpus.split(",") if args.gpus else None, batch_prompts=args.batch_prompts, limit=args.limit,
-            overwrite=args.overwrite, progress=not args.no_progress, dtype=args.dtype,
+            overwrite=args.overwrite, progress=not args.no_progress, dtype=dtype, device=args.device,
         )
     except (DataError, ValueError, RuntimeError) as e:
         print(f"opd rollout: error: {e}", file=sys.stderr)

@@ -7,10 +7,10 @@ the rendered chat text the model saw, question = the user turn), plus ``<same>.m
 appended per batch, and on restart the (example_id, sample_idx) pairs already present are skipped and a
 truncated last line is cut off.
 
-Backends: vLLM when installed and a GPU is visible (one request per sample, each with its own seed, so every
-sample is reproducible alone), else transformers with ``opd.generation.sample`` (KV-cached batches; ``seed`` is
-then the seed of the batch's generator: an uninterrupted rerun with the same settings reproduces the file).
-The vLLM path cannot be exercised on our CPU test machines.
+Backends (``opd.sampling``): vLLM when installed and a GPU is visible (one request per sample, each with its own
+seed, so every sample is reproducible alone), else transformers with ``opd.generation.sample`` (KV-cached batches;
+``seed`` is then the seed of the batch's generator: an uninterrupted rerun with the same settings reproduces the
+file). The vLLM path cannot be exercised on our CPU test machines.
 
 Example::
 
@@ -31,16 +31,20 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from opd.eval.benchmarks import Benchmark, load_benchmark
+from opd.io import atomic_write_text
+from opd.presets import EVAL
+from opd.models import normalize_dtype, vllm_dtype
+from opd.sampling import TransformersSampler, VLLMSampler
 
 __all__ = ["GenSettings", "output_paths", "read_done", "generate_benchmark", "main"]
 
 
 @dataclass(frozen=True)
 class GenSettings:
-    n: int = 16
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int = 31744
+    n: int = EVAL.n  # the evaluation protocol (opd.presets), shared with training's validation defaults
+    temperature: float = EVAL.temperature
+    top_p: float = EVAL.top_p
+    max_tokens: int = EVAL.max_tokens
     thinking: str | None = None  # "on" / "off" / None (template default)
     template: str = "boxed"
     seed: int = 0
@@ -113,76 +117,7 @@ def read_done(path: Path) -> set[tuple[int, int]]:
 
 
 def _write_meta(path: Path, meta: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-class TransformersBackend:
-    """opd.generation.sample on a Hugging Face model (CPU or one GPU)."""
-
-    seed_scope = "batch"
-    default_batch = 64
-
-    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto"):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.torch = torch
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
-        eos = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        eos.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-        self.eos_ids = sorted(e for e in eos if e is not None)
-        if not self.eos_ids:
-            raise ValueError(f"{model_path}: neither the tokenizer nor generation_config defines an EOS token")
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else self.eos_ids[0]
-
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int], s: GenSettings) -> list[tuple[str, int, str, int]]:
-        from opd.generation import sample
-
-        gen = self.torch.Generator(device=self.device).manual_seed(seeds[0])
-        outs = sample(
-            self.model, prompt_ids, max_new_tokens=s.max_tokens, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id,
-            temperature=s.temperature, top_p=s.top_p, generator=gen, batch_size=len(prompt_ids),
-        )
-        result = []
-        for ids in outs:
-            finish = "stop" if ids and ids[-1] in self.eos_ids else "length"
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            result.append((text, len(ids), finish, seeds[0]))
-        return result
-
-
-class VLLMBackend:
-    """vLLM offline engine: one request per sample with its own seed (not testable on CPU machines)."""
-
-    seed_scope = "sample"
-    default_batch = 2048
-
-    def __init__(self, model_path: str, dtype: str = "auto", tensor_parallel_size: int = 1,
-                 max_model_len: int | None = None):
-        from vllm import LLM
-
-        kwargs = dict(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
-        if max_model_len:
-            kwargs["max_model_len"] = max_model_len
-        self.llm = LLM(**kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
-
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int], s: GenSettings) -> list[tuple[str, int, str, int]]:
-        from vllm import SamplingParams
-
-        params = [SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=sd)
-                  for sd in seeds]
-        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=params, use_tqdm=False)
-        return [(o.outputs[0].text, len(o.outputs[0].token_ids), str(o.outputs[0].finish_reason), sd)
-                for o, sd in zip(outs, seeds)]
+    atomic_write_text(path, json.dumps(meta, indent=2, sort_keys=True))
 
 
 def _vllm_usable() -> bool:
@@ -202,9 +137,9 @@ def make_backend(name: str, model_path: str, args: argparse.Namespace):
         raise ValueError("--backend vllm needs the vllm package (pip install -e '.[vllm]') and a visible CUDA GPU; "
                          "use --backend transformers (or auto) on this machine")
     if name == "vllm":
-        return VLLMBackend(model_path, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+        return VLLMSampler(model_path, dtype=vllm_dtype(args.dtype), tensor_parallel_size=args.tensor_parallel_size,
                            max_model_len=args.max_model_len)
-    return TransformersBackend(model_path, device=args.device, dtype=args.dtype)
+    return TransformersSampler.load(model_path, device=args.device, dtype=args.dtype)
 
 
 def _read_meta(meta: Path) -> dict | None:
@@ -266,13 +201,14 @@ def generate_benchmark(backend, bench: Benchmark, model_path: str, settings: Gen
         for start in range(0, len(pending), step):
             chunk = pending[start : start + step]
             seeds = [sample_seed(settings.seed, eid, j) for eid, j in chunk]
-            outs = backend.generate([prompts[eid] for eid, _ in chunk], seeds, settings)
-            for (eid, j), (text, n_tok, finish, seed) in zip(chunk, outs):
+            outs = backend.generate([prompts[eid] for eid, _ in chunk], max_tokens=settings.max_tokens,
+                                    temperature=settings.temperature, top_p=settings.top_p, seeds=seeds)
+            for (eid, j), out in zip(chunk, outs):
                 rec = {
                     "example_id": eid, "sample_idx": j, "prompt": prompt_text[eid],
                     "question": by_id[eid].messages[-1]["content"],
-                    "answer": by_id[eid].answer, "seed": seed, "response": text, "response_tokens": n_tok,
-                    "finish_reason": finish,
+                    "answer": by_id[eid].answer, "seed": out.seed, "response": out.text,
+                    "response_tokens": out.n_tokens, "finish_reason": out.finish_reason,
                 }
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
@@ -286,6 +222,7 @@ def generate_benchmark(backend, bench: Benchmark, model_path: str, settings: Gen
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = GenSettings()
     p = argparse.ArgumentParser(
         prog="opd eval gen",
         description="Sample N answers per benchmark problem (workflow.md §6). Writes <out>/<benchmark>__<model>__"
@@ -296,21 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark file(s) (RL-schema or problem/answer parquet/jsonl) or names found in --data-dir")
     p.add_argument("--data-dir", help="local folder holding <name>.parquet/.jsonl for benchmark names (no downloads)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n", type=int, default=16, help="samples per problem (default 16)")
-    p.add_argument("--temperature", type=float, default=0.7, help="default 0.7")
-    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
-    p.add_argument("--max-tokens", type=int, default=31744, help="max response tokens (default 31744)")
+    p.add_argument("--n", type=int, default=d.n, help="samples per problem (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="default %(default)s")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="default %(default)s")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="max response tokens (default %(default)s)")
     p.add_argument("--thinking", choices=["on", "off"], help="pass enable_thinking=True/False to the chat template "
                    "(Qwen3-style); unset: the template's default")
-    p.add_argument("--template", default="boxed", help="instruction template for problem/answer files: boxed (default), "
+    p.add_argument("--template", default=d.template, help="instruction template for problem/answer files: boxed (default), "
                    "dapo, none, or a text file with one {problem}")
-    p.add_argument("--seed", type=int, default=0, help="base seed; each sample's seed is recorded")
+    p.add_argument("--seed", type=int, default=d.seed, help="base seed; each sample's seed is recorded")
     p.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
                    help="auto: vLLM if installed and a GPU is visible, else transformers")
     p.add_argument("--batch-size", type=int, help="samples per generation call and per append (default: 64 "
                    "transformers, 2048 vLLM)")
     p.add_argument("--device", default="auto", help="transformers backend: cpu, cuda, cuda:1 (default auto)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU; vLLM: the model's), fp32, bf16, "
+                   "fp16 (float32, bfloat16, float16 are accepted too)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--max-model-len", type=int, help="vLLM only")
     p.add_argument("--limit", type=int, help="use only the first N problems of each benchmark (smoke tests)")
@@ -328,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             print(f"opd eval gen: invalid {name} {value}", file=sys.stderr)
             return 2
+    try:
+        args.dtype = normalize_dtype(args.dtype)
+    except ValueError as exc:
+        print(f"opd eval gen: {exc}", file=sys.stderr)
+        return 2
     tags: dict[str, str] = {}
     for model_path in args.model:
         other = tags.setdefault(model_tag(model_path), model_path)

@@ -19,8 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from opd.data.io import iter_records, replace_dir
+from opd.data.io import iter_records
 from opd.data.schema import DataError
+from opd.io import replace_dir
+from opd.models import load_policy, normalize_dtype, resolve_device
 from opd.sft.trainer import SFTConfig
 
 
@@ -63,17 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--epochs", type=float, default=d.epochs, help=f"passes over the data when --steps is 0 (default {d.epochs:g})")
-    p.add_argument("--steps", type=int, default=0, help="optimiser steps (overrides --epochs when > 0)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (overrides --epochs when > 0)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per optimiser step (default {d.batch_size})")
-    p.add_argument("--micro-batch-size", type=int, default=0, help="sequences per forward pass (gradient accumulation); 0 = batch size")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="sequences per forward pass (gradient accumulation); 0 = batch size")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help=f"linear warmup fraction, then cosine (default {d.warmup_ratio})")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help=f"final lr / peak lr (default {d.min_lr_ratio})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max grad norm; 0 = no clipping")
     p.add_argument("--max-length", type=int, default=d.max_length, help=f"drop (and count) longer conversations (default {d.max_length}, the paper's cutoff)")
     p.add_argument("--chat-template-kwargs", default="{}", help='JSON passed to the chat template, e.g. \'{"enable_thinking": true}\'')
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="master weight dtype")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    p.add_argument("--dtype", default="fp32", help="master weight dtype: fp32 (default), bf16, fp16, auto (bf16 on "
+                   "GPU, fp32 on CPU); float32, bfloat16, float16 are accepted too")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (cuda when available)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every)
     return p
@@ -99,28 +102,30 @@ def main(argv: list[str] | None = None) -> int:
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_length=args.max_length, seed=args.seed,
             log_every=args.log_every,
         )
+        dtype = normalize_dtype(args.dtype)
+        device = resolve_device(args.device)
         conversations = read_conversations(args.data)
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"opd sft: {exc}", file=sys.stderr)
         return 2
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd.sft.trainer import encode_dataset, train_sft
 
     torch.manual_seed(args.seed)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:  # local_files_only: a model id that is not in the cache is an error, never a download
-        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
-                                                     local_files_only=True).to(device)
+    try:  # a model id that is not in the cache is an error, never a download
+        policy = load_policy(args.model, dtype=dtype, device=device, trainable=True)
     except OSError as exc:
         print(f"opd sft: --model {args.model}: cannot load a model and tokenizer from this local folder or the Hugging "
               f"Face cache ({str(exc).splitlines()[0]})", file=sys.stderr)
         return 2
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    except ValueError as exc:
+        print(f"opd sft: --model {args.model}: {exc}", file=sys.stderr)
+        return 2
+    model, tokenizer = policy.model, policy.tokenizer
+    if tokenizer.pad_token_id is None:  # the saved tokenizer then pads as training did
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(policy.pad_id)
     data = encode_dataset(tokenizer, conversations, config.max_length, progress=True, **template_kwargs)
     print(f"opd sft: {len(data.input_ids)} conversations ({data.n_dropped_too_long} dropped: longer than "
           f"--max-length {config.max_length})")
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
         with open(tmp / "sft_log.jsonl", "w", encoding="utf-8") as log:
-            logs = train_sft(model, data, config, pad_token_id=tokenizer.pad_token_id,
+            logs = train_sft(model, data, config, pad_token_id=policy.pad_id,
                              on_log=lambda rec: log.write(json.dumps(rec) + "\n") or log.flush())
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -13,9 +13,11 @@ from opd.engines.local.checkpoint import latest_checkpoint
 from opd.engines.local.data import PromptSchedule
 from opd.engines.local.logging import read_metrics
 from opd.engines.local.rollout import micro_batch_bounds
-from opd.engines.local.scoring import build_signals, score
+from opd.core.step import build_targets
+from opd.engines.local.scoring import score
 from opd.engines.local.update import loss_and_backward
-from opd.engines.local.validation import majority_correct, summarise
+from opd.engines.local.validation import summarise
+from opd.eval.metrics import majority_score
 
 
 def _without_timings(rows: list[dict]) -> list[dict]:
@@ -105,10 +107,11 @@ def test_micro_batching_does_not_change_the_gradient(tiny_cfg, agg, top_k, estim
                                 top_p=1.0, repetition_penalty=1.0, generator=s.generator, batch_size=64,
                                 eos_ids=s.eos_ids, pad_id=s.pad_id)
     batch = rollouts.batch
-    scored = score(s.student, s.teacher, batch, cfg.algo, token_budget=10**6)
+    reads = score(s.student, s.teacher, batch, cfg.algo, token_budget=10**6)
     outcome = (torch.arange(batch.n_rows) % 3 == 0).float()  # mixed rule rewards within groups
-    targets = build_signals(scored, batch, cfg.algo, outcome_scores_N=outcome,
-                            has_box_N=torch.ones(batch.n_rows, dtype=torch.bool)).targets
+    targets = build_targets(cfg.algo, reads, response_ids_NT=batch.response_ids_NT,
+                            response_mask_NT=batch.response_mask_NT, group_index_N=batch.group_index_N,
+                            outcome_scores_N=outcome, has_box_N=torch.ones(batch.n_rows, dtype=torch.bool))
     targets.ref_lp_NTC = targets.old_lp_NTC - 0.1  # any constant reference exercises the KL term
     grads = {}
     for budget in (10**6, 1):  # whole batch in one pass vs one row per micro-batch
@@ -173,7 +176,7 @@ def test_validation_metrics_per_source():
     assert out["val/amc/mean@4"] == pytest.approx(0.75) and out["val/amc/maj@4"] == 1.0
     assert out["val/amc/response_length"] == pytest.approx(3.0)
     assert out["val/mean@4"] == pytest.approx((0.25 + 0.0 + 0.75) / 3)
-    assert majority_correct(["1", "2"], [0.0, 1.0]) == 0.0  # tie: the answer seen first
+    assert majority_score(["1", "2"], [0.0, 1.0]) == 0.0  # tie: the answer seen first
 
 
 def test_prompt_schedule_is_a_pure_function_of_seed_and_step():

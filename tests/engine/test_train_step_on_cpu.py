@@ -138,6 +138,7 @@ def test_vocabulary_mismatch_fails_before_any_compute(toy_world, tiny_cfg, tmp_p
         raise AssertionError("loaded data or weights before checking the vocabularies")
 
     monkeypatch.setattr(trainer, "load_causal_lm", must_not_run)
+    monkeypatch.setattr(trainer, "load_pair", must_not_run)
     monkeypatch.setattr(trainer, "load_prompt_set", must_not_run)
     with pytest.raises(VocabularyMismatchError, match="do not share a vocabulary"):
         trainer.train(tiny_cfg(reward_model_path=other))
@@ -171,3 +172,13 @@ def test_response_logits_match_an_unpadded_forward(toy_world):
             sub = batch.rows(i, i + 1)  # trimmed micro-batch of one row: same logits
             torch.testing.assert_close(response_logits(model, sub)[0, : len(r)], alone, rtol=1e-4, atol=1e-5)
     assert batch.response_mask_NT.sum(-1).tolist() == [2.0, 4.0, 1.0]
+
+
+def test_processed_sampling_is_flagged_as_biased(tiny_cfg, capsys):
+    from opd.engines.local.trainer import sampling_bias_warnings
+
+    assert sampling_bias_warnings(tiny_cfg()) == []
+    warnings = sampling_bias_warnings(tiny_cfg(TOP_P="0.9", REPETITION_PENALTY="1.1"))
+    assert len(warnings) == 2 and "TOP_P=0.9 < 1" in warnings[0] and "REPETITION_PENALTY=1.1" in warnings[1]
+    trainer.train(tiny_cfg(total_steps=1, TOP_P="0.9"))
+    assert "opd train: warning: TOP_P=0.9 < 1" in capsys.readouterr().err

@@ -227,8 +227,8 @@ def test_backend_choice(monkeypatch):
     import argparse
 
     made = []
-    monkeypatch.setattr(gen, "VLLMBackend", lambda path, **kw: made.append(("vllm", path)) or "V")
-    monkeypatch.setattr(gen, "TransformersBackend", lambda path, **kw: made.append(("hf", path)) or "T")
+    monkeypatch.setattr(gen, "VLLMSampler", lambda path, **kw: made.append(("vllm", path)) or "V")
+    monkeypatch.setattr(gen.TransformersSampler, "load", lambda path, **kw: made.append(("hf", path)) or "T")
     args = argparse.Namespace(dtype="auto", tensor_parallel_size=1, max_model_len=None, device="cpu")
     monkeypatch.setattr(gen, "_vllm_usable", lambda: True)
     assert gen.make_backend("auto", "m", args) == "V" and gen.make_backend("transformers", "m", args) == "T"

@@ -5,8 +5,7 @@
 Per step (one optimiser step on the step's own rollouts, i.e. on-policy):
   1. rollout: MINI_BATCH_SIZE prompts x N_RESPONSES samples from the student (KV-cached sampler), graded by the rule
      reward (logged as true_reward for every estimator);
-  2. score: student and teacher no-grad passes -> top-k / log-probs / entropy -> support, rewards, advantages
-     (all maths in opd.core; see scoring.py);
+  2. score: student and teacher no-grad passes -> reads -> support, rewards, advantages (`opd.core.step`);
   3. update: the student re-run with gradient at the stored slots (the K dimension kept), AdamW, grad clipping;
   4. log metrics.jsonl / TensorBoard, validate every TEST_FREQ steps, checkpoint every SAVE_FREQ steps.
 The run folder `<output_dir>/<run_name>/` holds config.yaml (the resolved config), metrics.jsonl, profiles.jsonl,
@@ -26,7 +25,6 @@ metrics.jsonl keys (one line per step; step 0 = validation before training):
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import sys
@@ -39,20 +37,18 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from opd.core.metrics import dynamics_metrics, per_position_profile
-from opd.core.rewards import sampled_token_rewards
-from opd.core.types import LogitStats
+from opd.core.step import build_targets, step_diagnostics, step_profile
 from opd.engines.local.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opd.engines.local.config import TrainConfig, config_yaml, run_name_from
 from opd.engines.local.data import PromptSchedule, PromptSet, load_prompt_set
 from opd.engines.local.logging import RunLogger
-from opd.engines.local.models import (
-    check_vocabularies, load_causal_lm, require_model_dir, resolve_device, special_ids,
-)
+from opd.models import load_causal_lm, load_pair, open_pair, resolve_device
 from opd.engines.local.rollout import Rollouts, generate
-from opd.engines.local.scoring import Scored, Signals, build_signals, reference_logprobs, score
-from opd.engines.local.update import loss_and_backward, make_optimizer, make_scheduler, optimizer_step
+from opd.engines.local.scoring import reference_logprobs, score
+from opd.engines.local.update import loss_and_backward, optimizer_step
 from opd.engines.local.validation import validate
+from opd.io import atomic_write_text
+from opd.optim import make_optimizer, make_scheduler
 
 
 PROFILE_BINS = 128  # per-position profiles are binned to about this many points (profiles.jsonl stays small)
@@ -84,6 +80,8 @@ class Session:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or continue) training; returns the run folder."""
+    for warning in sampling_bias_warnings(cfg):
+        print(f"opd train: warning: {warning}", file=sys.stderr)
     s = setup(cfg)
     logger = RunLogger(s.run_dir, start_step=s.start_step)
     total = s.schedule.total_steps
@@ -118,11 +116,9 @@ def train(cfg: TrainConfig) -> Path:
 def setup(cfg: TrainConfig) -> Session:
     algo = cfg.algo
     # 1. the models' folders and vocabularies first: a mismatch must fail before any compute
-    student_dir = require_model_dir(cfg.actor_model_path, "ACTOR_MODEL_PATH", "student")
-    teacher_dir = None
-    if algo.needs_teacher:
-        teacher_dir = require_model_dir(cfg.reward_model_path, "REWARD_MODEL_PATH", "teacher")
-    tokenizer, vocab_width = check_vocabularies(student_dir, teacher_dir)
+    folders = open_pair(cfg.actor_model_path, cfg.reward_model_path, names=("ACTOR_MODEL_PATH", "REWARD_MODEL_PATH"),
+                        with_teacher=algo.needs_teacher)
+    tokenizer, vocab_width = folders.tokenizer, folders.vocab_width
     run_dir = Path(cfg.output_dir) / (cfg.run_name or run_name_from(cfg))
 
     # 2. prompts, tokenised once with the student's chat template
@@ -144,21 +140,20 @@ def setup(cfg: TrainConfig) -> Session:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    student = load_causal_lm(student_dir, dtype=cfg.model_dtype, device=device, trainable=True)
+    frozen_dtype = cfg.teacher_dtype or cfg.model_dtype
+    pair = load_pair(folders, device=device, dtype=cfg.model_dtype, teacher_dtype=frozen_dtype, trainable=True,
+                     top_k=algo.top_k, top_k_name="LOG_PROB_TOP_K")
+    student, teacher, eos_ids, pad_id = pair.student, pair.teacher, pair.eos_ids, pair.pad_id
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    frozen = dict(dtype=cfg.teacher_dtype or cfg.model_dtype, device=device, trainable=False)
-    teacher = load_causal_lm(teacher_dir, **frozen) if teacher_dir else None
-    reference = load_causal_lm(student_dir, **frozen) if algo.use_kl else None  # KL-to-reference: the initial student
+    reference = None  # KL-to-reference: the initial student
+    if algo.use_kl:
+        reference = load_causal_lm(folders.student, dtype=frozen_dtype, device=device, trainable=False)
     optimizer = make_optimizer(student, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, kind=cfg.lr_scheduler, total_steps=schedule.total_steps,
                                warmup_ratio=cfg.warmup_ratio)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    eos_ids, pad_id = special_ids(tokenizer, student)
-    width = vocab_width or student.get_output_embeddings().weight.shape[0]
-    if algo.top_k > width:
-        raise ValueError(f"LOG_PROB_TOP_K={algo.top_k} exceeds the vocabulary ({width} tokens)")
 
     # 4. resume
     start_step = 0
@@ -185,7 +180,7 @@ def setup(cfg: TrainConfig) -> Session:
               f"starting over and replacing its metrics and TensorBoard events", file=sys.stderr)
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / "config.yaml", config_yaml(cfg))
+    atomic_write_text(run_dir / "config.yaml", config_yaml(cfg))
     return Session(cfg, run_dir, tokenizer, vocab_width, student, teacher, reference, optimizer, scheduler,
                    generator, train_set, val_sets, schedule, eos_ids, pad_id, start_step)
 
@@ -204,18 +199,19 @@ def train_step(s: Session, step: int) -> dict[str, float]:
 
     s.student.eval()
     passes: dict[str, float] = {}
-    scored = score(s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width,
-                   timings=passes)
+    reads = score(s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width,
+                  timings=passes)
     outcome_N = torch.tensor(rollouts.scores, dtype=torch.float32, device=device)
     has_box_N = torch.tensor(["\\boxed" in text for text in rollouts.texts], device=device)
-    signals = build_signals(scored, batch, algo, outcome_scores_N=outcome_N, has_box_N=has_box_N)
+    targets = build_targets(algo, reads, response_ids_NT=batch.response_ids_NT, response_mask_NT=batch.response_mask_NT,
+                            group_index_N=batch.group_index_N, outcome_scores_N=outcome_N, has_box_N=has_box_N)
     if s.reference is not None:
-        signals.targets.ref_lp_NTC = reference_logprobs(s.reference, batch, signals.targets, algo,
-                                                        token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width)
+        targets.ref_lp_NTC = reference_logprobs(s.reference, batch, targets, algo, token_budget=cfg.micro_batch_tokens,
+                                                vocab_size=s.vocab_width)
     t2 = time.perf_counter()
 
     s.student.train()
-    metrics = loss_and_backward(s.student, batch, signals.targets, algo, token_budget=cfg.micro_batch_tokens,
+    metrics = loss_and_backward(s.student, batch, targets, algo, token_budget=cfg.micro_batch_tokens,
                                 norm_length=cfg.max_resp_length, teacher=s.teacher, vocab_size=s.vocab_width)
     metrics.update(optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip))
     t3 = time.perf_counter()
@@ -225,12 +221,9 @@ def train_step(s: Session, step: int) -> dict[str, float]:
     groups = batch.group_index_N.tolist()
     s.last_samples = [{"prompt": s.tokenizer.decode(problems[groups[i]].prompt_ids), "response": rollouts.texts[i],
                        "score": rollouts.scores[i], "ground_truth": problems[groups[i]].ground_truth} for i in keep]
-    diag = diagnostics_inputs(scored, signals, batch.response_mask_NT)
-    metrics.update(dynamics_metrics(**diag))
-    if signals.teachability_NT is not None:
-        mask = batch.response_mask_NT
-        metrics["opd/teachability_weight"] = float((signals.teachability_NT * mask).sum() / mask.sum().clamp(min=1))
-    s.last_profile = per_position_profile(**diag, bin_size=max(1, cfg.max_resp_length // PROFILE_BINS))
+    metrics.update(step_diagnostics(reads, batch.response_mask_NT, targets))
+    s.last_profile = step_profile(reads, batch.response_mask_NT, targets,
+                                  bin_size=max(1, cfg.max_resp_length // PROFILE_BINS))
     tokens = float(batch.attention_mask_NL.sum())
     metrics.update({"perf/time_rollout_s": t1 - t0, "perf/time_score_s": t2 - t1, "perf/time_update_s": t3 - t2,
                     "perf/time_student_pass_s": passes["student"], "perf/time_teacher_pass_s": passes["teacher"],
@@ -239,6 +232,20 @@ def train_step(s: Session, step: int) -> dict[str, float]:
                     "perf/time_step_s": t3 - t0, "perf/tokens_per_s": tokens / max(t3 - t0, 1e-9),
                     "train/epoch": float(s.schedule.position(step)["epoch"])})
     return metrics
+
+
+def sampling_bias_warnings(cfg: TrainConfig) -> list[str]:
+    """Rollouts drawn from a processed distribution (top-p truncation, repetition penalty) are scored and updated
+    under the plain tempered softmax: the importance ratio is taken as 1 although the sampler was another
+    distribution, so the policy gradient is biased. Allowed (some recipes want it), never silent."""
+    out = []
+    if cfg.top_p < 1:
+        out.append(f"TOP_P={cfg.top_p} < 1: rollouts are sampled from the top-p truncated distribution but scored "
+                   f"under the full tempered softmax, so the gradient is biased; use TOP_P=1 for unbiased OPD")
+    if cfg.repetition_penalty != 1:
+        out.append(f"REPETITION_PENALTY={cfg.repetition_penalty} != 1: rollouts are sampled from the penalised "
+                   f"distribution but scored without the penalty, so the gradient is biased; use 1 for unbiased OPD")
+    return out
 
 
 def rollout_metrics(rollouts: Rollouts) -> dict[str, float]:
@@ -250,25 +257,6 @@ def rollout_metrics(rollouts: Rollouts) -> dict[str, float]:
         "train/response_length": float(lengths.mean()),
         "train/response_clip_ratio": sum(rollouts.truncated) / n,
     }
-
-
-def diagnostics_inputs(scored: Scored, signals: Signals, mask_NT: torch.Tensor) -> dict:
-    """The arguments of the core's dynamics metrics. reverse_kl: exact KL_t with the full vocabulary, else the k1
-    estimate at the sampled token (lp - lq), an unbiased per-token estimate for any K."""
-    student = LogitStats(scored.student_topk_ids_NTK, scored.student_topk_lp_NTK, None, scored.student_entropy_NT)
-    teacher, reverse_kl = None, None
-    if scored.teacher_entropy_NT is not None:
-        teacher = LogitStats(scored.teacher_topk_ids_NTK, scored.teacher_topk_lp_NTK, None, scored.teacher_entropy_NT)
-        reverse_kl = scored.full_kl_NT
-        if reverse_kl is None:
-            reverse_kl = -sampled_token_rewards(scored.student_lp_NT, scored.teacher_lp_NT)
-    adv = signals.advantages
-    if adv is not None and adv.dim() == 3:
-        adv = adv[..., : signals.support.ids_NTC.shape[-1]]  # the extra sampled-token slot is not a candidate
-        if adv.shape[-1] == 1 and signals.support.ids_NTC.shape[-1] == 1:
-            adv = adv[..., 0]
-    return dict(response_mask_NT=mask_NT, student=student, teacher=teacher,
-                support=signals.support if teacher is not None else None, advantages=adv, reverse_kl_NT=reverse_kl)
 
 
 def run_validation(s: Session, step: int) -> dict[str, float]:
@@ -295,9 +283,3 @@ def _warn_if_config_changed(saved_path: Path, cfg: TrainConfig) -> None:
     if changed:
         diff = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
         print(f"opd train: resuming {saved_path.parent} with changed settings: {diff}", file=sys.stderr)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
