@@ -13,33 +13,17 @@ from opd.core.advantages import ADV_ESTIMATORS, compute_advantages, register_est
 from opd.core.config import OPDConfig
 from opd.core.full_vocab import full_vocab_pg_loss_NT, full_vocab_reverse_kl
 from opd.core.logits import logit_stats, logprobs_at
-from opd.core.loss import POLICY_LOSSES, agg_loss, apply_format_mask, kl_loss, kl_to_reference, policy_loss
+from opd.core.loss import POLICY_LOSSES, BatchTotals, agg_loss, apply_format_mask, kl_loss, kl_to_reference, policy_loss
 from opd.core.metrics import dynamics_metrics, per_position_profile
 from opd.core.rewards import WEIGHT_MODES, candidate_rewards, compute_rewards, sampled_token_rewards
-from opd.core.step import (
-    ModelStats, StepReads, Targets, build_targets, loss_totals, merge_loss_metrics, read_full_kl, read_student,
-    read_student_at_teacher, read_teacher, step_diagnostics, step_loss, step_profile, target_logprobs,
-)
+from opd.core.step import *  # noqa: F403 (the step API: its __all__)
+from opd.core.step import __all__ as _STEP_API
 from opd.core.support import STRATEGIES, build_support, sampled_token_support, slot_logprobs, topk_membership
 from opd.core.teachability import overlap_masses_NT, shared_mass_NT, teachability_weight_NT
 
 __all__ = [
-    # the step (what engines call)
-    "ModelStats",
+    *_STEP_API,  # the step (what engines call)
     "OPDConfig",
-    "StepReads",
-    "Targets",
-    "build_targets",
-    "loss_totals",
-    "merge_loss_metrics",
-    "read_full_kl",
-    "read_student",
-    "read_student_at_teacher",
-    "read_teacher",
-    "step_diagnostics",
-    "step_loss",
-    "step_profile",
-    "target_logprobs",
     # registries (what plugins extend)
     "ADV_ESTIMATORS",
     "POLICY_LOSSES",

@@ -20,8 +20,8 @@ Aggregation (`agg_loss`, shared by the policy and KL terms). With m the response
 - seq-mean-token-sum-norm: mean over sequences of sum_t v m / L, with L = `norm_length` (pass the configured
   maximum response length; the default is the padded width T, which makes the scale depend on the batch's padding).
 "Sequences" are those with at least one unmasked position, so responses masked out entirely (format mask) do not
-dilute the mean. For gradient accumulation pass `total_tokens` / `total_seqs` (the whole mini-batch's counts):
-the sum of the micro-batch losses then equals the loss of the full batch.
+dilute the mean. For gradient accumulation pass `BatchTotals` with the whole mini-batch's counts: the sum of the
+micro-batch losses then equals the loss of the full batch.
 
 KL to the reference (`kl_to_reference`, elementwise on any shape). In the top-k path (`kl_loss` with [N, T, C]
 inputs) the per-slot estimates are averaged over the valid slots with stop-gradient weights p(v_c) renormalised
@@ -32,6 +32,7 @@ from one draw. In the 2-D path it is the usual estimate at the sampled token.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,16 +49,19 @@ LOG_RATIO_CLAMP = 20.0  # |lp - old_lp| is clamped before exp so a stale sample 
 LOW_VAR_KL_CLAMP = 10.0  # the low-variance KL estimate is clamped to [-10, 10] (it explodes when ref >> p)
 
 
-def agg_loss(
-    values_NT: torch.Tensor,
-    mask_NT: torch.Tensor,
-    mode: str,
-    *,
-    norm_length: float | None = None,
-    total_tokens: float | None = None,
-    total_seqs: float | None = None,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class BatchTotals:
+    """What a micro-batch's loss is normalised by; None: the micro-batch's own counts (or T for norm_length)."""
+
+    norm_length: float | None = None  # L of seq-mean-token-sum-norm: the configured maximum response length
+    total_tokens: float | None = None  # valid tokens of the whole mini-batch (token-mean)
+    total_seqs: float | None = None  # sequences with a valid token in the whole mini-batch (seq-mean-*)
+
+
+def agg_loss(values_NT: torch.Tensor, mask_NT: torch.Tensor, mode: str, totals: BatchTotals | None = None) -> torch.Tensor:
     """Aggregate per-position loss values into a scalar (see module docstring for each mode)."""
+    totals = totals or BatchTotals()
+    norm_length, total_tokens, total_seqs = totals.norm_length, totals.total_tokens, totals.total_seqs
     if mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode={mode!r} is not valid; allowed: {', '.join(LOSS_AGG_MODES)}")
     if values_NT.shape != mask_NT.shape or values_NT.dim() != 2:
@@ -166,10 +170,7 @@ def policy_loss(
     response_mask_NT: torch.Tensor,
     slot_valid_NTC: torch.Tensor | None,
     cfg: OPDConfig,
-    *,
-    norm_length: float | None = None,
-    total_tokens: float | None = None,
-    total_seqs: float | None = None,
+    totals: BatchTotals | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-slot surrogate (`cfg.policy_loss`), summed over slots, aggregated by `cfg.loss_agg_mode`.
 
@@ -183,14 +184,7 @@ def policy_loss(
     )
     loss_el = _zero_invalid(loss_el, valid)
     loss_NT = loss_el.sum(-1) if loss_el.dim() == 3 else loss_el
-    loss = agg_loss(
-        loss_NT,
-        response_mask_NT,
-        cfg.loss_agg_mode,
-        norm_length=norm_length,
-        total_tokens=total_tokens,
-        total_seqs=total_seqs,
-    )
+    loss = agg_loss(loss_NT, response_mask_NT, cfg.loss_agg_mode, totals)
     return loss, _surrogate_metrics(loss, info, log_prob, old_log_prob, valid)
 
 
@@ -249,10 +243,7 @@ def kl_loss(
     response_mask_NT: torch.Tensor,
     slot_valid_NTC: torch.Tensor | None,
     cfg: OPDConfig,
-    *,
-    norm_length: float | None = None,
-    total_tokens: float | None = None,
-    total_seqs: float | None = None,
+    totals: BatchTotals | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """KL-to-reference loss (un-weighted: the engine adds `cfg.kl_coef * loss`), in the 2-D or the top-k path."""
     _check_shapes(log_prob, ref_log_prob, ref_log_prob, response_mask_NT, slot_valid_NTC)
@@ -261,14 +252,7 @@ def kl_loss(
     if log_prob.dim() == 2:
         log_prob, ref_log_prob = _zero_invalid(log_prob, valid), _zero_invalid(ref_log_prob, valid)
     kl_NT = kl_per_position(log_prob, ref_log_prob, cfg.kl_loss_type, valid if log_prob.dim() == 3 else None)
-    loss = agg_loss(
-        kl_NT,
-        response_mask_NT,
-        cfg.loss_agg_mode,
-        norm_length=norm_length,
-        total_tokens=total_tokens,
-        total_seqs=total_seqs,
-    )
+    loss = agg_loss(kl_NT, response_mask_NT, cfg.loss_agg_mode, totals)
     return loss, {"actor/kl_loss": float(loss.detach()), "actor/kl_coef": cfg.kl_coef}
 
 

@@ -34,7 +34,7 @@ from opd.core.advantages import ADV_ESTIMATORS, compute_advantages, full_vocab_o
 from opd.core.config import OPDConfig
 from opd.core.full_vocab import full_vocab_pg_loss_NT, full_vocab_reverse_kl
 from opd.core.logits import logit_stats, logprobs_at
-from opd.core.loss import agg_loss, apply_format_mask, kl_loss, policy_loss
+from opd.core.loss import BatchTotals, agg_loss, apply_format_mask, kl_loss, policy_loss
 from opd.core.metrics import DEFAULT_POSITION_EDGES, dynamics_metrics, per_position_profile
 from opd.core.rewards import compute_rewards, sampled_token_rewards
 from opd.core.support import STRATEGIES, build_support, sampled_token_support, slot_logprobs
@@ -42,6 +42,7 @@ from opd.core.teachability import gate_rewards
 from opd.core.types import LogitStats, Support
 
 __all__ = [
+    "BatchTotals",
     "DIAGNOSTIC_K",
     "ModelStats",
     "StepReads",
@@ -238,15 +239,15 @@ def target_logprobs(cfg: OPDConfig, logits_NTV: torch.Tensor, targets: Targets) 
     return lp
 
 
-def loss_totals(targets: Targets, norm_length: int) -> dict[str, float]:
+def loss_totals(targets: Targets, norm_length: int) -> BatchTotals:
     """The whole batch's token / sequence counts: pass them to every micro-batch's `step_loss` so that the summed
     micro-batch losses equal the full-batch loss (micro-batching never changes the gradient)."""
     mask = targets.response_mask_NT
-    return dict(norm_length=float(norm_length), total_tokens=float(mask.sum()),
-                total_seqs=float((mask.sum(-1) > 0).sum()))
+    return BatchTotals(norm_length=float(norm_length), total_tokens=float(mask.sum()),
+                       total_seqs=float((mask.sum(-1) > 0).sum()))
 
 
-def step_loss(cfg: OPDConfig, targets: Targets, logits_NTV: torch.Tensor | None, *, totals: dict[str, float],
+def step_loss(cfg: OPDConfig, targets: Targets, logits_NTV: torch.Tensor | None, *, totals: BatchTotals,
               teacher_logits_NTV: torch.Tensor | None = None,
               lp_NTC: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The update's loss on (a micro-batch of) the targets: policy + full-vocabulary + kl_coef * KL terms.
@@ -265,7 +266,7 @@ def step_loss(cfg: OPDConfig, targets: Targets, logits_NTV: torch.Tensor | None,
         lp = target_logprobs(cfg, logits_NTV, targets)
     mask, valid = targets.response_mask_NT, targets.valid_NTC
     if targets.adv_NTC is not None:
-        pg, pg_metrics = policy_loss(lp, targets.old_lp_NTC, targets.adv_NTC, mask, valid, cfg, **totals)
+        pg, pg_metrics = policy_loss(lp, targets.old_lp_NTC, targets.adv_NTC, mask, valid, cfg, totals)
         loss = loss + pg
         metrics.update(pg_metrics)
     if targets.full_vocab:
@@ -274,13 +275,13 @@ def step_loss(cfg: OPDConfig, targets: Targets, logits_NTV: torch.Tensor | None,
         per_pos = full_vocab_pg_loss_NT(logits_NTV, teacher_logits_NTV, cfg.reward_weight_mode,
                                         temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
                                         chunk_size=cfg.chunk_size)
-        full = agg_loss(per_pos, mask, cfg.loss_agg_mode, **totals)
+        full = agg_loss(per_pos, mask, cfg.loss_agg_mode, totals)
         loss = loss + full
         metrics["actor/full_vocab_loss"] = float(full.detach())
     if cfg.use_kl:
         if targets.ref_lp_NTC is None:
             raise ValueError("OPDConfig.use_kl=True needs targets.ref_lp_NTC (the reference's target_logprobs)")
-        kl, _ = kl_loss(lp, targets.ref_lp_NTC, mask, valid, cfg, **totals)
+        kl, _ = kl_loss(lp, targets.ref_lp_NTC, mask, valid, cfg, totals)
         loss = loss + cfg.kl_coef * kl
         metrics["actor/kl_loss"] = float(kl.detach())
     metrics["actor/loss"] = float(loss.detach())
@@ -292,7 +293,7 @@ def step_loss(cfg: OPDConfig, targets: Targets, logits_NTV: torch.Tensor | None,
 SUMMED_LOSS_METRICS = ("actor/loss", "actor/pg_loss", "actor/full_vocab_loss", "actor/kl_loss")
 
 
-def merge_loss_metrics(parts: list[tuple[dict[str, float], float]], total_tokens: float) -> dict[str, float]:
+def merge_loss_metrics(parts: list[tuple[dict[str, float], float]], totals: BatchTotals) -> dict[str, float]:
     """Combine (metrics, valid tokens) of the micro-batches of one step into the step's loss metrics."""
     out: dict[str, float] = {"actor/loss": 0.0}
     weighted: dict[str, float] = {}
@@ -302,7 +303,7 @@ def merge_loss_metrics(parts: list[tuple[dict[str, float], float]], total_tokens
                 out[key] = out.get(key, 0.0) + value
             else:
                 weighted[key] = weighted.get(key, 0.0) + value * n_valid
-    n_total = max(1.0, total_tokens)
+    n_total = max(1.0, totals.total_tokens or 0.0)
     out.update({key: value / n_total for key, value in weighted.items()})
     return out
 

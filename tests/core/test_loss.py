@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from opd.core.config import OPDConfig
-from opd.core.loss import LOSS_AGG_MODES
+from opd.core.loss import LOSS_AGG_MODES, BatchTotals
 from opd.core.loss import agg_loss, apply_format_mask, kl_loss, kl_per_position, kl_to_reference, policy_loss
 
 F64 = torch.float64
@@ -52,7 +52,7 @@ def test_agg_loss_matches_loop(mode):
     mask = ragged_mask(gen, N, T, empty_rows=(2,))
     values = torch.randn(N, T, generator=gen, dtype=F64)
     values[mask == 0] = float("inf")  # padding garbage must not leak
-    got = agg_loss(values, mask, mode, norm_length=13)
+    got = agg_loss(values, mask, mode, BatchTotals(norm_length=13))
     w = agg_weights_loop(mask, mode, norm_length=13)
     want = sum(w[n][t] * values[n, t].item() for n in range(N) for t in range(T) if mask[n, t] > 0)
     assert got.item() == pytest.approx(want, rel=1e-12)
@@ -64,10 +64,10 @@ def test_agg_loss_micro_batches_with_global_counts_sum_to_full_batch(mode):
     N, T = 8, 7
     mask = ragged_mask(gen, N, T, empty_rows=(5,))
     values = torch.randn(N, T, generator=gen, dtype=F64)
-    full = agg_loss(values, mask, mode, norm_length=10)
+    full = agg_loss(values, mask, mode, BatchTotals(norm_length=10))
     tokens, seqs = mask.sum().item(), (mask.sum(-1) > 0).sum().item()
     parts = [
-        agg_loss(values[i : i + 3], mask[i : i + 3], mode, norm_length=10, total_tokens=tokens, total_seqs=seqs)
+        agg_loss(values[i : i + 3], mask[i : i + 3], mode, BatchTotals(norm_length=10, total_tokens=tokens, total_seqs=seqs))
         for i in range(0, N, 3)
     ]
     assert sum(p.item() for p in parts) == pytest.approx(full.item(), rel=1e-12)
@@ -331,17 +331,17 @@ def test_micro_batch_accumulation_gives_the_full_batch_gradient(mode):
     old = torch.log_softmax(x @ W.detach(), -1).gather(-1, ids) + 0.3 * torch.randn(N, T, C, generator=gen, dtype=F64)
     ref = torch.log_softmax(torch.randn(N, T, V, generator=gen, dtype=F64), -1).gather(-1, ids)
     cfg = OPDConfig(loss_agg_mode=mode, use_kl=True)
-    totals = dict(norm_length=12.0, total_tokens=float(mask.sum()), total_seqs=float((mask.sum(-1) > 0).sum()))
+    totals = BatchTotals(norm_length=12.0, total_tokens=float(mask.sum()), total_seqs=float((mask.sum(-1) > 0).sum()))
 
-    def loss_of(rows, **kw):
+    def loss_of(rows, totals):
         lp = torch.log_softmax(x[rows] @ W, -1).gather(-1, ids[rows])
-        pg, _ = policy_loss(lp, old[rows], adv[rows], mask[rows], valid[rows], cfg, **kw)
-        kl, _ = kl_loss(lp, ref[rows], mask[rows], valid[rows], cfg, **kw)
+        pg, _ = policy_loss(lp, old[rows], adv[rows], mask[rows], valid[rows], cfg, totals)
+        kl, _ = kl_loss(lp, ref[rows], mask[rows], valid[rows], cfg, totals)
         return pg + cfg.kl_coef * kl
 
-    full = loss_of(slice(0, N), norm_length=12.0)
+    full = loss_of(slice(0, N), BatchTotals(norm_length=12.0))
     (g_full,) = torch.autograd.grad(full, W)
-    parts = [loss_of(slice(i, i + 1), **totals) for i in range(N)]
+    parts = [loss_of(slice(i, i + 1), totals) for i in range(N)]
     (g_parts,) = torch.autograd.grad(sum(parts), W)
     assert sum(p.item() for p in parts) == pytest.approx(full.item(), rel=1e-12)
     torch.testing.assert_close(g_parts, g_full, rtol=1e-10, atol=1e-13)
@@ -369,8 +369,8 @@ def test_losses_on_device_match_cpu(device):
     for dev in ("cpu", device):
         x = lp.to(dev).requires_grad_(True)
         args = (mask.to(dev), valid.to(dev), cfg)
-        pg, pg_metrics = policy_loss(x, old.to(dev), adv.to(dev), *args, total_tokens=30.0, total_seqs=4.0)
-        kl, _ = kl_loss(x, ref.to(dev), *args, norm_length=9.0)
+        pg, pg_metrics = policy_loss(x, old.to(dev), adv.to(dev), *args, BatchTotals(total_tokens=30.0, total_seqs=4.0))
+        kl, _ = kl_loss(x, ref.to(dev), *args, BatchTotals(norm_length=9.0))
         (g,) = torch.autograd.grad(pg + kl, x)
         results.append((pg.item(), kl.item(), g.cpu(), pg_metrics))
     (pg0, kl0, g0, m0), (pg1, kl1, g1, m1) = results

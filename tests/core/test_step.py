@@ -52,7 +52,7 @@ def run_step(cfg: OPDConfig, student, teacher, ids, mask, outcome, *, rows=None)
         loss.backward()
         total += float(loss.detach())
         parts.append((metrics, float(tg.response_mask_NT.sum())))
-    merged = merge_loss_metrics(parts, totals["total_tokens"])
+    merged = merge_loss_metrics(parts, totals)
     return total, s_logits.grad, reads, targets, merged
 
 

@@ -37,7 +37,7 @@ def loss_and_backward(student, batch: RolloutBatch, targets: Targets, cfg: OPDCo
         loss, metrics = step_loss(cfg, tg, logits, totals=totals, teacher_logits_NTV=teacher_logits)
         loss.backward()
         parts.append((metrics, float(tg.response_mask_NT.sum())))
-    return merge_loss_metrics(parts, totals["total_tokens"])
+    return merge_loss_metrics(parts, totals)
 
 
 def optimizer_step(model, optimizer, scheduler, *, grad_clip: float) -> dict[str, float]:
