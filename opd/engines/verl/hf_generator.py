@@ -32,6 +32,39 @@ class Sampling:
     ignore_eos: bool = False
 
 
+# sampling_params keys verl's agent loop and clients send; any other key would be silently ignored, so it raises
+_VERL_SAMPLING_KEYS = {"temperature", "top_p", "top_k", "repetition_penalty", "logprobs", "max_tokens",
+                       "max_new_tokens", "ignore_eos", "detokenize"}
+
+
+def _max_new_tokens(config, sampling_params: dict, prompt_len: int) -> int:
+    """verl's budget: the request's max_tokens, else what is left of prompt+response length, within max_model_len."""
+    max_len = config.max_model_len or config.prompt_length + config.response_length
+    if max_len - prompt_len < 1:
+        raise ValueError(f"a prompt of {prompt_len} tokens leaves no room to generate within {max_len} tokens")
+    requested = sampling_params.get("max_tokens", sampling_params.get("max_new_tokens"))
+    if requested is None:
+        requested = min(config.response_length, config.prompt_length + config.response_length - prompt_len)
+    return max(1, min(int(requested), max_len - prompt_len))
+
+
+def sampling_from_verl(config, sampling_params: dict, prompt_len: int) -> Sampling:
+    """verl's per-request sampling_params (with its RolloutConfig) as a `Sampling`; top_k -1/None/0 = no top-k."""
+    unknown = sorted(set(sampling_params) - _VERL_SAMPLING_KEYS)
+    if unknown:
+        raise ValueError(f"the opd_hf rollout does not support sampling params {unknown}")
+    top_k = sampling_params.get("top_k")
+    return Sampling(
+        max_new_tokens=_max_new_tokens(config, sampling_params, prompt_len),
+        temperature=float(sampling_params.get("temperature", 1.0)),
+        top_p=float(sampling_params.get("top_p") or 1.0),
+        top_k=int(top_k) if top_k is not None and int(top_k) > 0 else 0,
+        repetition_penalty=float(sampling_params.get("repetition_penalty") or 1.0),
+        logprobs=bool(sampling_params.get("logprobs", False)),
+        ignore_eos=bool(sampling_params.get("ignore_eos", config.ignore_eos)),
+    )
+
+
 class HFGenerator:
     """A frozen causal LM on the CPU that samples one response at a time and takes new weights by name."""
 

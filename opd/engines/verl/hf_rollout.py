@@ -20,46 +20,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
 
-from opd.engines.verl.hf_generator import HFGenerator, Sampling
+from opd.engines.verl.hf_generator import HFGenerator, sampling_from_verl
 from opd.engines.verl.registration import ROLLOUT_NAME
 
 logger = logging.getLogger(__name__)
 
-# sampling_params keys verl's agent loop and clients send; anything else would be silently ignored, so it raises
-_SAMPLING_KEYS = {"temperature", "top_p", "top_k", "repetition_penalty", "logprobs", "max_tokens", "max_new_tokens",
-                  "ignore_eos", "detokenize"}
-
 
 def server_actor_name(replica_rank: int, suffix: str = "") -> str:
     return f"{ROLLOUT_NAME}_server_{replica_rank}{suffix}"
-
-
-def _max_new_tokens(config, sampling_params: dict, prompt_len: int) -> int:
-    """verl's budget: the request's max_tokens, else what is left of prompt+response length, within max_model_len."""
-    limit = (config.max_model_len or config.prompt_length + config.response_length) - prompt_len
-    if limit < 1:
-        raise ValueError(f"prompt of {prompt_len} tokens leaves no room to generate (max_model_len {limit + prompt_len})")
-    requested = sampling_params.get("max_tokens", sampling_params.get("max_new_tokens"))
-    if requested is None:
-        requested = min(config.response_length, config.prompt_length + config.response_length - prompt_len)
-    return max(1, min(int(requested), limit))
-
-
-def to_sampling(config, sampling_params: dict, prompt_len: int) -> Sampling:
-    """verl's sampling_params dict as a `Sampling`; top_k -1/None/0 all mean the full distribution."""
-    unknown = sorted(set(sampling_params) - _SAMPLING_KEYS)
-    if unknown:
-        raise ValueError(f"the {ROLLOUT_NAME} rollout does not support sampling params {unknown}")
-    top_k = sampling_params.get("top_k")
-    return Sampling(
-        max_new_tokens=_max_new_tokens(config, sampling_params, prompt_len),
-        temperature=float(sampling_params.get("temperature", 1.0)),
-        top_p=float(sampling_params.get("top_p") or 1.0),
-        top_k=int(top_k) if top_k is not None and int(top_k) > 0 else 0,
-        repetition_penalty=float(sampling_params.get("repetition_penalty") or 1.0),
-        logprobs=bool(sampling_params.get("logprobs", False)),
-        ignore_eos=bool(sampling_params.get("ignore_eos", config.ignore_eos)),
-    )
 
 
 class HFRolloutServer:
@@ -82,7 +50,7 @@ class HFRolloutServer:
         if image_data is not None or video_data is not None or kwargs.get("audio_data") is not None:
             raise NotImplementedError(f"the {ROLLOUT_NAME} rollout is text-only")
         prompt_ids = [int(t) for t in prompt_ids]
-        sampling = to_sampling(self.config, dict(sampling_params), len(prompt_ids))
+        sampling = sampling_from_verl(self.config, dict(sampling_params), len(prompt_ids))
         async with self.lock:
             tokens, log_probs, _finish = await asyncio.to_thread(self.generator.generate, prompt_ids, sampling)
         return TokenOutput(token_ids=tokens, log_probs=log_probs, stop_reason="completed",
