@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -39,16 +40,11 @@ from opd.core.types import LogitStats, Support
 DEFAULT_POSITION_EDGES = (0, 256, 1024, 4096)
 
 
-def _position_stats(
-    mask_NT: torch.Tensor,
-    student: LogitStats | None,
-    teacher: LogitStats | None,
-    support: Support | None,
-    advantages: torch.Tensor | None,
-    reverse_kl_NT: torch.Tensor | None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _position_stats(mask_NT: torch.Tensor, inputs: "DiagnosticInputs") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name -> (sum_NT, count_NT) in float64: the statistic's mean over any set of positions P is
     sum_P sum_NT / sum_P count_NT. Position-level values have count 1; slot-level ones count their slots."""
+    student, teacher, support = inputs.student, inputs.teacher, inputs.support
+    advantages, reverse_kl_NT = inputs.advantages, inputs.reverse_kl_NT
     N, T = mask_NT.shape
     ones = torch.ones(N, T, dtype=torch.float64, device=mask_NT.device)
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -141,25 +137,26 @@ def _check_edges(edges: Sequence[int]) -> list[int]:
     return edges
 
 
-@torch.no_grad()
-def dynamics_metrics(
-    *,
-    response_mask_NT: torch.Tensor,
-    student: LogitStats | None = None,
-    teacher: LogitStats | None = None,
-    support: Support | None = None,
-    advantages: torch.Tensor | None = None,
-    reverse_kl_NT: torch.Tensor | None = None,
-    position_edges: Sequence[int] = DEFAULT_POSITION_EDGES,
-    prefix: str = "opd/",
-) -> dict[str, float]:
-    """The spec §6 dynamics of one training batch (see the module docstring for the keys).
+@dataclass(frozen=True)
+class DiagnosticInputs:
+    """The tensors of one step the diagnostics read; every one but the mask is optional (what can be computed from
+    what is given is reported, e.g. GRPO without a teacher: student entropy, advantages, lengths)."""
 
-    Every input but the mask is optional: what can be computed from what is given is reported (e.g. GRPO without
-    a teacher: student entropy, advantages, lengths)."""
+    response_mask_NT: torch.Tensor
+    student: LogitStats | None = None
+    teacher: LogitStats | None = None
+    support: Support | None = None
+    advantages: torch.Tensor | None = None  # of the support's candidates ([N, T, C]) or per position ([N, T])
+    reverse_kl_NT: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def dynamics_metrics(inputs: DiagnosticInputs, *, position_edges: Sequence[int] = DEFAULT_POSITION_EDGES,
+                     prefix: str = "opd/") -> dict[str, float]:
+    """The dynamics of one training batch (see the module docstring for the keys)."""
     edges = _check_edges(position_edges)
-    mask = response_mask_NT > 0
-    stats = _position_stats(mask, student, teacher, support, advantages, reverse_kl_NT)
+    mask = inputs.response_mask_NT > 0
+    stats = _position_stats(mask, inputs)
     names, sum_ST, count_ST = _totals_over_rollouts(mask, stats)
     windows = [("", 0, None)] + [(window_name(lo, hi) + "/", lo, hi) for lo, hi in zip(edges, [*edges[1:], None])]
     # [S, W] sums and counts for every (statistic, window) pair, moved to the host once
@@ -170,7 +167,7 @@ def dynamics_metrics(
         for i, name in enumerate(names):
             if counts[i][w] > 0:
                 out[f"{prefix}{win_prefix}{name}"] = sums[i][w] / counts[i][w]
-    out.update(_extrema(mask, support, advantages, prefix))
+    out.update(_extrema(mask, inputs.support, inputs.advantages, prefix))
     lengths_N = mask.sum(-1).double()
     out[f"{prefix}valid_tokens"] = float(lengths_N.sum())
     if lengths_N.numel():
@@ -200,24 +197,15 @@ def _extrema(mask_NT, support, advantages, prefix) -> dict[str, float]:
 
 
 @torch.no_grad()
-def per_position_profile(
-    *,
-    response_mask_NT: torch.Tensor,
-    student: LogitStats | None = None,
-    teacher: LogitStats | None = None,
-    support: Support | None = None,
-    advantages: torch.Tensor | None = None,
-    reverse_kl_NT: torch.Tensor | None = None,
-    bin_size: int = 1,
-) -> dict[str, list[float]]:
+def per_position_profile(inputs: DiagnosticInputs, *, bin_size: int = 1) -> dict[str, list[float]]:
     """Per-position means (same names as `dynamics_metrics`, no prefix) in bins of `bin_size` positions.
 
     Returns "position" (first position of each bin), "tokens" (valid tokens in the bin) and one list per statistic,
     NaN where a bin has no population. Bins stop at the last position any response reaches."""
     if not (isinstance(bin_size, int) and bin_size >= 1):
         raise ValueError(f"bin_size={bin_size!r} is not valid; expected an int >= 1")
-    mask = response_mask_NT > 0
-    stats = _position_stats(mask, student, teacher, support, advantages, reverse_kl_NT)
+    mask = inputs.response_mask_NT > 0
+    stats = _position_stats(mask, inputs)
     stats["tokens"] = (mask.double(), torch.ones_like(mask, dtype=torch.float64))  # sum = valid tokens
     names, sum_ST, count_ST = _totals_over_rollouts(mask, stats)
     tokens_T = sum_ST[names.index("tokens")]

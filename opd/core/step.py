@@ -35,7 +35,7 @@ from opd.core.config import OPDConfig
 from opd.core.full_vocab import full_vocab_pg_loss_NT, full_vocab_reverse_kl
 from opd.core.logits import logit_stats, logprobs_at
 from opd.core.loss import BatchTotals, agg_loss, apply_format_mask, kl_loss, policy_loss
-from opd.core.metrics import DEFAULT_POSITION_EDGES, dynamics_metrics, per_position_profile
+from opd.core.metrics import DEFAULT_POSITION_EDGES, DiagnosticInputs, dynamics_metrics, per_position_profile
 from opd.core.rewards import compute_rewards, sampled_token_rewards
 from opd.core.support import STRATEGIES, build_support, sampled_token_support, slot_logprobs
 from opd.core.teachability import gate_rewards
@@ -311,7 +311,7 @@ def merge_loss_metrics(parts: list[tuple[dict[str, float], float]], totals: Batc
 # --- 4. diagnostics ---------------------------------------------------------------------------------------------
 
 
-def _diagnostics_inputs(reads: StepReads, response_mask_NT: torch.Tensor, targets: Targets | None) -> dict:
+def _diagnostics_inputs(reads: StepReads, response_mask_NT: torch.Tensor, targets: Targets | None) -> DiagnosticInputs:
     """reverse_kl: exact KL_t with the full vocabulary, else the k1 estimate at the sampled token (lp - lq), an
     unbiased per-token estimate for any K."""
     s, t = reads.student, reads.teacher
@@ -321,9 +321,10 @@ def _diagnostics_inputs(reads: StepReads, response_mask_NT: torch.Tensor, target
         teacher = LogitStats(t.topk_ids_NTK, t.topk_lp_NTK, None, t.entropy_NT)
         reverse_kl = reads.full_kl_NT if reads.full_kl_NT is not None else -sampled_token_rewards(s.lp_NT, t.lp_NT)
     with_targets = targets is not None
-    return dict(response_mask_NT=response_mask_NT, student=student, teacher=teacher,
-                support=targets.support if with_targets and teacher is not None else None,
-                advantages=targets.support_advantages() if with_targets else None, reverse_kl_NT=reverse_kl)
+    return DiagnosticInputs(response_mask_NT=response_mask_NT, student=student, teacher=teacher,
+                            support=targets.support if with_targets and teacher is not None else None,
+                            advantages=targets.support_advantages() if with_targets else None,
+                            reverse_kl_NT=reverse_kl)
 
 
 @torch.no_grad()
@@ -333,7 +334,7 @@ def step_diagnostics(reads: StepReads, response_mask_NT: torch.Tensor, targets: 
 
     Without `targets` (a pre-flight check that builds none) the advantage and candidate keys are left out."""
     inputs = _diagnostics_inputs(reads, response_mask_NT, targets)
-    out = dynamics_metrics(**inputs, position_edges=position_edges, prefix=prefix)
+    out = dynamics_metrics(inputs, position_edges=position_edges, prefix=prefix)
     if targets is not None and targets.teachability_NT is not None:
         mask = response_mask_NT
         out[f"{prefix}teachability_weight"] = float((targets.teachability_NT * mask).sum() / mask.sum().clamp(min=1))
@@ -344,4 +345,4 @@ def step_diagnostics(reads: StepReads, response_mask_NT: torch.Tensor, targets: 
 def step_profile(reads: StepReads, response_mask_NT: torch.Tensor, targets: Targets | None = None, *,
                  bin_size: int = 1) -> dict[str, list[float]]:
     """The same statistics per position (binned), for the report's "vs position" plots."""
-    return per_position_profile(**_diagnostics_inputs(reads, response_mask_NT, targets), bin_size=bin_size)
+    return per_position_profile(_diagnostics_inputs(reads, response_mask_NT, targets), bin_size=bin_size)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from opd.core.metrics import dynamics_metrics, per_position_profile
+from opd.core.metrics import DiagnosticInputs, dynamics_metrics, per_position_profile
 from opd.core.support import build_support
 from opd.core.types import LogitStats
 
@@ -97,10 +97,9 @@ def reference(b, positions):
 @pytest.mark.parametrize("strategy,tail", [("only_stu", False), ("union", True), ("union-intersection", False)])
 def test_dynamics_metrics_match_set_based_loop(strategy, tail):
     b = make_batch(1, strategy, tail)
-    got = dynamics_metrics(
+    got = dynamics_metrics(DiagnosticInputs(
         response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"], support=b["support"],
-        advantages=b["adv"], reverse_kl_NT=b["rkl"], position_edges=EDGES,
-    )
+        advantages=b["adv"], reverse_kl_NT=b["rkl"]), position_edges=EDGES)
     valid_pos = [(n, t) for n in range(N) for t in range(T) if b["mask"][n, t] > 0]
     # the batch really has an empty and a full intersection at valid positions
     sets = [(set(b["student"].topk_ids_NTK[n, t].tolist()), set(b["teacher"].topk_ids_NTK[n, t].tolist()))
@@ -128,7 +127,7 @@ def test_dynamics_metrics_match_set_based_loop(strategy, tail):
 
 def test_extrema_at_max_and_min_advantage_overlap_slot():
     b = make_batch(2, "union")
-    got = dynamics_metrics(response_mask_NT=b["mask"], support=b["support"], advantages=b["adv"])
+    got = dynamics_metrics(DiagnosticInputs(response_mask_NT=b["mask"], support=b["support"], advantages=b["adv"]))
     best = worst = None
     sup = b["support"]
     for n in range(N):
@@ -158,7 +157,8 @@ def test_sampled_token_and_grpo_inputs():
     adv_NT = torch.randn(N, T)
     adv_NT[b["mask"] == 0] = float("nan")
     no_topk = LogitStats(None, None, None, b["student"].entropy_NT)
-    got = dynamics_metrics(response_mask_NT=b["mask"], student=no_topk, advantages=adv_NT, position_edges=(0,))
+    got = dynamics_metrics(DiagnosticInputs(response_mask_NT=b["mask"], student=no_topk, advantages=adv_NT),
+                           position_edges=(0,))
     m = b["mask"] > 0
     # float64 reference with an absolute floor: a float32 mean of values summing near 0 loses relative precision
     assert got["opd/advantage_mean"] == pytest.approx(adv_NT[m].double().mean().item(), rel=1e-6, abs=1e-7)
@@ -169,20 +169,19 @@ def test_sampled_token_and_grpo_inputs():
 
 def test_windows_beyond_every_response_are_omitted_and_bad_edges_raise():
     b = make_batch(4)
-    got = dynamics_metrics(response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"],
+    got = dynamics_metrics(DiagnosticInputs(response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"]),
                            position_edges=(0, 4, 100))
     assert "opd/pos/0-3/overlap_ratio" in got and "opd/pos/4-99/overlap_ratio" in got
     assert not any(k.startswith("opd/pos/100+") for k in got)
     with pytest.raises(ValueError, match="position_edges"):
-        dynamics_metrics(response_mask_NT=b["mask"], position_edges=(5, 3))
+        dynamics_metrics(DiagnosticInputs(response_mask_NT=b["mask"]), position_edges=(5, 3))
 
 
 def test_per_position_profile_matches_loop_with_bins():
     b = make_batch(5, "union", tail=True)
-    prof = per_position_profile(
+    prof = per_position_profile(DiagnosticInputs(
         response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"], support=b["support"],
-        advantages=b["adv"], reverse_kl_NT=b["rkl"], bin_size=2,
-    )
+        advantages=b["adv"], reverse_kl_NT=b["rkl"]), bin_size=2)
     assert prof["position"] == [0.0, 2.0, 4.0, 6.0, 8.0]
     for i, start in enumerate(range(0, T, 2)):
         pos = [(n, t) for n in range(N) for t in range(start, min(start + 2, T)) if b["mask"][n, t] > 0]
@@ -191,7 +190,7 @@ def test_per_position_profile_matches_loop_with_bins():
         for k, v in want.items():
             assert prof[k][i] == pytest.approx(v, rel=1e-6, abs=1e-7), (k, i)
     b["mask"][:, 5:] = 0
-    prof = per_position_profile(response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"])
+    prof = per_position_profile(DiagnosticInputs(response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"]))
     assert len(prof["overlap_ratio"]) == 5  # trimmed to the last reached position
     assert prof["tokens"] == [float((b["mask"][:, t] > 0).sum()) for t in range(5)]
 
@@ -213,11 +212,11 @@ def test_metrics_on_device_match_cpu(device):
 
     kw = dict(response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"], support=b["support"],
               advantages=b["adv"], reverse_kl_NT=b["rkl"])
-    cpu = dynamics_metrics(**kw, position_edges=EDGES)
-    dev = dynamics_metrics(**{k: moved(v) for k, v in kw.items()}, position_edges=EDGES)
+    cpu = dynamics_metrics(DiagnosticInputs(**kw), position_edges=EDGES)
+    dev = dynamics_metrics(DiagnosticInputs(**{k: moved(v) for k, v in kw.items()}), position_edges=EDGES)
     assert dev.keys() == cpu.keys() and dev == pytest.approx(cpu, rel=1e-6)
-    prof_cpu = per_position_profile(**kw, bin_size=3)
-    prof_dev = per_position_profile(**{k: moved(v) for k, v in kw.items()}, bin_size=3)
+    prof_cpu = per_position_profile(DiagnosticInputs(**kw), bin_size=3)
+    prof_dev = per_position_profile(DiagnosticInputs(**{k: moved(v) for k, v in kw.items()}), bin_size=3)
     assert prof_dev.keys() == prof_cpu.keys()
     for k in prof_cpu:
         assert prof_dev[k] == pytest.approx(prof_cpu[k], rel=1e-6, nan_ok=True), k
