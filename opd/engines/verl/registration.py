@@ -2,7 +2,8 @@
 
 Switches (read from the environment, because verl imports the plugin in every Ray process before any config exists):
 - ``OPD_VERL=1`` registers OPD's rollout backend ``opd_hf`` (transformers ``generate``; select it with
-  ``actor_rollout_ref.rollout.name=opd_hf``). Later slices add the OPD trainer mode under the same switch.
+  ``actor_rollout_ref.rollout.name=opd_hf``) and the OPD trainer mode (``trainer.v1.trainer_mode=opd``; registered
+  when a process imports verl's v1 trainers, see `trainer_registration`).
 - ``VERL_PLATFORM=cpu`` (verl's own platform switch) registers the CPU platform that lets ``main_ppo`` run without
   an accelerator.
 With neither set, importing the plugin touches nothing in verl. verl loads entry points inside ``try/except`` and
@@ -16,6 +17,7 @@ import os
 import sys
 
 ROLLOUT_NAME = "opd_hf"
+TRAINER_MODE = "opd"  # trainer.v1.trainer_mode=opd selects OPD's trainer
 PLATFORM_NAME = "cpu"
 ENTRY_POINT = "opd"  # name under [project.entry-points."verl.plugins"] in pyproject.toml
 SUPPORTED_VERL = ">=0.9.1,<0.10"
@@ -89,6 +91,9 @@ def on_plugin_load() -> None:
             register_cpu_platform()
         if rollout_requested():
             register_rollout()
+            from opd.engines.verl.trainer_registration import register_trainer_on_import
+
+            register_trainer_on_import()
     except Exception as exc:  # verl would swallow it: keep it for registration_status and say it once
         _load_error = exc
         print(f"[opd] verl plugin registration failed: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -125,10 +130,12 @@ def registration_status(rollout: bool | None = None, platform: bool | None = Non
 
     if _load_error is not None:
         raise RegistrationError(f"the plugin failed while verl loaded it: {type(_load_error).__name__}: {_load_error}")
-    status = {"verl": installed, "rollout": None, "platform": None}
+    status = {"verl": installed, "rollout": None, "trainer": None, "platform": None}
     if want_rollout:
         _check_rollout()
         status["rollout"] = ROLLOUT_NAME
+        _check_trainer()
+        status["trainer"] = TRAINER_MODE
     if want_platform:
         _check_platform()
         status["platform"] = PLATFORM_NAME
@@ -151,6 +158,14 @@ def _check_rollout() -> None:
     if _ROLLOUT_REGISTRY.get((ROLLOUT_NAME, "async")) != _ADAPTER_FQN:
         raise RegistrationError(f"verl's _ROLLOUT_REGISTRY[({ROLLOUT_NAME!r}, 'async')] is "
                                 f"{_ROLLOUT_REGISTRY.get((ROLLOUT_NAME, 'async'))!r}, not {_ADAPTER_FQN!r}")
+
+
+def _check_trainer() -> None:
+    from opd.engines.verl.trainer_registration import trainer_registered
+
+    if not trainer_registered():
+        raise RegistrationError(f"verl's trainer mode {TRAINER_MODE!r} does not resolve to OPD's trainer: export "
+                                f"OPD_VERL=1 before starting verl (it must reach every Ray worker)")
 
 
 def _check_platform() -> None:

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     except RegistrationError as exc:
         print(f"opd verl plugin: NOT OK: {exc}", file=sys.stderr)
         return 1
-    parts = [f"verl {status['verl']}", f"rollout={status['rollout']}", f"platform={status['platform']}"]
+    parts = [f"verl {status['verl']}", *(f"{key}={status[key]}" for key in ("rollout", "trainer", "platform"))]
     print("opd verl plugin: OK: " + ", ".join(parts))
     return 0
 
