@@ -3,7 +3,7 @@
     opd check --student STUDENT_DIR --teacher TEACHER_DIR --data train.parquet --n-prompts 64 --json check.json
 
 Why: OPD works only when teacher and student share compatible thinking patterns, and the overlap at the start
-predicts the outcome (spec algorithm.md §7). This command does the first half of one OPD step: the student answers
+predicts the outcome (docs/algorithm.md §7). This command does the first half of one OPD step: the student answers
 a seeded sample of prompts, both models score those answers without gradient, and it prints the dynamics
 diagnostics the trainer would log at step 1 (overlap ratio and masses, top-1 agreement, per-token reverse KL,
 entropies), the student's rule-reward accuracy, and the same numbers over position windows (early vs late tokens:
@@ -302,7 +302,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--student", required=True, help="student model folder")
     p.add_argument("--teacher", required=True, help="teacher model folder (same tokenizer as the student)")
-    p.add_argument("--data", required=True, help="RL parquet (workflow.md §2) or a problem/answer parquet")
+    p.add_argument("--data", required=True, help="RL parquet (docs/workflow.md §2) or a problem/answer parquet")
     p.add_argument("--n-prompts", type=int, default=d.n_prompts,
                    help="prompts sampled from --data (default %(default)s)")
     p.add_argument("--n", type=int, default=d.n, help="student answers per prompt (default %(default)s)")

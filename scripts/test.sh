@@ -2,7 +2,8 @@
 # The test suite: installs what it needs into .venv (fresh machine: Python 3.11 + pip suffice), then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh dev,dedup
+# verl (the scale-out engine) is installed too: its tests run verl's own trainer on CPU through our plugin.
+bash scripts/install.sh dev,dedup,verl
 # LlamaFactory lives in its own environment (transformers pin); the export test loads our dataset with its loader.
 # OPD_TEST_LLAMAFACTORY=0 skips it; a failed install only skips that one test, with the reason in the summary.
 if [ "${OPD_TEST_LLAMAFACTORY:-1}" != "0" ] && [ -z "${OPD_LLAMAFACTORY_PYTHON:-}" ]; then

@@ -1,4 +1,4 @@
-"""Advantage estimators (spec §4): turn per-token teacher rewards and/or rule rewards into the advantages the
+"""Advantage estimators (docs/algorithm.md §4): turn per-token teacher rewards and/or rule rewards into the advantages the
 update multiplies with log-prob gradients.
 
 Every estimator has one signature,

@@ -17,7 +17,7 @@ SUPPORT_TOP_K = {"sampled": "top_k=0 (the sampled token)", "topk": "top_k > 0 (a
 
 @dataclass(frozen=True)
 class OPDConfig:
-    # --- supervision support (spec §1-§3) ---
+    # --- supervision support (docs/algorithm.md §1-§3) ---
     top_k: int = 16  # LOG_PROB_TOP_K: 0 = sampled token, K > 0 = top-k support, -1 = full vocabulary (see `support`)
     top_k_strategy: str = "only_stu"  # TOP_K_STRATEGY
     reward_weight_mode: str = "student_p"  # REWARD_WEIGHT_MODE
@@ -27,11 +27,11 @@ class OPDConfig:
     teachability: str = "off"  # off | mask | weight: act on low shared top-k mass
     teachability_threshold: float = 0.5  # shared (overlap) mass below which a position is masked / down-weighted
     chunk_size: int = DEFAULT_CHUNK_SIZE  # positions per chunk in the logits kernels (bounds peak memory)
-    # --- advantages (spec §4) ---
+    # --- advantages (docs/algorithm.md §4) ---
     adv_estimator: str = "token_reward_direct"  # ADV_ESTIMATOR
     grpo_outcome_weight: float = 1.0  # GRPO_OUTCOME_WEIGHT
     norm_adv_by_std: bool = True  # GRPO std normalisation
-    # --- update (spec §5) ---
+    # --- update (docs/algorithm.md §5) ---
     policy_loss: str = "ppo"  # POLICY_LOSS: ppo (dual-clip surrogate) | importance_sampling | a registered name
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2

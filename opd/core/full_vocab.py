@@ -6,7 +6,7 @@ float32 at a time; peak extra memory is about 4 chunk_size * V float32 buffers (
 bench/bench_rewards.py: 594 MiB at chunk 256, V = 151,936), whatever N * T is.
 
 Loss term. With A_t(v) = w_t(v) * (lq_t(v) - lp_t(v)) (w = p for student_p, q for teacher_p, 1/V for none: the
-vocabulary-normalised weights of spec §3), the on-policy PPO surrogate at ratio 1 is
+vocabulary-normalised weights of docs/algorithm.md §3), the on-policy PPO surrogate at ratio 1 is
     L_t = -sum_v A_t(v)            (value; equals KL_t exactly for student_p)
     grad L_t = -sum_v sg(A_t(v)) * grad lp_t(v)
 and with lp = x / tau - logsumexp(x / tau) this is, per logit x_u,

@@ -1,4 +1,4 @@
-"""OPD dynamics diagnostics (spec §6) as pure functions: tensors in, a flat dict of floats out.
+"""OPD dynamics diagnostics (docs/algorithm.md §6) as pure functions: tensors in, a flat dict of floats out.
 
 Why pure functions: the engine only logs the dict (metrics.jsonl) and the report plots every scalar vs step
 afterwards; nothing here touches a logger, a plot or a trainer. Every statistic is a mean over valid response

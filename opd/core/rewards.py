@@ -1,4 +1,4 @@
-"""Per-candidate OPD rewards A_t(c) = w_t(c) * (lq_t(v_c) - lp_t(v_c)) on a support (spec §3).
+"""Per-candidate OPD rewards A_t(c) = w_t(c) * (lq_t(v_c) - lp_t(v_c)) on a support (docs/algorithm.md §3).
 
 Why the weights and not the log-ratio are renormalised: lq and lp are full-vocabulary log-probs; renormalising them
 over the candidates would make K = 1 give exactly zero signal. Renormalised weights are computed as a masked

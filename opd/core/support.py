@@ -1,4 +1,4 @@
-"""Candidate sets C_t of the top-k strategies (spec §2), laid out as fixed-width slots.
+"""Candidate sets C_t of the top-k strategies (docs/algorithm.md §2), laid out as fixed-width slots.
 
 Why slots: rewards, advantages and the PPO surrogate are all per candidate, and a fixed [N, T, C] layout with a
 validity mask keeps every later stage a plain vectorised tensor expression. Layouts (K = top-k width):

@@ -1,6 +1,6 @@
 """Per-position teachability: reduce the OPD signal where student and teacher barely share their top-k.
 
-Why: successful OPD aligns the two models on their shared high-probability tokens (spec §7; the shared top-k set
+Why: successful OPD aligns the two models on their shared high-probability tokens (docs/algorithm.md §7; the shared top-k set
 usually holds 97-99% of both models' mass). Where the overlap S_t ∩ T_t holds little mass, the teacher's log-ratio
 on the student's candidates says little about what the teacher would do, so its reward is mostly noise. Optional
 (OPDConfig.teachability, default "off"); `gate_rewards` multiplies the rewards [N, T, C] by the weight [N, T, 1].

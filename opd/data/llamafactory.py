@@ -1,4 +1,4 @@
-"""`opd data export-llamafactory`: register teacher rollouts as a LlamaFactory SFT dataset (workflow.md §5).
+"""`opd data export-llamafactory`: register teacher rollouts as a LlamaFactory SFT dataset (docs/workflow.md §5).
 
 The rollout JSONL from `opd rollout` is already in the ShareGPT/OpenAI `messages` layout. This tool checks every
 line (user/assistant alternation, optional leading system turn, ends with the assistant), places the file in the

@@ -1,4 +1,4 @@
-"""Validity rules for teacher rollouts used as SFT data (workflow.md §3), checked in a fixed order.
+"""Validity rules for teacher rollouts used as SFT data (docs/workflow.md §3), checked in a fixed order.
 
 A response is rejected (and re-sampled) for the first rule it breaks:
   no_boxed          no complete \\boxed{...} (same extraction as the grader, so an unclosed box counts as none);

@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = GenSettings()
     p = argparse.ArgumentParser(
         prog="opd eval gen",
-        description="Sample N answers per benchmark problem (workflow.md §6). Writes <out>/<benchmark>__<model>__"
+        description="Sample N answers per benchmark problem (docs/workflow.md §6). Writes <out>/<benchmark>__<model>__"
         "<settings>.jsonl (+ .meta.json); finished files are skipped unless --replace, interrupted ones resume.",
     )
     p.add_argument("--model", nargs="+", required=True, help="model folder(s) (HF format, with tokenizer)")

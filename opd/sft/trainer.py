@@ -38,7 +38,7 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class SFTConfig:
-    # defaults follow the paper's cold start (workflow.md §5): lr 1e-5, 2 epochs, batch 64, warmup 0.05, cutoff 14336
+    # defaults follow the paper's cold start (docs/workflow.md §5): lr 1e-5, 2 epochs, batch 64, warmup 0.05, cutoff 14336
     lr: float = 1e-5
     steps: int = 0  # optimiser steps; 0 = derive from `epochs`
     epochs: float = 2.0

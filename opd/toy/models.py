@@ -2,7 +2,7 @@
 
 A size is (layers, width), with 32-wide attention heads and a SwiGLU MLP of about 8/3 the width (the usual
 parameter-matched choice). The teacher is 3 layers of width 64 (169k parameters), the student 2 layers of width 64
-(118k): on the slow 2-core host a width-96 teacher (toy-world.md's) learnt no better and cost 1.6x per step, which the
+(118k): on the slow 2-core host a width-96 teacher (the earlier 4-digit world's) learnt no better and cost 1.6x per step, which the
 demo's time budget could not pay. "tiny" (1 layer, width 32) is for unit tests. Embeddings are tied: at these sizes
 the vocabulary matrix would otherwise be a large share of the parameters.
 """

@@ -2,7 +2,7 @@
 
 Why this task: its answer is verifiable by the same rule grader as real math benchmarks (last \\boxed{}), a tiny
 model can learn it in a couple of CPU minutes, and its difficulty has a clear knob (the carries), so a weak student
-and a strong teacher are easy to make (see docs in /work/shared/spec/toy-world.md for the measured calibration).
+and a strong teacher are easy to make (docs/demo.md has the measured calibration).
 
 Format (operands zero-padded so every prompt has the same length, which keeps batches free of padding):
 
@@ -107,7 +107,7 @@ def make_splits(seed: int, n_train: int, n_dev: int, n_test: int) -> dict[str, l
 
 
 def rl_rows(problems: list[Problem], split: str) -> list[dict]:
-    """Rows in the RL parquet schema (workflow.md §2)."""
+    """Rows in the RL parquet schema (docs/workflow.md §2)."""
     return [
         {
             "data_source": DATA_SOURCE,

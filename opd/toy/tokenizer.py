@@ -1,7 +1,7 @@
 """A small byte-level BPE tokenizer with a chat template, trained locally on the toy task's text (no download).
 
 Why not a 17-symbol character vocabulary: with so few symbols a top-16 support is the whole vocabulary, so the
-top-k overlap ratio says nothing (toy-world.md). A few hundred tokens (the 256 byte symbols plus merges learned on
+top-k overlap ratio says nothing (docs/demo.md). A few hundred tokens (the 256 byte symbols plus merges learned on
 the task text) exercise the same code path as a real tokenizer: chat template, special tokens, save/reload.
 
 Digits are always single tokens, as in several modern LLM tokenizers, so the arithmetic is not hidden inside

@@ -1,4 +1,4 @@
-"""Top-k supports and per-candidate rewards against a float64 set-based brute force (spec §2-§3).
+"""Top-k supports and per-candidate rewards against a float64 set-based brute force (docs/algorithm.md §2-§3).
 
 The reference builds each position's candidate set with Python sets straight from the spec's table, so it shares no
 slot-layout code with opd.core.support. Positions mix the cases that break kernels: related models, disjoint top-k
@@ -72,7 +72,7 @@ def ref_candidates(strategy: str, s_ids: list[int], t_ids: list[int]) -> list[in
 
 
 def ref_rewards(strategy, mode, lp_V, lq_V, s_ids, t_ids, tail):
-    """{token (or 'tail'): reward} for one position, float64, straight from spec §2-§3."""
+    """{token (or 'tail'): reward} for one position, float64, straight from docs/algorithm.md §2-§3."""
     cands = ref_candidates(strategy, s_ids, t_ids)
     lp = {v: lp_V[v].item() for v in cands}
     lq = {v: lq_V[v].item() for v in cands}

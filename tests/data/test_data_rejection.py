@@ -1,5 +1,5 @@
 """Each rollout validity rule fires on a crafted text, stays quiet just below its threshold, and a clean long
-answer passes every rule (workflow.md §3)."""
+answer passes every rule (docs/workflow.md §3)."""
 
 import random
 import string
