@@ -5,11 +5,14 @@
 #
 #   ACTOR_MODEL_PATH=/models/student REWARD_MODEL_PATH=/models/teacher bash on_policy_distillation.sh [key=value ...]
 #
-# Every knob below is ${VAR:-default}: a variable set in the environment always wins. Extra arguments go to
-# `opd train` unchanged (key=value overrides such as lr=5e-4 or algo.tail_bucket=true, or --print-config to show the
-# resolved configuration and stop). The defaults equal the engine's own (tests/engine/test_launchers.py checks it);
-# grpo.sh runs the GRPO baseline through this script. No model path? `opd demo` builds a toy teacher and student.
+# Every knob below is ${VAR:-default}: a variable set in the environment wins over the default shown. Extra
+# arguments go to `opd train` unchanged (key=value overrides such as lr=5e-4 or algo.tail_bucket=true, --config
+# run.yaml, or --print-config to show the resolved configuration and stop). The defaults shown equal the presets in
+# opd/presets.py over the engine's own (tests/engine/test_launchers.py checks it), which is how `opd train` tells
+# them apart from yours: a variable equal to its default here does not beat a --config YAML. grpo.sh is this script
+# with PRESET=grpo. No model path? `opd demo` builds a toy teacher and student.
 #
+# PRESET               opd (empty: opd, or the preset a --config YAML names) | grpo (the GRPO baseline, grpo.sh)
 # ENGINE               local | verl                      ADV_ESTIMATOR   token_reward_direct | token_reward_direct_plus_grpo
 # ACTOR_MODEL_PATH     student (local HF folder)                         | token_grpo | grpo
 # REWARD_MODEL_PATH    teacher (same vocabulary)         N_RESPONSES     rollouts per prompt
@@ -22,6 +25,7 @@
 # LR, LR_SCHEDULER     AdamW lr; constant | cosine (3% warmup)
 # USE_KL               KL-to-reference loss (coef 0.005) ENABLE_FORMAT_REWARD  no loss on responses without \boxed
 # LOSS_AGG_MODE        token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+# POLICY_LOSS          ppo (dual-clip surrogate) | importance_sampling | a registered name
 # MODEL_DTYPE          fp32 | bf16 | fp16                GRPO_OUTCOME_WEIGHT  for token_reward_direct_plus_grpo
 # TEACHER_DTYPE        teacher/reference dtype (empty: MODEL_DTYPE)   GRADIENT_CHECKPOINTING  recompute in backward
 # TRAIN_DATASET        RL parquet                        TEST_FILE       comma-separated RL parquets (validation)
@@ -35,15 +39,23 @@
 # DEVICE               auto | cpu | cuda | cuda:N        PYTHON          interpreter (default: .venv next to this file)
 set -euo pipefail
 
-# Which variables did the caller set? Recorded before any default is applied (grpo.sh records it first), so that
-# `--config run.yaml` beats the launcher's defaults while the caller's own variables still beat the YAML.
-if [ -z "${OPD_CALLER_ENV+x}" ]; then
-  OPD_CALLER_ENV=""
-  for _v in $(compgen -e); do [ -n "${!_v}" ] && OPD_CALLER_ENV+="$_v "; done
-  export OPD_CALLER_ENV
-fi
-
 ENGINE="${ENGINE:-local}"
+PRESET="${PRESET:-}"
+
+# --- the GRPO baseline's departures from the OPD defaults below (the preset grpo) ---
+case "$PRESET" in
+  "" | opd) ;;
+  grpo)
+    export ADV_ESTIMATOR="${ADV_ESTIMATOR:-grpo}"
+    export N_RESPONSES="${N_RESPONSES:-8}"
+    export LOG_PROB_TOP_K="${LOG_PROB_TOP_K:-0}"
+    export VAL_TEMPERATURE="${VAL_TEMPERATURE:-1.0}"
+    ;;
+  *)
+    echo "$(basename "$0"): PRESET=$PRESET is not valid; expected opd or grpo (others: opd train --preset)" >&2
+    exit 2
+    ;;
+esac
 
 # --- models and algorithm ---
 export ACTOR_MODEL_PATH="${ACTOR_MODEL_PATH:-}"
@@ -57,6 +69,7 @@ export GRPO_OUTCOME_WEIGHT="${GRPO_OUTCOME_WEIGHT:-1.0}"
 export USE_KL="${USE_KL:-False}"
 export ENABLE_FORMAT_REWARD="${ENABLE_FORMAT_REWARD:-False}"
 export LOSS_AGG_MODE="${LOSS_AGG_MODE:-token-mean}"
+export POLICY_LOSS="${POLICY_LOSS:-ppo}"
 export MODEL_DTYPE="${MODEL_DTYPE:-fp32}"
 export TEACHER_DTYPE="${TEACHER_DTYPE:-}"
 
@@ -106,7 +119,7 @@ fi
 
 case "$ENGINE" in
   local)
-    exec "$PYTHON" -m opd.cli train --from-env "$@"
+    exec "$PYTHON" -m opd.cli train --from-env ${PRESET:+--preset "$PRESET"} "$@"
     ;;
   verl)
     echo "$(basename "$0"): ENGINE=verl is not available yet: the verl plugin is a separate issue. Use ENGINE=local." >&2

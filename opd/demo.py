@@ -33,7 +33,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from opd.presets import PRESETS
+
 STAGE_DIRS = ("data", "tokenizer", "teacher", "student_cold", "opd", "report")
+_TOY_OPD = PRESETS["toy_opd"]
 
 
 @dataclass(frozen=True)
@@ -58,22 +61,16 @@ class DemoConfig:
     cold_max_steps: int = 1500
     cold_eval_every: int = 10
     cold_target: float = 0.25
-    # OPD (local engine)
-    # measured on 3-digit addition (docs/demo.md): seeds 0-2 gained +58 / +67 / +75 points by step 150; step 300 was
-    # 3 points lower to 8 points higher for twice the time, which the 10-minute budget cannot pay on a slow host
-    opd_steps: int = 150
-    # on the 4-digit world 6e-4 gained +49 / +20 / +38 points on seeds 0-2 where 3e-4 gained +44 / +18 / +14; 1e-3
-    # without the tail slot made the reverse KL rise from the first steps
-    opd_lr: float = 6e-4
-    opd_prompts: int = 32
-    opd_n: int = 4
-    top_k: int = 16
-    # One extra support slot for the probability mass outside the student's top-k. Without it the out-of-support
-    # mass of a 273-token vocabulary is unconstrained: measured, the student's entropy rose from 0.17 to ~4 nats and
-    # its sampled rollouts fell apart (greedy accuracy still rose). With it, entropy and reverse KL went down.
-    tail_bucket: bool = True
-    test_freq: int = 25
-    max_resp_length: int = 48  # a correct answer is at most 35 tokens (EOS included)
+    # OPD (local engine): the preset toy_opd (opd/presets.py notes the measurements behind each value); these knobs
+    # exist so that --tiny and the command line can change it
+    opd_steps: int = _TOY_OPD["total_steps"]
+    opd_lr: float = _TOY_OPD["lr"]
+    opd_prompts: int = _TOY_OPD["mini_batch_size"]
+    opd_n: int = _TOY_OPD["n_responses"]
+    top_k: int = _TOY_OPD["algo.top_k"]
+    tail_bucket: bool = _TOY_OPD["algo.tail_bucket"]  # the tail-bucket support slot (dropped when top_k is 0)
+    test_freq: int = _TOY_OPD["test_freq"]
+    max_resp_length: int = _TOY_OPD["max_resp_length"]  # training and validation response tokens
 
     def __post_init__(self) -> None:
         positive = ("n_train", "n_dev", "n_test", "teacher_steps", "teacher_batch", "cold_batch", "cold_rollouts",
@@ -105,7 +102,7 @@ def _log(msg: str) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    from opd.data.io import atomic_write_text
+    from opd.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=1))
 
@@ -188,20 +185,19 @@ def stage_student(cfg: DemoConfig, out: Path, tok, splits) -> dict:
 
 
 def opd_train_config(cfg: DemoConfig, out: Path, paths: dict):
-    from opd.core.config import OPDConfig
-    from opd.engines.local import TrainConfig
+    """The OPD stage: the preset toy_opd with this run's knobs (the preset's own unless --tiny or a flag changed them),
+    paths and seed; one checkpoint, at the end."""
+    from opd.engines.local.config import resolve
 
-    return TrainConfig(
-        actor_model_path=str(out / "student_cold"), reward_model_path=str(out / "teacher"),
-        train_dataset=str(paths["train"]), test_files=[str(paths["test"])],
-        max_prompt_length=64, max_resp_length=cfg.max_resp_length, max_val_resp_length=cfg.max_resp_length,
-        n_responses=cfg.opd_n, mini_batch_size=cfg.opd_prompts, rollout_batch_size=512,
-        val_n=1, val_temperature=0.0, val_top_p=1.0, val_before_train=True, test_freq=cfg.test_freq,
-        lr=cfg.opd_lr, lr_scheduler="constant", total_steps=cfg.opd_steps, save_freq=cfg.opd_steps,
-        seed=cfg.seed, output_dir=str(out), run_name="opd", resume="off",
-        algo=OPDConfig(top_k=cfg.top_k, top_k_strategy="only_stu", reward_weight_mode="student_p",
-                       tail_bucket=cfg.tail_bucket and cfg.top_k > 0),
-    )
+    return resolve(None, {
+        **_TOY_OPD,
+        "total_steps": cfg.opd_steps, "lr": cfg.opd_lr, "mini_batch_size": cfg.opd_prompts, "n_responses": cfg.opd_n,
+        "test_freq": cfg.test_freq, "max_resp_length": cfg.max_resp_length, "max_val_resp_length": cfg.max_resp_length,
+        "algo.top_k": cfg.top_k, "algo.tail_bucket": cfg.tail_bucket and cfg.top_k > 0,
+        "actor_model_path": str(out / "student_cold"), "reward_model_path": str(out / "teacher"),
+        "train_dataset": str(paths["train"]), "test_files": [str(paths["test"])],
+        "save_freq": cfg.opd_steps, "seed": cfg.seed, "output_dir": str(out), "run_name": "opd", "resume": "off",
+    })
 
 
 def _series(rows: list[dict], key: str) -> list[tuple[int, float]]:

@@ -6,7 +6,7 @@ import pytest
 
 from opd.engines.local import cli
 from opd.engines.local.config import (
-    TrainConfig, env_overrides, from_env, from_yaml, resolve, run_name_from,
+    TrainConfig, env_overrides, from_env, from_yaml, load_config, resolve, run_name_from,
 )
 
 
@@ -22,7 +22,38 @@ def test_yaml_then_env_then_overrides(tmp_path):
 
 
 def test_env_overrides_ignore_unset_and_unknown_variables():
-    assert env_overrides({"LR": "1e-3", "TOTAL_STEPS": "", "PATH": "/bin"}) == {"lr": "1e-3"}
+    assert env_overrides({"LR": "1e-3", "TOTAL_STEPS": "", "PATH": "/bin"}) == {"LR": "1e-3"}
+    # against a reference (what the launcher's defaults give), a value equal to it is the launcher's own default
+    environ = {"LR": "1e-6", "N_RESPONSES": "8", "LOG_PROB_TOP_K": "abc", "SEED": "3"}
+    assert env_overrides(environ, TrainConfig()) == {"N_RESPONSES": "8", "LOG_PROB_TOP_K": "abc", "SEED": "3"}
+
+
+def test_layers_preset_yaml_env_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: grpo\nn_responses: 6\nlr: 0.001\n")
+    cfg = load_config(config=path)
+    assert (cfg.algo.adv_estimator, cfg.algo.top_k, cfg.val_temperature) == ("grpo", 0, 1.0)  # the preset
+    assert (cfg.n_responses, cfg.lr) == (6, 1e-3)  # the YAML beats the preset
+    cfg = load_config(config=path, environ={"N_RESPONSES": "3", "LR": "1e-6"}, settings={"SEED": "5"})
+    assert (cfg.n_responses, cfg.lr, cfg.seed) == (3, 1e-3, 5)  # LR=1e-6 is the launcher's default: not an override
+    assert load_config("grpo", path) == load_config(config=path)
+    with pytest.raises(ValueError, match="names preset 'grpo', but --preset toy_opd"):
+        load_config("toy_opd", path)
+    path.write_text("preset: nope\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: unknown preset 'nope'; expected one of: opd, grpo, toy_opd"):
+        load_config(config=path)
+
+
+def test_the_merged_configuration_is_validated_once(tmp_path):
+    # the YAML alone (GRPO with the default K=16) is refused; with the caller's K=0 the merged result is valid
+    path = tmp_path / "run.yaml"
+    path.write_text("algo:\n  adv_estimator: grpo\n")
+    cfg = load_config(config=path, environ={"LOG_PROB_TOP_K": "0"})
+    assert (cfg.algo.adv_estimator, cfg.algo.top_k) == ("grpo", 0)
+    cfg = load_config("grpo", environ={"ADV_ESTIMATOR": "token_reward_direct", "LOG_PROB_TOP_K": "4"})
+    assert (cfg.algo.adv_estimator, cfg.algo.top_k, cfg.n_responses) == ("token_reward_direct", 4, 8)
+    with pytest.raises(ValueError, match="uses no teacher"):
+        load_config(config=path)
 
 
 @pytest.mark.parametrize(

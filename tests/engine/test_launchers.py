@@ -1,5 +1,6 @@
-"""The launchers: every documented variable reaches the resolved config, defaults agree with TrainConfig, the
-environment and extra arguments win, ENGINE=verl fails clearly, no debug settings are left on (CPU, no models)."""
+"""The launchers: every documented variable reaches the resolved config, the ${VAR:-default}s equal the presets (the
+one check that keeps the two copies equal), the environment and extra arguments win, a YAML beats the launcher's
+defaults, ENGINE=verl fails clearly, no debug settings are left on (CPU, no models)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opd.engines.local.config import ENV_VARS, GRPO_RECIPE, TrainConfig, default_value, resolve
+from opd.engines.local.config import ENV_VARS, TrainConfig, from_yaml, resolve
+from opd.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]
 OPD_SH = ROOT / "on_policy_distillation.sh"
@@ -40,6 +42,7 @@ NON_DEFAULT = {
     "USE_KL": ("True", True),
     "ENABLE_FORMAT_REWARD": ("true", True),
     "LOSS_AGG_MODE": ("seq-mean-token-sum-norm", "seq-mean-token-sum-norm"),
+    "POLICY_LOSS": ("importance_sampling", "importance_sampling"),
     "MODEL_DTYPE": ("bf16", "bf16"),
     "GRPO_OUTCOME_WEIGHT": ("0.25", 0.25),
     "TRAIN_DATASET": ("/d/train.parquet", "/d/train.parquet"),
@@ -67,7 +70,7 @@ NON_DEFAULT = {
 
 
 def _clean_env(**extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS and k != "ENGINE"}
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS and k not in ("ENGINE", "PRESET")}
     env["PYTHON"] = sys.executable
     env.update(extra)
     return env
@@ -86,20 +89,27 @@ def _get(resolved: dict, key: str):
     return resolved[key]
 
 
-def _launcher_defaults(script: Path) -> dict[str, str]:
-    found = {}
+def _launcher_blocks(script: Path) -> dict[str, dict[str, str]]:
+    """{preset: {VAR: default text}}: the exports under a preset's label of the PRESET case, and (opd) the rest."""
+    blocks, current = {"opd": {}}, "opd"
     for line in script.read_text().splitlines():
-        m = EXPORT.match(line.strip())
-        if m:
+        label = re.fullmatch(r"\s*(\w+)\)", line)
+        if label and label[1] in PRESETS:
+            current = label[1]
+            blocks[current] = {}
+        elif line.strip() == ";;":
+            current = "opd"
+        elif m := EXPORT.match(line.strip()):
             assert m.group(1) == m.group(2), f"{script.name}: {line!r} exports one name from another"
-            found[m.group(1)] = m.group(3)
-    return found
+            blocks[current][m.group(1)] = m.group(3)
+    return blocks
 
 
 def test_every_variable_has_a_non_default_test_value():
     assert set(NON_DEFAULT) == set(ENV_VARS)
+    defaults = TrainConfig().to_dict()
     for var, (_, typed) in NON_DEFAULT.items():
-        assert typed != default_value(ENV_VARS[var]), f"{var}: the test value equals the default"
+        assert typed != _get(defaults, ENV_VARS[var]), f"{var}: the test value equals the default"
 
 
 def test_every_launcher_variable_reaches_the_resolved_config():
@@ -109,35 +119,45 @@ def test_every_launcher_variable_reaches_the_resolved_config():
         assert _get(resolved, ENV_VARS[var]) == typed, var
 
 
-def test_launcher_defaults_equal_the_config_defaults():
-    defaults = _launcher_defaults(OPD_SH)
-    assert set(defaults) == set(ENV_VARS), "every variable is exported with a default, and only those"
-    for var, text in defaults.items():
-        key = ENV_VARS[var]
-        expected = default_value(key)
-        got = _get(resolve(None, {key: text}).to_dict(), key) if text != "" else None
-        assert got == expected, f"{var}: launcher default {text!r} != TrainConfig default {expected!r}"
-    # and the script with nothing set resolves to the plain defaults
+def test_launcher_defaults_equal_the_presets():
+    """The launcher's ${VAR:-default}s are a copy of opd.presets over the TrainConfig defaults, kept for reading;
+    `opd train` relies on the two being equal to tell the launcher's defaults from the caller's variables."""
+    blocks = _launcher_blocks(OPD_SH)
+    assert set(blocks["opd"]) == set(ENV_VARS), "every variable is exported with a default, and only those"
+    assert set(blocks) == {"opd", "grpo"}
+    for name, block in blocks.items():
+        if name != "opd":
+            assert {ENV_VARS[var] for var in block} == set(PRESETS[name]), f"{name}: the block sets other keys"
+        shown = resolve(None, {**blocks["opd"], **block}).to_dict()
+        table = resolve(None, PRESETS[name]).to_dict()
+        differ = {k: (shown[k], table[k]) for k in table if shown[k] != table[k]}
+        assert not differ, f"{name}: launcher default != opd/presets.py (launcher, table): {differ}"
+    # and the scripts with nothing set resolve to the tables
     assert _print_config(OPD_SH, _clean_env()) == TrainConfig().to_dict()
+    assert _print_config(GRPO_SH, _clean_env()) == resolve(None, PRESETS["grpo"]).to_dict()
 
 
 def test_header_documents_every_variable():
     header = "".join(line for line in OPD_SH.read_text().splitlines(keepends=True) if line.startswith("#"))
-    for var in list(ENV_VARS) + ["ENGINE"]:
+    for var in list(ENV_VARS) + ["ENGINE", "PRESET"]:
         assert var in header, f"{var} is not documented in the launcher header"
 
 
-def test_grpo_launcher_sets_only_the_recipe_and_the_environment_still_wins():
-    grpo_defaults = _launcher_defaults(GRPO_SH)
-    assert {ENV_VARS[v] for v in grpo_defaults} == set(GRPO_RECIPE)
-    resolved = _print_config(GRPO_SH, _clean_env())
-    for key, value in GRPO_RECIPE.items():
-        assert _get(resolved, key) == value, key
-    expected = TrainConfig().to_dict()
-    for key in ("lr", "mini_batch_size", "max_resp_length"):
-        assert resolved[key] == expected[key]
+def test_grpo_launcher_is_the_grpo_preset_and_the_environment_still_wins():
+    text = GRPO_SH.read_text()
+    assert "PRESET=grpo exec bash" in text and "export " not in text, "grpo.sh only selects the preset"
+    grpo = resolve(None, PRESETS["grpo"]).to_dict()
+    assert _print_config(OPD_SH, _clean_env(PRESET="grpo")) == grpo
     overridden = _print_config(GRPO_SH, _clean_env(N_RESPONSES="3", VAL_TEMPERATURE="0.5"))
     assert overridden["n_responses"] == 3 and overridden["val_temperature"] == 0.5
+    # the caller repeating a GRPO default: once refused (a half-merged configuration was validated)
+    assert _print_config(GRPO_SH, _clean_env(LOG_PROB_TOP_K="0")) == grpo
+    assert _print_config(GRPO_SH, _clean_env(ADV_ESTIMATOR="grpo", LOG_PROB_TOP_K="0")) == grpo
+
+
+def test_preset_the_launcher_cannot_show_fails_clearly():
+    proc = subprocess.run(["bash", str(OPD_SH)], env=_clean_env(PRESET="toy_opd"), capture_output=True, text=True)
+    assert proc.returncode == 2 and "PRESET=toy_opd is not valid; expected opd or grpo" in proc.stderr
 
 
 def test_extra_arguments_pass_through_and_beat_the_environment():
@@ -189,3 +209,9 @@ def test_yaml_beats_launcher_defaults_and_caller_variables_beat_the_yaml(tmp_pat
     assert grpo["n_responses"] == 6 and grpo["algo"]["adv_estimator"] == "grpo"
     grpo = _print_config(GRPO_SH, _clean_env(N_RESPONSES="3"), "--config", str(cfg))
     assert grpo["n_responses"] == 3
+    # a YAML naming a preset: through the launcher exactly as `opd train --config`
+    toy = ROOT / "configs/local/toy_opd.yaml"
+    assert _print_config(OPD_SH, _clean_env(), "--config", str(toy)) == from_yaml(toy).to_dict()
+    proc = subprocess.run(["bash", str(GRPO_SH), "--config", str(toy), "--print-config"], env=_clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "names preset 'toy_opd', but --preset grpo was given" in proc.stderr

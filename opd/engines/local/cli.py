@@ -1,23 +1,31 @@
-"""`opd train`: run the local engine from a YAML file, the launcher variables and/or key=value overrides.
+"""`opd train`: run the local engine from a preset, a YAML file, the launcher variables and/or key=value overrides.
 
     opd train --config run.yaml lr=5e-4 algo.top_k=4        # YAML + overrides
+    opd train --preset grpo actor_model_path=/m/student      # a named recipe (opd.presets)
     bash on_policy_distillation.sh                          # the launcher: `opd train --from-env "$@"`
     opd train --from-env --print-config                     # show the resolved configuration and stop
 
-Precedence, lowest first: TrainConfig defaults < the launchers' own defaults < --config YAML < variables set by the
-caller (--from-env) < key=value.
+Precedence, lowest first: TrainConfig defaults < preset < --config YAML < launcher variables (--from-env; those
+equal to the launcher's own defaults do not count) < key=value; the merged result is validated once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import textwrap
 
 
 def _parser() -> argparse.ArgumentParser:
     from opd.engines.local.config import ENV_VARS
+    from opd.presets import PRESETS
 
     variables = "\n".join(f"  {var:<22} -> {key}" for var, key in ENV_VARS.items())
+    presets = "\n".join(
+        textwrap.fill(" ".join(f"{k}={v}" for k, v in settings.items()) or "(the defaults)", width=118,
+                      initial_indent=f"  {name:<9}", subsequent_indent=" " * 11)
+        for name, settings in PRESETS.items())
     parser = argparse.ArgumentParser(
         prog="opd train",
         description="Train a student by on-policy distillation (or GRPO) with the local engine: one process, CPU "
@@ -25,9 +33,12 @@ def _parser() -> argparse.ArgumentParser:
         "`opd demo` builds toy ones).",
         epilog="settings: key=value, where key is a TrainConfig field (e.g. lr, mini_batch_size), an algorithm "
         "field as algo.<name> (e.g. algo.top_k), or a launcher variable name (e.g. LOG_PROB_TOP_K).\n"
+        "presets (--preset NAME, or `preset: NAME` in the YAML):\n" + presets + "\n"
         "launcher variables (read with --from-env):\n" + variables,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--preset", choices=list(PRESETS),
+                        help="named recipe under the YAML and everything else (default: the TrainConfig defaults)")
     parser.add_argument("--config", help="YAML file of settings (flat keys; algorithm knobs under `algo:`)")
     parser.add_argument("--from-env", action="store_true",
                         help="read the launcher variables (ADV_ESTIMATOR, LR, ...) from the environment")
@@ -39,8 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from opd.engines.local.config import (TrainConfig, config_yaml, from_env, from_yaml, resolve, run_name_from,
-                                          split_launcher_env)
+    from opd.engines.local.config import config_yaml, load_config, run_name_from
 
     overrides = {}
     for item in args.settings:
@@ -50,13 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         overrides[key] = value
     try:
-        launcher_defaults, caller_env = split_launcher_env() if args.from_env else ({}, {})
-        cfg = from_env(TrainConfig(), launcher_defaults) if launcher_defaults else TrainConfig()
-        if args.config:
-            cfg = from_yaml(args.config, base=cfg)
-        if args.from_env:
-            cfg = from_env(cfg, caller_env)
-        cfg = resolve(cfg, overrides)
+        cfg = load_config(args.preset, args.config, os.environ if args.from_env else None, overrides)
     except (ValueError, FileNotFoundError) as exc:
         print(f"opd train: {exc}", file=sys.stderr)
         return 2

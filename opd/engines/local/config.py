@@ -1,10 +1,11 @@
 """TrainConfig: every knob of the local engine with its single default, plus the algorithm's OPDConfig.
 
-Where values come from, lowest to highest precedence: the defaults below, the launchers' own ${VAR:-default}s
-(equal to these except grpo.sh's recipe), a YAML file (`opd train --config x.yaml`), the launcher variables the
-caller set (`--from-env`, what on_policy_distillation.sh / grpo.sh use), then `key=value` arguments. Algorithm knobs
-live in `opd.core.config.OPDConfig` (reached as `algo.<field>`); this file holds no default for them. `ENV_VARS` is
-the one table mapping launcher variables to config keys: the launchers, the CLI help and the tests all read it.
+Where values come from, lowest to highest precedence: the defaults below, a named preset (`opd.presets`:
+`--preset NAME` or `preset: NAME` in the YAML), a YAML file (`--config x.yaml`), the launcher variables
+(`--from-env`, what on_policy_distillation.sh / grpo.sh use), then `key=value` arguments; `load_config` merges them
+and validates the result once. Algorithm knobs live in `opd.core.config.OPDConfig` (reached as `algo.<field>`);
+this file holds no default for them. `ENV_VARS` is the one table mapping launcher variables to config keys: the
+launchers, the CLI help and the tests all read it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 import yaml
 
 from opd.core.config import OPDConfig
+from opd.models import DTYPES
+from opd.presets import EVAL, preset
 
-DTYPES = ("fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "cosine")
 
 # launcher variable -> config key ("algo.x" reaches OPDConfig.x). Documented in the launchers' headers.
@@ -44,6 +46,7 @@ ENV_VARS: dict[str, str] = {
     "USE_KL": "algo.use_kl",
     "ENABLE_FORMAT_REWARD": "algo.enable_format_reward",
     "LOSS_AGG_MODE": "algo.loss_agg_mode",
+    "POLICY_LOSS": "algo.policy_loss",
     "MODEL_DTYPE": "model_dtype",
     "GRPO_OUTCOME_WEIGHT": "algo.grpo_outcome_weight",
     "TRAIN_DATASET": "train_dataset",
@@ -70,46 +73,39 @@ ENV_VARS: dict[str, str] = {
     "GRADIENT_CHECKPOINTING": "gradient_checkpointing",
 }
 
-# Where grpo.sh departs from the OPD defaults (spec workflow.md §1); the launcher test checks grpo.sh against this.
-GRPO_RECIPE: dict[str, object] = {
-    "algo.adv_estimator": "grpo",
-    "n_responses": 8,
-    "algo.top_k": 0,
-    "val_temperature": 1.0,
-}
-
-
 @dataclass
 class TrainConfig:
     # --- models ---
     actor_model_path: str | None = None  # student (any local HF causal LM folder)
     reward_model_path: str | None = None  # teacher (must share the student's vocabulary)
-    model_dtype: str = "fp32"  # master-weight dtype: fp32 | bf16 | fp16
+    model_dtype: str = "fp32"  # master-weight dtype: opd.models.DTYPES (auto: bf16 on CUDA, else fp32)
     teacher_dtype: str | None = None  # frozen teacher / reference dtype (None: same as model_dtype)
     gradient_checkpointing: bool = False  # recompute activations in backward (long responses on one GPU)
     device: str = "auto"  # auto = cuda when available, else cpu
     # --- data ---
-    train_dataset: str = "data/dapo_math_17k.parquet"  # RL parquet (workflow.md §2); `opd data prepare` writes it
+    train_dataset: str = "data/dapo_math_17k.parquet"  # RL parquet (docs/workflow.md §2); `opd data prepare` writes it
     test_files: list[str] = field(
         default_factory=lambda: ["data/aime24.parquet", "data/aime25.parquet", "data/amc23.parquet"]
     )
     max_prompt_length: int = 1024  # longer prompts are dropped (count logged)
     max_resp_length: int = 7168
-    max_val_resp_length: int = 31744
+    max_val_resp_length: int = EVAL.max_tokens
     enable_thinking: bool | None = None  # chat-template switch (Qwen3-style); None = do not pass it
     # --- rollout ---
     n_responses: int = 4  # samples per prompt
     mini_batch_size: int = 64  # prompts per step (one optimiser step per step: on-policy)
+    # rollouts sampled with top_p < 1 or a repetition penalty are scored under the plain tempered softmax: the
+    # gradient is then biased (the trainer warns); 1.0 / 1.0 is unbiased OPD
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     rollout_batch_size: int = 64  # sequences per sampler call: bounds the KV cache (rows x prompt+response length)
     # --- validation ---
-    val_n: int = 16
-    val_temperature: float = 0.7
-    val_top_p: float = 0.95
+    val_n: int = EVAL.n  # the evaluation protocol, shared with `opd eval gen`
+    val_temperature: float = EVAL.temperature
+    val_top_p: float = EVAL.top_p
     val_before_train: bool = True
     val_max_prompts: int | None = None  # cap per test file (None = all)
-    # --- optimisation (algorithm.md §5) ---
+    # --- optimisation (docs/algorithm.md §5) ---
     lr: float = 1e-6
     lr_scheduler: str = "constant"  # constant | cosine (cosine with warmup_ratio linear warmup)
     warmup_ratio: float = 0.03
@@ -173,10 +169,6 @@ class TrainConfig:
             raise bad("resume", "auto | off | a checkpoint folder")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise bad("device", "auto | cpu | cuda | cuda:N | mps")
-        if self.algo.needs_teacher is False and self.algo.top_k != 0:
-            raise ValueError(
-                f"adv_estimator='grpo' uses no teacher, but LOG_PROB_TOP_K (algo.top_k)={self.algo.top_k}; set it to 0"
-            )
 
     # --- building ---
     def to_dict(self) -> dict:
@@ -192,10 +184,6 @@ class TrainConfig:
 
 def split_list(text: str) -> list[str]:
     return [part.strip() for part in re.split(r"[,\s]+", text) if part.strip()]
-
-
-def _hints(cls) -> dict[str, object]:
-    return typing.get_type_hints(cls)
 
 
 def _coerce(owner: str, name: str, hint, value):
@@ -244,39 +232,68 @@ def _coerce(owner: str, name: str, hint, value):
     return value
 
 
-def _set_key(train: dict, algo: dict, key: str, value) -> None:
-    """Apply one `key=value` (key may be `algo.x`, a bare algorithm field, or a launcher variable name)."""
+def _typed(key: str, value) -> tuple[str, object]:
+    """One setting as (config key, typed value); `key` is a TrainConfig field, `algo.<name>`, a bare algorithm field
+    or a launcher variable name."""
     key = ENV_VARS.get(key, key)
-    train_hints, algo_hints = _hints(TrainConfig), _hints(OPDConfig)
+    train_hints, algo_hints = typing.get_type_hints(TrainConfig), typing.get_type_hints(OPDConfig)
     if key.startswith("algo."):
         sub = key[len("algo."):]
         if sub not in algo_hints:
             raise ValueError(f"unknown setting {key!r}; valid algorithm keys: {', '.join(sorted(algo_hints))}")
-        algo[sub] = _coerce("OPDConfig", sub, algo_hints[sub], value)
-    elif key in train_hints and key != "algo":
-        train[key] = _coerce("TrainConfig", key, train_hints[key], value)
-    elif key in algo_hints:
-        algo[key] = _coerce("OPDConfig", key, algo_hints[key], value)
-    else:
-        valid = sorted([k for k in train_hints if k != "algo"] + [f"algo.{k}" for k in algo_hints])
-        raise ValueError(f"unknown setting {key!r}; valid keys: {', '.join(valid)} (or a launcher variable name)")
+        return key, _coerce("OPDConfig", sub, algo_hints[sub], value)
+    if key in train_hints and key != "algo":
+        return key, _coerce("TrainConfig", key, train_hints[key], value)
+    if key in algo_hints:
+        return f"algo.{key}", _coerce("OPDConfig", key, algo_hints[key], value)
+    valid = sorted([k for k in train_hints if k != "algo"] + [f"algo.{k}" for k in algo_hints])
+    raise ValueError(f"unknown setting {key!r}; valid keys: {', '.join(valid)} (or a launcher variable name)")
+
+
+def _flat(cfg: TrainConfig) -> dict:
+    out = cfg.to_dict()
+    algo = out.pop("algo")
+    return {**out, **{f"algo.{k}": v for k, v in algo.items()}}
+
+
+def _items(settings: dict):
+    """(key, value) pairs; a YAML's nested `algo:` mapping becomes `algo.<name>` keys."""
+    for key, value in settings.items():
+        if key == "algo" and isinstance(value, dict):
+            yield from ((f"algo.{sub}", sub_value) for sub, sub_value in value.items())
+        else:
+            yield key, value
+
+
+def merge(layers, base: TrainConfig | None = None) -> TrainConfig:
+    """`base` (default: the defaults) with each (label, {key: value}) layer applied in order and the result validated
+    once, so a combination that only the final layers make valid is never checked half-applied. An error names the
+    layer that set the bad value: `label` is a string, or a function of (key, value) for per-variable labels."""
+    flat, origin = _flat(base or TrainConfig()), {}
+    for label, settings in layers:
+        for key, value in _items(settings):
+            where = label(key, value) if callable(label) else label
+            try:
+                name, typed = _typed(key, value)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
+            flat[name], origin[name] = typed, where
+    algo = {k[len("algo."):]: flat.pop(k) for k in list(flat) if k.startswith("algo.")}
+    try:
+        return TrainConfig(**flat, algo=OPDConfig.from_dict(algo))
+    except ValueError as exc:
+        match = re.search(r"\b(OPDConfig|TrainConfig)\.(\w+)", str(exc))
+        where = match and origin.get(f"algo.{match[2]}" if match[1] == "OPDConfig" else match[2])
+        raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def resolve(base: TrainConfig | None = None, overrides: dict | None = None) -> TrainConfig:
     """A validated TrainConfig from `base` with `overrides` ({key: value}, values typed or strings) applied."""
-    base = base or TrainConfig()
-    train = base.to_dict()
-    algo = train.pop("algo")
-    for key, value in (overrides or {}).items():
-        if key == "algo" and isinstance(value, dict):
-            for sub, sub_value in value.items():
-                _set_key(train, algo, f"algo.{sub}", sub_value)
-        else:
-            _set_key(train, algo, key, value)
-    return TrainConfig(**train, algo=OPDConfig.from_dict(algo))
+    return merge([("", overrides or {})], base)
 
 
-def from_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+def read_yaml(path: str | Path) -> dict:
+    """A config file's mapping of settings (unvalidated; `preset:` included)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -284,49 +301,70 @@ def from_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of settings at the top level, "
                          f"got {type(data).__name__}")
-    try:
-        return resolve(base, data)
-    except ValueError as exc:
-        raise ValueError(f"config file {path}: {exc}") from None
+    return data
 
 
-def env_overrides(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The launcher variables that are set (non-empty) in the environment, as {config key: string value}."""
+def env_overrides(environ: dict[str, str] | None = None, reference: TrainConfig | None = None) -> dict[str, str]:
+    """The launcher variables set (non-empty) in the environment, as {VAR: text}. With `reference` (the config the
+    launcher's own defaults give), a variable whose value equals the reference's is left out: it is the launcher's
+    ${VAR:-default} (or the caller repeating it), so it must not beat a --config YAML."""
     environ = os.environ if environ is None else environ
-    return {key: environ[var] for var, key in ENV_VARS.items() if environ.get(var, "") != ""}
+    found = {var: environ[var] for var in ENV_VARS if environ.get(var, "") != ""}
+    if reference is None:
+        return found
+    ref = _flat(reference)
+
+    def is_default(var: str, text: str) -> bool:
+        try:
+            name, value = _typed(var, text)
+        except ValueError:
+            return False  # kept, so that the final merge reports it with the variable's name
+        return value == ref[name]
+
+    return {var: text for var, text in found.items() if not is_default(var, text)}
 
 
-def split_launcher_env(environ: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
-    """(launcher defaults, caller's variables). The launchers record in OPD_CALLER_ENV which variables the caller
-    set before they applied their ${VAR:-default}s; the defaults then rank below a --config YAML and the caller's
-    variables above it. Without OPD_CALLER_ENV (`opd train --from-env` typed by hand) every variable is the caller's."""
-    environ = dict(os.environ if environ is None else environ)
-    if "OPD_CALLER_ENV" not in environ:
-        return {}, environ
-    caller = set(environ["OPD_CALLER_ENV"].split())
-    defaults = {k: v for k, v in environ.items() if k in ENV_VARS and k not in caller}
-    return defaults, {k: v for k, v in environ.items() if k not in defaults}
+def _launcher_label(var: str, value) -> str:
+    return f"launcher variable {var}={value!r}"
 
 
 def from_env(base: TrainConfig | None = None, environ: dict[str, str] | None = None) -> TrainConfig:
     """`base` with the launcher variables applied; an error names the variable that set the bad value."""
-    environ = os.environ if environ is None else environ
-    try:
-        return resolve(base, env_overrides(environ))
-    except ValueError as exc:
-        match = re.search(r"\b(OPDConfig|TrainConfig)\.(\w+)", str(exc))
-        key = match and (f"algo.{match[2]}" if match[1] == "OPDConfig" else match[2])
-        names = [var for var, k in ENV_VARS.items() if k == key and environ.get(var, "") != ""]
-        where = f"launcher variable {names[0]}={environ[names[0]]!r}" if names else "the launcher environment"
-        raise ValueError(f"{where}: {exc}") from None
+    return merge([(_launcher_label, env_overrides(environ))], base)
 
 
-def default_value(key: str):
-    """The default of a config key (`algo.x` or a TrainConfig field): what the launchers' ${VAR:-default} must equal."""
-    cfg = TrainConfig()
-    if key.startswith("algo."):
-        return getattr(cfg.algo, key[len("algo."):])
-    return getattr(cfg, key)
+def load_config(preset_name: str | None = None, config: str | Path | None = None,
+                environ: dict[str, str] | None = None, settings: dict | None = None) -> TrainConfig:
+    """The one merge behind `opd train`: defaults < preset < YAML < launcher variables < key=value, validated once.
+
+    The preset is `preset_name` (`--preset`, which the launchers pass from PRESET) or the one the YAML names. A
+    launcher variable equal to what `preset_name` (default opd) gives is the launcher's own ${VAR:-default} (a test
+    keeps the launchers' defaults equal to the presets), so it does not beat the YAML; `environ` None: not read."""
+    data = read_yaml(config) if config is not None else {}
+    named = data.pop("preset", None)
+    if named is not None and not isinstance(named, str):
+        raise ValueError(f"config file {config}: preset={named!r} is not valid; expected a preset name")
+    if named is not None and preset_name is not None and named != preset_name:
+        raise ValueError(f"config file {config} names preset {named!r}, but --preset {preset_name} was given")
+    chosen = preset_name or named
+    layers: list = []
+    if chosen:
+        try:
+            layers.append((f"preset {chosen}", preset(chosen)))
+        except ValueError as exc:
+            raise ValueError(f"config file {config}: {exc}" if named else str(exc)) from None
+    if config is not None:
+        layers.append((f"config file {config}", data))
+    if environ is not None:
+        reference = resolve(None, preset(preset_name or "opd"))
+        layers.append((_launcher_label, env_overrides(environ, reference)))
+    layers.append(("", settings or {}))
+    return merge(layers)
+
+
+def from_yaml(path: str | Path) -> TrainConfig:
+    """A YAML file over the preset it names (if any) over the defaults."""
+    return load_config(config=path)
 
 
 def _short(path: str | None) -> str:
@@ -363,6 +401,6 @@ def config_yaml(cfg: TrainConfig) -> str:
 
 
 __all__ = [
-    "ENV_VARS", "GRPO_RECIPE", "TrainConfig", "resolve", "from_yaml", "from_env", "env_overrides",
-    "default_value", "run_name_from", "config_yaml",
+    "ENV_VARS", "TrainConfig", "resolve", "merge", "load_config", "from_yaml", "from_env", "env_overrides",
+    "run_name_from", "config_yaml",
 ]
