@@ -302,7 +302,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--student", required=True, help="student model folder")
     p.add_argument("--teacher", required=True, help="teacher model folder (same tokenizer as the student)")
-    p.add_argument("--data", required=True, help="RL parquet (docs/workflow.md §2) or a problem/answer parquet")
+    p.add_argument("--data", required=True, help="RL parquet (docs/workflow.md §1) or a problem/answer parquet")
     p.add_argument("--n-prompts", type=int, default=d.n_prompts,
                    help="prompts sampled from --data (default %(default)s)")
     p.add_argument("--n", type=int, default=d.n, help="student answers per prompt (default %(default)s)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 PLACEHOLDER = "{problem}"
 
-# The DAPO-Math-17k instruction (docs/workflow.md §2), as published.
+# The DAPO-Math-17k instruction (docs/workflow.md §1), as published.
 DAPO = (
     "Solve the following math problem step by step. The last line of your response should be of the form "
     "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"

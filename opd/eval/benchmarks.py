@@ -1,6 +1,6 @@
 """Benchmark problems from local files: a path, or a name looked up in a local folder (never a download).
 
-Two layouts are read: the RL schema (docs/workflow.md §2: `prompt` chat messages, `reward_model.ground_truth`,
+Two layouts are read: the RL schema (docs/workflow.md §1: `prompt` chat messages, `reward_model.ground_truth`,
 `extra_info.index` as the example id) and plain problem/answer columns (`opd.data.schema.resolve_problem_columns`,
 any case: AIME-style uploads; example id = row number), whose problems are wrapped in an instruction template
 (default: the boxed suffix) as one user turn.

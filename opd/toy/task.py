@@ -107,7 +107,7 @@ def make_splits(seed: int, n_train: int, n_dev: int, n_test: int) -> dict[str, l
 
 
 def rl_rows(problems: list[Problem], split: str) -> list[dict]:
-    """Rows in the RL parquet schema (docs/workflow.md §2)."""
+    """Rows in the RL parquet schema (docs/workflow.md §1)."""
     return [
         {
             "data_source": DATA_SOURCE,

@@ -83,7 +83,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward (long responses on one GPU)
     device: str = "auto"  # auto = cuda when available, else cpu
     # --- data ---
-    train_dataset: str = "data/dapo_math_17k.parquet"  # RL parquet (docs/workflow.md §2); `opd data prepare` writes it
+    train_dataset: str = "data/dapo_math_17k.parquet"  # RL parquet (docs/workflow.md §1); `opd data prepare` writes it
     test_files: list[str] = field(
         default_factory=lambda: ["data/aime24.parquet", "data/aime25.parquet", "data/amc23.parquet"]
     )

@@ -1,6 +1,6 @@
 """Prompt loading for the local engine: RL parquet -> chat-template token ids, tokenised once, in a fixed order.
 
-Rows follow the verl RL schema (docs/workflow.md §2: `prompt` messages + `reward_model.ground_truth` + `data_source`);
+Rows follow the verl RL schema (docs/workflow.md §1: `prompt` messages + `reward_model.ground_truth` + `data_source`);
 evaluation files may instead carry plain problem/answer columns, the ones `opd eval gen` reads (any case, e.g. an AIME
 upload's Problem/Answer; `opd.data.schema.resolve_problem_columns`), as parquet, JSON or JSONL; the raw problem is
 the user turn. RL files are validated by `opd.data.schema` (errors name file, row and column). Prompts longer than
@@ -66,7 +66,7 @@ def _read_rows(path: Path) -> list[dict]:
     question_col, answer_col = resolve_problem_columns(cols)
     if question_col is None or answer_col is None:
         raise DataError(
-            f"expected the RL schema (columns prompt, reward_model, ...; docs/workflow.md §2) or problem/answer "
+            f"expected the RL schema (columns prompt, reward_model, ...; docs/workflow.md §1) or problem/answer "
             f"columns ({PROBLEM_LAYOUT}); found {sorted(cols)}", file=path)
     out = []
     for i, row in enumerate(rows if rows is not None else iter_records(path)):
