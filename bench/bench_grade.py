@@ -25,6 +25,7 @@ from collections import Counter
 
 from opd.grading import SymbolicChecker, clear_symbolic_cache, grade_batch, grade_response, score_response
 
+
 def symbolic_item(rng: random.Random) -> tuple[str, str, str]:
     """(ground truth, an equivalent form, a wrong form) with random coefficients, so math-verify's parse cache
     in the worker cannot serve repeats."""
@@ -41,8 +42,10 @@ def symbolic_item(rng: random.Random) -> tuple[str, str, str]:
     return f"\\frac{{\\sqrt{{{b}}}}}{{{a}}}", f"\\frac{{1}}{{{a}}}\\sqrt{{{b}}}", f"\\frac{{\\sqrt{{{b + 1}}}}}{{{a}}}"
 
 
-FILLER = ("We first note that the quantity can be rewritten. Expanding both sides and collecting terms, "
-          "the constraint reduces to a simpler relation between the variables. ")
+FILLER = (
+    "We first note that the quantity can be rewritten. Expanding both sides and collecting terms, "
+    "the constraint reduces to a simpler relation between the variables. "
+)
 
 
 def make_responses(n: int, symbolic_frac: float, none_frac: float, seed: int) -> tuple[list[str], list[str]]:
@@ -115,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"toy grading is wrong: {sum(toy_scores)} correct of {args.n}, expected {args.n // 2}")
 
     methods = Counter(x.method for x in batch)
-    print(f"{args.n} responses, {os.cpu_count()} CPUs, workers={args.workers}; methods: {dict(methods)}; "
-          f"accuracy {sum(x.score for x in batch) / args.n:.3f}")
+    print(
+        f"{args.n} responses, {os.cpu_count()} CPUs, workers={args.workers}; methods: {dict(methods)}; "
+        f"accuracy {sum(x.score for x in batch) / args.n:.3f}"
+    )
     print("| run | answers | seconds | answers/s |")
     print("|---|---:|---:|---:|")
     print(f"| batch (workers={args.workers}) | {args.n} | {t_batch:.2f} | {args.n / t_batch:,.0f} |")

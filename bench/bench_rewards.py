@@ -49,8 +49,8 @@ def _make_logits(T: int, V: int, device: str, seed: int):
     for i in range(0, T, 64):
         rows = min(64, T - i)
         base = torch.randn(rows, V, generator=gen, device=device) * 2.0
-        s[0, i:i + rows] = base
-        t[0, i:i + rows] = base + torch.randn(rows, V, generator=gen, device=device) * 1.5
+        s[0, i : i + rows] = base
+        t[0, i : i + rows] = base + torch.randn(rows, V, generator=gen, device=device) * 1.5
     return s, t
 
 
@@ -67,8 +67,13 @@ def _run_case(path: str, impl: str, V: int, T: int, k: int, chunk: int, device: 
     cfg = OPDConfig(top_k=k, chunk_size=chunk)
 
     def rewards_from(s_ids, t_ids, s_lp, t_lp_at_s):
-        sup = build_support("only_stu", student_topk_ids_NTK=s_ids, teacher_topk_ids_NTK=t_ids,
-                            student_lp_at_student_NTK=s_lp, teacher_lp_at_student_NTK=t_lp_at_s)
+        sup = build_support(
+            "only_stu",
+            student_topk_ids_NTK=s_ids,
+            teacher_topk_ids_NTK=t_ids,
+            student_lp_at_student_NTK=s_lp,
+            teacher_lp_at_student_NTK=t_lp_at_s,
+        )
         return compute_rewards(cfg, sup)
 
     def topk_chunked(s, t):
@@ -109,9 +114,14 @@ def _run_case(path: str, impl: str, V: int, T: int, k: int, chunk: int, device: 
         loss.backward()
         return -adv.sum() + s.grad[0, :8].float().abs().sum()
 
-    fn = {("topk", "chunked"): topk_chunked, ("topk", "naive"): topk_naive,
-          ("fullkl", "chunked"): fullkl_chunked, ("fullkl", "naive"): fullkl_naive,
-          ("fullpg", "chunked"): fullpg_chunked, ("fullpg", "naive"): fullpg_naive}[(path, impl)]
+    fn = {
+        ("topk", "chunked"): topk_chunked,
+        ("topk", "naive"): topk_naive,
+        ("fullkl", "chunked"): fullkl_chunked,
+        ("fullkl", "naive"): fullkl_naive,
+        ("fullpg", "chunked"): fullpg_chunked,
+        ("fullpg", "naive"): fullpg_naive,
+    }[(path, impl)]
 
     warm_s, warm_t = _make_logits(4, 64, device, seed=1)
     fn(warm_s, warm_t)  # first-call overheads (kernel selection, lazy init) off the clock
@@ -132,8 +142,12 @@ def _run_case(path: str, impl: str, V: int, T: int, k: int, chunk: int, device: 
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")) - before
-    return {"seconds": seconds, "peak_extra_bytes": peak, "inputs_bytes": 2 * s.numel() * s.element_size(),
-            "checksum": checksum}
+    return {
+        "seconds": seconds,
+        "peak_extra_bytes": peak,
+        "inputs_bytes": 2 * s.numel() * s.element_size(),
+        "checksum": checksum,
+    }
 
 
 def _mem_available() -> int:
@@ -167,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=16, help="top-k width of the topk path (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per case (default %(default)s)")
-    parser.add_argument("--max-gb", type=float, default=12.0,
-                        help="skip naive cases estimated above this many GB (or above 80%% of free memory on CPU)")
+    parser.add_argument(
+        "--max-gb",
+        type=float,
+        default=12.0,
+        help="skip naive cases estimated above this many GB (or above 80%% of free memory on CPU)",
+    )
     parser.add_argument("--_case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -183,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"--paths: unknown {bad}; valid: {', '.join(PATHS)}")
     chunks = [int(c) for c in args.chunk_sizes.split(",")]
-    gib = 1024 ** 3
+    gib = 1024**3
     rows, skipped = [], []
     for path in paths:
         for V, T in sizes:
@@ -193,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             estimate = _naive_estimate(path, V, T)
             if estimate > budget:
                 naive = None
-                skipped.append(f"{path} V={V} T={T}: naive needs ~{estimate / gib:.1f} GiB > budget "
-                               f"{budget / gib:.1f} GiB")
+                skipped.append(
+                    f"{path} V={V} T={T}: naive needs ~{estimate / gib:.1f} GiB > budget {budget / gib:.1f} GiB"
+                )
             else:
                 naive = _subprocess(args, path, "naive", V, T, 1024)  # chunk unused by the naive path
             for chunk in chunks:
@@ -210,10 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             return "skipped"
         return case["error"][:40] if "error" in case else f"{case['seconds']:.2f}"
 
-    print(f"\nDevice: {args.device}, threads per case: {args.threads}, K = {args.k}, N = 1, bf16 logits; "
-          "peak = extra memory over the inputs (MiB).\n")
-    print("| path | V | T | chunk | chunked s | naive s | chunked peak MiB | naive peak MiB | naive/chunked mem "
-          "| agree |")
+    print(
+        f"\nDevice: {args.device}, threads per case: {args.threads}, K = {args.k}, N = 1, bf16 logits; "
+        "peak = extra memory over the inputs (MiB).\n"
+    )
+    print(
+        "| path | V | T | chunk | chunked s | naive s | chunked peak MiB | naive peak MiB | naive/chunked mem | agree |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path, V, T, chunk, chunked, naive in rows:
         ratio, agree = "n/a", "n/a"
@@ -221,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             ratio = f"{naive['peak_extra_bytes'] / max(chunked['peak_extra_bytes'], 1):.1f}x"
             a, b = chunked["checksum"], naive["checksum"]
             agree = "yes" if abs(a - b) <= 1e-3 * max(1.0, abs(b)) else f"NO ({a:.4g} vs {b:.4g})"
-        print(f"| {path} | {V} | {T} | {chunk} | {sec(chunked)} | {sec(naive)} | {mib(chunked)} | {mib(naive)} "
-              f"| {ratio} | {agree} |")
+        print(
+            f"| {path} | {V} | {T} | {chunk} | {sec(chunked)} | {sec(naive)} | {mib(chunked)} | {mib(naive)} "
+            f"| {ratio} | {agree} |"
+        )
     for line in skipped:
         print(f"- skipped {line}")
     return 0

@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", help="MODEL_DTYPE: fp32 | bf16 | fp16")
     args = parser.parse_args(argv)
 
+    from opd.core.step import build_targets, step_diagnostics
     from opd.engines.local import trainer
     from opd.engines.local.config import resolve
-    from opd.core.step import build_targets, step_diagnostics
     from opd.engines.local.scoring import score
     from opd.engines.local.update import loss_and_backward, optimizer_step
     from opd.toy import build_tiny_model, build_toy_tokenizer, save_model, write_datasets
@@ -101,14 +101,30 @@ def main(argv: list[str] | None = None) -> int:
         student_dir = save_model(build_tiny_model(tok, size="student", seed=2), tok, root / "student")
         n_steps = args.warmup + args.steps
         data = write_datasets(root / "data", seed=0, n_train=args.prompts * n_steps, n_dev=1, n_test=1)
-        cfg = resolve(None, {
-            "actor_model_path": student_dir, "reward_model_path": teacher_dir, "train_dataset": str(data["train"]),
-            "test_files": [], "mini_batch_size": args.prompts, "n_responses": args.n,
-            "max_resp_length": args.max_resp, "micro_batch_tokens": args.micro_batch_tokens, "device": args.device,
-            "model_dtype": args.dtype, "total_steps": n_steps, "test_freq": 0, "save_freq": 0, "progress": False,
-            "output_dir": str(root / "runs"), "run_name": "bench", "lr": 1e-4,
-            "algo.top_k": args.k, "algo.top_k_strategy": args.strategy,
-        })
+        cfg = resolve(
+            None,
+            {
+                "actor_model_path": student_dir,
+                "reward_model_path": teacher_dir,
+                "train_dataset": str(data["train"]),
+                "test_files": [],
+                "mini_batch_size": args.prompts,
+                "n_responses": args.n,
+                "max_resp_length": args.max_resp,
+                "micro_batch_tokens": args.micro_batch_tokens,
+                "device": args.device,
+                "model_dtype": args.dtype,
+                "total_steps": n_steps,
+                "test_freq": 0,
+                "save_freq": 0,
+                "progress": False,
+                "output_dir": str(root / "runs"),
+                "run_name": "bench",
+                "lr": 1e-4,
+                "algo.top_k": args.k,
+                "algo.top_k_strategy": args.strategy,
+            },
+        )
         s = trainer.setup(cfg)
         algo = cfg.algo
         rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
@@ -118,28 +134,59 @@ def main(argv: list[str] | None = None) -> int:
 
         for step in range(1, n_steps + 1):
             problems = [s.train_set.problems[i] for i in s.schedule.batch(step)]
-            rollouts, t_roll, m_roll = _phase(device, lambda: trainer.generate(
-                s.student, s.tokenizer, [p.prompt_ids for p in problems], [p.ground_truth for p in problems],
-                n=cfg.n_responses, max_new_tokens=cfg.max_resp_length, temperature=algo.temperature, top_p=1.0,
-                repetition_penalty=1.0, generator=s.generator, batch_size=cfg.rollout_batch_size,
-                eos_ids=s.eos_ids, pad_id=s.pad_id))
+            rollouts, t_roll, m_roll = _phase(
+                device,
+                lambda: trainer.generate(
+                    s.student,
+                    s.tokenizer,
+                    [p.prompt_ids for p in problems],
+                    [p.ground_truth for p in problems],
+                    n=cfg.n_responses,
+                    max_new_tokens=cfg.max_resp_length,
+                    temperature=algo.temperature,
+                    top_p=1.0,
+                    repetition_penalty=1.0,
+                    generator=s.generator,
+                    batch_size=cfg.rollout_batch_size,
+                    eos_ids=s.eos_ids,
+                    pad_id=s.pad_id,
+                ),
+            )
             batch = rollouts.batch.to(device)
             gen_tokens = float(batch.response_mask_NT.sum())
             all_tokens = float(batch.attention_mask_NL.sum())
             s.student.eval()
             passes: dict[str, float] = {}
-            reads, t_score, m_score = _phase(device, lambda: score(
-                s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, timings=passes))
+            reads, t_score, m_score = _phase(
+                device,
+                lambda: score(s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, timings=passes),
+            )
             outcome = torch.tensor(rollouts.scores, device=device)
             has_box = torch.ones(batch.n_rows, dtype=torch.bool, device=device)
-            targets, t_sig, m_sig = _phase(device, lambda: build_targets(
-                algo, reads, response_ids_NT=batch.response_ids_NT, response_mask_NT=batch.response_mask_NT,
-                group_index_N=batch.group_index_N, outcome_scores_N=outcome, has_box_N=has_box))
+            targets, t_sig, m_sig = _phase(
+                device,
+                lambda: build_targets(
+                    algo,
+                    reads,
+                    response_ids_NT=batch.response_ids_NT,
+                    response_mask_NT=batch.response_mask_NT,
+                    group_index_N=batch.group_index_N,
+                    outcome_scores_N=outcome,
+                    has_box_N=has_box,
+                ),
+            )
             s.student.train()
 
             def update():
-                loss_and_backward(s.student, batch, targets, algo, token_budget=cfg.micro_batch_tokens,
-                                  norm_length=cfg.max_resp_length, teacher=s.teacher)
+                loss_and_backward(
+                    s.student,
+                    batch,
+                    targets,
+                    algo,
+                    token_budget=cfg.micro_batch_tokens,
+                    norm_length=cfg.max_resp_length,
+                    teacher=s.teacher,
+                )
                 return optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip)
 
             _, t_upd, m_upd = _phase(device, update)
@@ -153,15 +200,22 @@ def main(argv: list[str] | None = None) -> int:
             record(("support/rewards/advantages (core)", "generated"), t_sig, gen_tokens, m_sig)
             record(("update (fwd+bwd+AdamW)", "prompt+response"), t_upd, all_tokens, m_upd)
             record(("dynamics metrics", "generated"), t_diag, gen_tokens, m_diag)
-            record(("whole step", "generated"), t_roll + t_score + t_sig + t_upd + t_diag, gen_tokens,
-                   max(m_roll, m_score, m_sig, m_upd, m_diag))
+            record(
+                ("whole step", "generated"),
+                t_roll + t_score + t_sig + t_upd + t_diag,
+                gen_tokens,
+                max(m_roll, m_score, m_sig, m_upd, m_diag),
+            )
 
     threads = torch.get_num_threads()
     (tl, tw), (sl, sw) = SIZES["teacher"], SIZES["student"]
-    print(f"\nOPD step, toy teacher ({tl} layers, d={tw}) -> student ({sl} layers, d={sw}), vocab {len(tok)}, "
-          f"{args.prompts} prompts x {args.n} samples x {args.max_resp} tokens, K={args.k} {args.strategy}, "
-          f"{args.dtype}, device {device}" + (f" ({threads} threads)" if device.type == "cpu" else "")
-          + f", mean of {args.steps} steps after {args.warmup} warm-up\n")
+    print(
+        f"\nOPD step, toy teacher ({tl} layers, d={tw}) -> student ({sl} layers, d={sw}), vocab {len(tok)}, "
+        f"{args.prompts} prompts x {args.n} samples x {args.max_resp} tokens, K={args.k} {args.strategy}, "
+        f"{args.dtype}, device {device}"
+        + (f" ({threads} threads)" if device.type == "cpu" else "")
+        + f", mean of {args.steps} steps after {args.warmup} warm-up\n"
+    )
     mem_label = "peak allocated MiB" if device.type == "cuda" else "peak RSS MiB (phase)"
     print(f"| phase | s / step | tokens / s | tokens counted | {mem_label} |")
     print("|---|---:|---:|---|---:|")

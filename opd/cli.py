@@ -11,7 +11,10 @@ import sys
 
 # (words) -> (module, one-line help). One table, read top to bottom by `opd --help`.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("demo",): ("opd.demo", "run the embedded end-to-end toy demo (SFT teacher, cold-start student, OPD, eval, report)"),
+    ("demo",): (
+        "opd.demo",
+        "run the embedded end-to-end toy demo (SFT teacher, cold-start student, OPD, eval, report)",
+    ),
     ("train",): ("opd.engines.local.cli", "train with the local engine from a YAML file and/or launcher variables"),
     ("report",): ("opd.report", "draw the OPD dynamics report (markdown + PNG) from a run folder's metrics.jsonl"),
     ("eval", "gen"): ("opd.eval.gen", "generate N answers per benchmark problem"),
@@ -21,8 +24,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "export-llamafactory"): ("opd.data.llamafactory", "register rollouts as a LlamaFactory dataset"),
     ("rollout",): ("opd.data.rollout", "teacher rollouts with rejection sampling (SFT cold-start data)"),
     ("sft",): ("opd.sft.cli", "built-in SFT (assistant-token masking) for the cold start"),
-    ("check",): ("opd.check", "pre-flight teacher/student compatibility check (overlap, top-1 agreement, "
-                              "reverse KL) on a prompt sample"),
+    ("check",): (
+        "opd.check",
+        "pre-flight teacher/student compatibility check (overlap, top-1 agreement, reverse KL) on a prompt sample",
+    ),
 }
 
 

@@ -73,9 +73,22 @@ class DemoConfig:
     max_resp_length: int = _TOY_OPD["max_resp_length"]  # training and validation response tokens
 
     def __post_init__(self) -> None:
-        positive = ("n_train", "n_dev", "n_test", "teacher_steps", "teacher_batch", "cold_batch", "cold_rollouts",
-                    "cold_max_steps", "cold_eval_every", "opd_steps", "opd_prompts", "opd_n", "test_freq",
-                    "max_resp_length")
+        positive = (
+            "n_train",
+            "n_dev",
+            "n_test",
+            "teacher_steps",
+            "teacher_batch",
+            "cold_batch",
+            "cold_rollouts",
+            "cold_max_steps",
+            "cold_eval_every",
+            "opd_steps",
+            "opd_prompts",
+            "opd_n",
+            "test_freq",
+            "max_resp_length",
+        )
         for name in positive:
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"DemoConfig.{name}={getattr(self, name)!r} is not valid; expected an int >= 1")
@@ -85,15 +98,34 @@ class DemoConfig:
         if not 0 < self.cold_target:
             raise ValueError(f"DemoConfig.cold_target={self.cold_target!r} is not valid; expected a dev accuracy > 0")
         if self.cold_rollouts > self.n_train or self.opd_prompts > self.n_train:
-            raise ValueError(f"DemoConfig: cold_rollouts={self.cold_rollouts} and opd_prompts={self.opd_prompts} "
-                             f"must not exceed n_train={self.n_train}")
+            raise ValueError(
+                f"DemoConfig: cold_rollouts={self.cold_rollouts} and opd_prompts={self.opd_prompts} "
+                f"must not exceed n_train={self.n_train}"
+            )
 
     @classmethod
     def tiny(cls, **changes) -> "DemoConfig":
         """A seconds-long run of every stage (smoke tests): tiny models, a handful of steps."""
-        small = dict(teacher_size="tiny", student_size="tiny", n_train=256, n_dev=16, n_test=16, teacher_steps=6,
-                     teacher_batch=16, cold_batch=16, cold_rollouts=32, cold_max_steps=4, cold_eval_every=2,
-                     cold_target=1.01, opd_steps=2, opd_prompts=4, opd_n=2, top_k=4, test_freq=1, max_resp_length=16)
+        small = dict(
+            teacher_size="tiny",
+            student_size="tiny",
+            n_train=256,
+            n_dev=16,
+            n_test=16,
+            teacher_steps=6,
+            teacher_batch=16,
+            cold_batch=16,
+            cold_rollouts=32,
+            cold_max_steps=4,
+            cold_eval_every=2,
+            cold_target=1.01,
+            opd_steps=2,
+            opd_prompts=4,
+            opd_n=2,
+            top_k=4,
+            test_freq=1,
+            max_resp_length=16,
+        )
         return replace(cls(), **{**small, **changes})
 
 
@@ -133,13 +165,27 @@ def stage_teacher(cfg: DemoConfig, out: Path, tok, splits) -> dict:
 
     model = build_tiny_model(tok, cfg.teacher_size, seed=cfg.seed * 7 + 1, arch=cfg.arch)
     data = encode_dataset(tok, [r["messages"] for r in sft_messages(splits["train"])], max_length=256)
-    logs = train_sft(model, data, SFTConfig(lr=cfg.teacher_lr, steps=cfg.teacher_steps, batch_size=cfg.teacher_batch,
-                                            warmup_ratio=0.05, seed=cfg.seed, log_every=50),
-                     pad_token_id=tok.pad_token_id)
+    logs = train_sft(
+        model,
+        data,
+        SFTConfig(
+            lr=cfg.teacher_lr,
+            steps=cfg.teacher_steps,
+            batch_size=cfg.teacher_batch,
+            warmup_ratio=0.05,
+            seed=cfg.seed,
+            log_every=50,
+        ),
+        pad_token_id=tok.pad_token_id,
+    )
     acc = accuracy(model, tok, splits["test"])
     save_model(model, tok, out / "teacher")
-    info = {"test_accuracy": acc["accuracy"], "steps": logs[-1]["step"], "final_loss": logs[-1]["loss"],
-            "settings": teacher_settings(cfg)}
+    info = {
+        "test_accuracy": acc["accuracy"],
+        "steps": logs[-1]["step"],
+        "final_loss": logs[-1]["loss"],
+        "settings": teacher_settings(cfg),
+    }
     _write_json(out / "teacher" / "demo_teacher.json", info)
     return info
 
@@ -153,9 +199,17 @@ def teacher_rollouts(teacher, tok, problems, seed: int) -> tuple[list[list[dict]
 
     prompts = [render_prompt_ids(tok, p.messages()) for p in problems]
     gen = torch.Generator().manual_seed(seed)
-    responses = sample(teacher, prompts, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0,
-                       eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=gen,
-                       batch_size=512, progress=True)
+    responses = sample(
+        teacher,
+        prompts,
+        max_new_tokens=MAX_NEW_TOKENS,
+        temperature=1.0,
+        eos_token_ids=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=gen,
+        batch_size=512,
+        progress=True,
+    )
     texts = tok.batch_decode(responses, skip_special_tokens=True)
     kept = [p.messages() + [{"role": "assistant", "content": t}] for p, t in zip(problems, texts) if "\\boxed" in t]
     return kept, {"rollouts": len(problems), "kept": len(kept), "rejected_no_box": len(problems) - len(kept)}
@@ -172,16 +226,32 @@ def stage_student(cfg: DemoConfig, out: Path, tok, splits) -> dict:
     data = encode_dataset(tok, convs, max_length=256)
     model = build_tiny_model(tok, cfg.student_size, seed=cfg.seed * 7 + 2, arch=cfg.arch)
     dev = splits["dev"]
-    logs = train_sft(model, data,
-                     SFTConfig(lr=cfg.cold_lr, steps=cfg.cold_max_steps, batch_size=cfg.cold_batch, warmup_ratio=0.05,
-                               seed=cfg.seed + 1, log_every=50, eval_every=cfg.cold_eval_every,
-                               stop_metric="accuracy", stop_threshold=cfg.cold_target),
-                     pad_token_id=tok.pad_token_id, evaluate=lambda m, step: accuracy(m, tok, dev))
+    logs = train_sft(
+        model,
+        data,
+        SFTConfig(
+            lr=cfg.cold_lr,
+            steps=cfg.cold_max_steps,
+            batch_size=cfg.cold_batch,
+            warmup_ratio=0.05,
+            seed=cfg.seed + 1,
+            log_every=50,
+            eval_every=cfg.cold_eval_every,
+            stop_metric="accuracy",
+            stop_threshold=cfg.cold_target,
+        ),
+        pad_token_id=tok.pad_token_id,
+        evaluate=lambda m, step: accuracy(m, tok, dev),
+    )
     save_model(model, tok, out / "student_cold")
     evals = [r for r in logs if "accuracy" in r]
-    return {**stats, "steps": logs[-1]["step"], "stopped_early": bool(logs[-1].get("stopped_early")),
-            "dev_accuracy": evals[-1]["accuracy"] if evals else None,
-            "dev_curve": [(r["step"], r["accuracy"]) for r in evals]}
+    return {
+        **stats,
+        "steps": logs[-1]["step"],
+        "stopped_early": bool(logs[-1].get("stopped_early")),
+        "dev_accuracy": evals[-1]["accuracy"] if evals else None,
+        "dev_curve": [(r["step"], r["accuracy"]) for r in evals],
+    }
 
 
 def opd_train_config(cfg: DemoConfig, out: Path, paths: dict):
@@ -189,15 +259,30 @@ def opd_train_config(cfg: DemoConfig, out: Path, paths: dict):
     paths and seed; one checkpoint, at the end."""
     from opd.engines.local.config import resolve
 
-    return resolve(None, {
-        **_TOY_OPD,
-        "total_steps": cfg.opd_steps, "lr": cfg.opd_lr, "mini_batch_size": cfg.opd_prompts, "n_responses": cfg.opd_n,
-        "test_freq": cfg.test_freq, "max_resp_length": cfg.max_resp_length, "max_val_resp_length": cfg.max_resp_length,
-        "algo.top_k": cfg.top_k, "algo.tail_bucket": cfg.tail_bucket and cfg.top_k > 0,
-        "actor_model_path": str(out / "student_cold"), "reward_model_path": str(out / "teacher"),
-        "train_dataset": str(paths["train"]), "test_files": [str(paths["test"])],
-        "save_freq": cfg.opd_steps, "seed": cfg.seed, "output_dir": str(out), "run_name": "opd", "resume": "off",
-    })
+    return resolve(
+        None,
+        {
+            **_TOY_OPD,
+            "total_steps": cfg.opd_steps,
+            "lr": cfg.opd_lr,
+            "mini_batch_size": cfg.opd_prompts,
+            "n_responses": cfg.opd_n,
+            "test_freq": cfg.test_freq,
+            "max_resp_length": cfg.max_resp_length,
+            "max_val_resp_length": cfg.max_resp_length,
+            "algo.top_k": cfg.top_k,
+            "algo.tail_bucket": cfg.tail_bucket and cfg.top_k > 0,
+            "actor_model_path": str(out / "student_cold"),
+            "reward_model_path": str(out / "teacher"),
+            "train_dataset": str(paths["train"]),
+            "test_files": [str(paths["test"])],
+            "save_freq": cfg.opd_steps,
+            "seed": cfg.seed,
+            "output_dir": str(out),
+            "run_name": "opd",
+            "resume": "off",
+        },
+    )
 
 
 def _series(rows: list[dict], key: str) -> list[tuple[int, float]]:
@@ -210,8 +295,15 @@ def build_summary(cfg: DemoConfig, rows: list[dict], teacher: dict, student: dic
     acc = _series(rows, val_key)
     overlap = _series(rows, "opd/overlap_ratio")
     first_last = {}
-    for key in ("opd/overlap_ratio", "opd/top1_agreement", "opd/reverse_kl", "opd/overlap_mass_student",
-                "opd/overlap_mass_teacher", "opd/entropy/gap", "train/true_reward"):
+    for key in (
+        "opd/overlap_ratio",
+        "opd/top1_agreement",
+        "opd/reverse_kl",
+        "opd/overlap_mass_student",
+        "opd/overlap_mass_teacher",
+        "opd/entropy/gap",
+        "train/true_reward",
+    ):
         s = _series(rows, key)
         if s:
             first_last[key] = {"first": s[0][1], "last": s[-1][1], "first_step": s[0][0], "last_step": s[-1][0]}
@@ -235,8 +327,12 @@ def build_summary(cfg: DemoConfig, rows: list[dict], teacher: dict, student: dic
 def table(summary: dict) -> str:
     fl = summary["first_last"]
     rows = [("student accuracy (test, greedy)", summary["accuracy_before_opd"], summary["accuracy_after_opd"])]
-    for key, label in (("opd/overlap_ratio", "top-k overlap ratio"), ("opd/top1_agreement", "top-1 agreement"),
-                       ("opd/reverse_kl", "per-token reverse KL"), ("train/true_reward", "rollout reward")):
+    for key, label in (
+        ("opd/overlap_ratio", "top-k overlap ratio"),
+        ("opd/top1_agreement", "top-1 agreement"),
+        ("opd/reverse_kl", "per-token reverse KL"),
+        ("train/true_reward", "rollout reward"),
+    ):
         if key in fl:
             rows.append((label, fl[key]["first"], fl[key]["last"]))
     lines = ["| | before OPD (step 0; dynamics: first step) | after OPD (last step) |", "|---|---|---|"]
@@ -285,8 +381,10 @@ def run(cfg: DemoConfig, out: str | os.PathLike, reuse_teacher: bool = False) ->
     t = time.perf_counter()
     student = stage_student(cfg, out, tok, splits)
     seconds["student_cold_start"] = time.perf_counter() - t
-    _log(f"student cold start: {student['steps']} steps, dev accuracy {student['dev_accuracy']} "
-         f"({seconds['student_cold_start']:.0f} s)")
+    _log(
+        f"student cold start: {student['steps']} steps, dev accuracy {student['dev_accuracy']} "
+        f"({seconds['student_cold_start']:.0f} s)"
+    )
 
     t = time.perf_counter()
     run_dir = train(opd_train_config(cfg, out, paths))
@@ -295,9 +393,13 @@ def run(cfg: DemoConfig, out: str | os.PathLike, reuse_teacher: bool = False) ->
 
     t = time.perf_counter()
     summary = build_summary(cfg, rows, teacher, student, seconds)  # `seconds` is shared: later stages land in it
-    write_report(run_dir, out / "report", title=f"OPD toy demo (seed {cfg.seed})",
-                 extra_markdown="## Before / after OPD\n\n" + table(summary) + "\n\n(Report drawing time and the "
-                 "total are in summary.json.)")
+    write_report(
+        run_dir,
+        out / "report",
+        title=f"OPD toy demo (seed {cfg.seed})",
+        extra_markdown="## Before / after OPD\n\n" + table(summary) + "\n\n(Report drawing time and the "
+        "total are in summary.json.)",
+    )
     seconds["report"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_all
     _write_json(out / "summary.json", summary)
@@ -311,18 +413,33 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embedded end-to-end OPD demo on a toy task (3-digit addition), no download: teacher SFT, "
         "student cold start, OPD with the local engine, evaluation, report (markdown + PNG + summary.json).",
     )
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out/); earlier stage outputs in it are replaced")
+    p.add_argument(
+        "--out", default="demo_out", help="output folder (default demo_out/); earlier stage outputs in it are replaced"
+    )
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed for data, models and sampling (default {d.seed})")
     p.add_argument("--arch", choices=("llama", "qwen2"), default=d.arch, help="tiny model architecture")
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (tiny models, a few steps)")
-    p.add_argument("--reuse-teacher", action="store_true", help="reuse OUT/teacher if it was trained with the same settings")
+    p.add_argument(
+        "--reuse-teacher", action="store_true", help="reuse OUT/teacher if it was trained with the same settings"
+    )
     p.add_argument("--teacher-steps", type=int, default=None, help=f"teacher SFT steps (default {d.teacher_steps})")
-    p.add_argument("--cold-target", type=float, default=None, help=f"stop the student's cold start at this dev accuracy (default {d.cold_target})")
+    p.add_argument(
+        "--cold-target",
+        type=float,
+        default=None,
+        help=f"stop the student's cold start at this dev accuracy (default {d.cold_target})",
+    )
     p.add_argument("--opd-steps", type=int, default=None, help=f"OPD steps (default {d.opd_steps})")
     p.add_argument("--opd-lr", type=float, default=None, help=f"OPD learning rate (default {d.opd_lr})")
-    p.add_argument("--top-k", type=int, default=None, help=f"LOG_PROB_TOP_K for OPD (default {d.top_k}; 0 = sampled token)")
-    p.add_argument("--tail-bucket", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"add the tail-bucket support slot (default {d.tail_bucket})")
+    p.add_argument(
+        "--top-k", type=int, default=None, help=f"LOG_PROB_TOP_K for OPD (default {d.top_k}; 0 = sampled token)"
+    )
+    p.add_argument(
+        "--tail-bucket",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"add the tail-bucket support slot (default {d.tail_bucket})",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     return p
 
@@ -332,10 +449,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    overrides = {name: value for name, value in (
-        ("seed", args.seed), ("arch", args.arch), ("teacher_steps", args.teacher_steps),
-        ("cold_target", args.cold_target), ("opd_steps", args.opd_steps), ("opd_lr", args.opd_lr),
-        ("top_k", args.top_k), ("tail_bucket", args.tail_bucket)) if value is not None}
+    overrides = {
+        name: value
+        for name, value in (
+            ("seed", args.seed),
+            ("arch", args.arch),
+            ("teacher_steps", args.teacher_steps),
+            ("cold_target", args.cold_target),
+            ("opd_steps", args.opd_steps),
+            ("opd_lr", args.opd_lr),
+            ("top_k", args.top_k),
+            ("tail_bucket", args.tail_bucket),
+        )
+        if value is not None
+    }
     try:
         cfg = DemoConfig.tiny(**overrides) if args.tiny else replace(DemoConfig(), **overrides)
     except ValueError as err:

@@ -21,7 +21,9 @@ def render_prompt_ids(tokenizer, messages: list[dict], **template_kwargs) -> lis
     `template_kwargs` (e.g. enable_thinking=True) go to the template.
     """
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat_template; cannot render prompts")
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat_template; cannot render prompts"
+        )
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -97,7 +99,16 @@ def sample(
             chunk = prompts[start : start + batch_size]
             out.extend(
                 _sample_batch(
-                    model, chunk, max_new_tokens, eos, pad_token_id, temperature, top_p, repetition_penalty, generator, device
+                    model,
+                    chunk,
+                    max_new_tokens,
+                    eos,
+                    pad_token_id,
+                    temperature,
+                    top_p,
+                    repetition_penalty,
+                    generator,
+                    device,
                 )
             )
             bar.update(len(chunk))
@@ -122,7 +133,9 @@ def _sample_batch(model, prompts, max_new_tokens, eos, pad_id, temperature, top_
     position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
     seen = input_ids.masked_fill(attn == 0, -1) if rep_penalty != 1.0 else None
 
-    outputs = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    outputs = model(
+        input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, logits_to_keep=1
+    )
     past = outputs.past_key_values
     logits = outputs.logits[:, -1, :]
     next_pos = position_ids[:, -1] + 1
@@ -143,7 +156,11 @@ def _sample_batch(model, prompts, max_new_tokens, eos, pad_id, temperature, top_
             seen = torch.cat([seen, tok.masked_fill(done, -1)[:, None]], dim=1)
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
         outputs = model(
-            input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], past_key_values=past, use_cache=True
+            input_ids=tok[:, None],
+            attention_mask=attn,
+            position_ids=next_pos[:, None],
+            past_key_values=past,
+            use_cache=True,
         )
         past = outputs.past_key_values
         logits = outputs.logits[:, -1, :]

@@ -139,8 +139,9 @@ def special_ids(tokenizer, model) -> tuple[list[int], int]:
             eos.append(int(tok))
     if not eos:
         name = getattr(tokenizer, "name_or_path", None) or "the model"
-        raise ValueError(f"{name}: neither the tokenizer nor the generation config names an EOS token: sampling "
-                         f"could not stop")
+        raise ValueError(
+            f"{name}: neither the tokenizer nor the generation config names an EOS token: sampling could not stop"
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     return eos, int(pad)
 
@@ -177,8 +178,9 @@ class PairFolders:
     vocab_width: int | None  # the logit width both models are read at (None: the full width)
 
 
-def open_pair(student: str | None, teacher: str | None, *, names: tuple[str, str],
-              with_teacher: bool = True) -> PairFolders:
+def open_pair(
+    student: str | None, teacher: str | None, *, names: tuple[str, str], with_teacher: bool = True
+) -> PairFolders:
     """Check the folders and the vocabularies first, so a mismatch fails before any data or weights are read.
 
     `names`: how the caller's user spells the two paths (e.g. ("--student", "--teacher")), for the errors.
@@ -197,8 +199,16 @@ class Pair:
     pad_id: int
 
 
-def load_pair(folders: PairFolders, *, device, dtype: str, teacher_dtype: str | None = None, trainable: bool,
-              top_k: int, top_k_name: str) -> Pair:
+def load_pair(
+    folders: PairFolders,
+    *,
+    device,
+    dtype: str,
+    teacher_dtype: str | None = None,
+    trainable: bool,
+    top_k: int,
+    top_k_name: str,
+) -> Pair:
     """The student, then the frozen teacher, on `device`; fails when `top_k` exceeds the width both are read at."""
     student = load_causal_lm(folders.student, dtype=dtype, device=device, trainable=trainable)
     teacher = None

@@ -39,19 +39,23 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model, *, lr: float, betas: tuple[float, float], weight_decay: float,
-                   decay_1d_params: bool = True) -> torch.optim.AdamW:
+def make_optimizer(
+    model, *, lr: float, betas: tuple[float, float], weight_decay: float, decay_1d_params: bool = True
+) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; with decay_1d_params=False, 1-D ones (biases, norms) get no decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     if decay_1d_params:
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def make_scheduler(optimizer, *, kind: str, total_steps: int, warmup_ratio: float,
-                   min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer, *, kind: str, total_steps: int, warmup_ratio: float, min_lr_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """`constant`, or `cosine`: linear warmup then cosine to lr * min_lr_ratio (the convention in the module doc)."""
     if kind == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

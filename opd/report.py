@@ -67,8 +67,14 @@ def scalar_series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 
 def summarize(series: dict[str, tuple[list[int], list[float]]]) -> dict[str, dict[str, float]]:
     return {
-        key: {"first_step": steps[0], "first": vals[0], "last_step": steps[-1], "last": vals[-1],
-              "min": min(vals), "max": max(vals)}
+        key: {
+            "first_step": steps[0],
+            "first": vals[0],
+            "last_step": steps[-1],
+            "last": vals[-1],
+            "min": min(vals),
+            "max": max(vals),
+        }
         for key, (steps, vals) in sorted(series.items())
     }
 
@@ -106,8 +112,9 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def plot_panels(panels: list[tuple[str, dict[str, tuple[list, list]]]], path: Path, suptitle: str,
-                xlabel: str = "step") -> None:
+def plot_panels(
+    panels: list[tuple[str, dict[str, tuple[list, list]]]], path: Path, suptitle: str, xlabel: str = "step"
+) -> None:
     """One subplot per (title, {label: (x, y)}) panel."""
     import matplotlib
 
@@ -116,7 +123,7 @@ def plot_panels(panels: list[tuple[str, dict[str, tuple[list, list]]]], path: Pa
 
     rows, cols = _grid(len(panels))
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, (title, lines) in zip(axes.flat, panels):
         for label, (x, y) in lines.items():
@@ -130,8 +137,9 @@ def plot_panels(panels: list[tuple[str, dict[str, tuple[list, list]]]], path: Pa
     fig.suptitle(suptitle, fontsize=11)
     # fixed margins in inches: tight_layout measured every tick label and took about 40% of the report's time
     width, height = fig.get_size_inches()
-    fig.subplots_adjust(left=0.55 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=1 - 0.75 / height,
-                        wspace=0.3, hspace=0.55)
+    fig.subplots_adjust(
+        left=0.55 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=1 - 0.75 / height, wspace=0.3, hspace=0.55
+    )
     _atomic_savefig(fig, path)
     plt.close(fig)
 
@@ -168,8 +176,12 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, title: str | None = None,
-                 extra_markdown: str = "") -> Path:
+def write_report(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    title: str | None = None,
+    extra_markdown: str = "",
+) -> Path:
     """Draw every plot and write report.md; returns the path of report.md."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
@@ -187,20 +199,33 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
 
-    lines = [f"# {title or 'OPD report: ' + run_dir.name}", "", f"Run folder: `{run_dir}`; {len(rows)} logged steps "
-             f"(step {min(r['step'] for r in rows)} to {max(r['step'] for r in rows)}).", ""]
+    lines = [
+        f"# {title or 'OPD report: ' + run_dir.name}",
+        "",
+        f"Run folder: `{run_dir}`; {len(rows)} logged steps "
+        f"(step {min(r['step'] for r in rows)} to {max(r['step'] for r in rows)}).",
+        "",
+    ]
     if extra_markdown:
         lines += [extra_markdown.rstrip(), ""]
     panels = headline_panels(series)
     if panels:
         plot_panels(panels, out / "headline.png", "OPD dynamics")
-        lines += ["## Headline dynamics", "", "![headline](headline.png)", "",
-                  "| metric | first (step) | last (step) | min | max |", "|---|---|---|---|---|"]
+        lines += [
+            "## Headline dynamics",
+            "",
+            "![headline](headline.png)",
+            "",
+            "| metric | first (step) | last (step) | min | max |",
+            "|---|---|---|---|---|",
+        ]
         for _, keys in panels:
             for key in keys:
                 s = summarize({key: series[key]})[key]
-                lines.append(f"| `{key}` | {_fmt(s['first'])} ({s['first_step']}) | {_fmt(s['last'])} "
-                             f"({s['last_step']}) | {_fmt(s['min'])} | {_fmt(s['max'])} |")
+                lines.append(
+                    f"| `{key}` | {_fmt(s['first'])} ({s['first_step']}) | {_fmt(s['last'])} "
+                    f"({s['last_step']}) | {_fmt(s['min'])} | {_fmt(s['max'])} |"
+                )
         lines.append("")
     prof_panels = profile_panels(profiles)
     if prof_panels:

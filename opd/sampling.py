@@ -32,8 +32,15 @@ class Sampler(Protocol):
     seed_scope: str  # what one entry of `seeds` seeds: "batch" (the whole call) or "sample" (its own prompt)
     default_batch: int  # prompts per generate call that keep the engine busy
 
-    def generate(self, prompt_ids: list[list[int]], *, max_tokens: int, temperature: float, top_p: float,
-                 seeds: list[int] | None = None) -> list[Completion]: ...
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seeds: list[int] | None = None,
+    ) -> list[Completion]: ...
 
 
 class TransformersSampler:
@@ -42,8 +49,15 @@ class TransformersSampler:
     seed_scope = "batch"
     default_batch = 64
 
-    def __init__(self, policy, *, seed: int | None = None, batch_size: int | None = None,
-                 skip_special_tokens: bool = True, progress: bool = False):
+    def __init__(
+        self,
+        policy,
+        *,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        skip_special_tokens: bool = True,
+        progress: bool = False,
+    ):
         """`batch_size`: sequences per forward (None: the whole call); `skip_special_tokens`: of the decoded text."""
         import torch
 
@@ -62,19 +76,40 @@ class TransformersSampler:
 
         return cls(load_policy(model_path, dtype=dtype, device=device, trainable=False), **kwargs)
 
-    def generate(self, prompt_ids: list[list[int]], *, max_tokens: int, temperature: float, top_p: float = 1.0,
-                 seeds: list[int] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        seeds: list[int] | None = None,
+    ) -> list[Completion]:
         from opd.generation import sample
 
         gen = self.generator if seeds is None else self.torch.Generator(device=self.device).manual_seed(seeds[0])
         outs = sample(
-            self.model, prompt_ids, max_new_tokens=max_tokens, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id,
-            temperature=temperature, top_p=top_p, generator=gen, batch_size=self.batch_size or len(prompt_ids),
+            self.model,
+            prompt_ids,
+            max_new_tokens=max_tokens,
+            eos_token_ids=self.eos_ids,
+            pad_token_id=self.pad_id,
+            temperature=temperature,
+            top_p=top_p,
+            generator=gen,
+            batch_size=self.batch_size or len(prompt_ids),
             progress=self.progress,
         )
         seed = None if seeds is None else seeds[0]
-        return [Completion(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens), len(ids),
-                           "stop" if ids and ids[-1] in self.eos_ids else "length", seed) for ids in outs]
+        return [
+            Completion(
+                self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens),
+                len(ids),
+                "stop" if ids and ids[-1] in self.eos_ids else "length",
+                seed,
+            )
+            for ids in outs
+        ]
 
 
 class VLLMSampler:
@@ -83,8 +118,15 @@ class VLLMSampler:
     seed_scope = "sample"
     default_batch = 2048
 
-    def __init__(self, model_path: str, *, dtype: str = "auto", tensor_parallel_size: int = 1,
-                 max_model_len: int | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        seed: int | None = None,
+    ):
         """`dtype` in vLLM's spelling (opd.models.vllm_dtype); `seed`: the engine's, for requests without one."""
         from vllm import LLM
 
@@ -96,17 +138,29 @@ class VLLMSampler:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, prompt_ids: list[list[int]], *, max_tokens: int, temperature: float, top_p: float = 1.0,
-                 seeds: list[int] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        seeds: list[int] | None = None,
+    ) -> list[Completion]:
         from vllm import SamplingParams
 
         if seeds is None:
             params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
             seeds = [None] * len(prompt_ids)
         else:
-            params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=sd)
-                      for sd in seeds]
-        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=params,
-                                 use_tqdm=False)
-        return [Completion(o.outputs[0].text, len(o.outputs[0].token_ids), str(o.outputs[0].finish_reason), sd)
-                for o, sd in zip(outs, seeds)]
+            params = [
+                SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=sd)
+                for sd in seeds
+            ]
+        outs = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=params, use_tqdm=False
+        )
+        return [
+            Completion(o.outputs[0].text, len(o.outputs[0].token_ids), str(o.outputs[0].finish_reason), sd)
+            for o, sd in zip(outs, seeds)
+        ]

@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from opd.check import (
-    METRICS, THRESHOLDS, CheckSettings, auto_edges, interpret, main, measure, pick_prompts, run_check, verdict,
+    METRICS,
+    THRESHOLDS,
+    CheckSettings,
+    auto_edges,
+    interpret,
+    main,
+    measure,
+    pick_prompts,
+    run_check,
+    verdict,
 )
 
 
@@ -45,9 +54,14 @@ def world(tmp_path_factory):
     other_tok.add_tokens(["<|extra|>"])
     other = build_tiny_model(other_tok, size="tiny", seed=3)
     return {
-        "tok": tok, "student_model": student.eval(), "teacher_model": teacher.eval(),
-        "student": save_model(student, tok, root / "student"), "teacher": save_model(teacher, tok, root / "teacher"),
-        "other": save_model(other, other_tok, root / "other"), "data": str(paths["train"]), "root": root,
+        "tok": tok,
+        "student_model": student.eval(),
+        "teacher_model": teacher.eval(),
+        "student": save_model(student, tok, root / "student"),
+        "teacher": save_model(teacher, tok, root / "teacher"),
+        "other": save_model(other, other_tok, root / "other"),
+        "data": str(paths["train"]),
+        "root": root,
     }
 
 
@@ -83,14 +97,21 @@ def _reference(student, teacher, prompts, responses, k, temperature, edges):
             shared = sorted(s_top & t_top)
             ent_p = float(-(lp[t].exp() * lp[t]).sum())
             ent_q = float(-(lq[t].exp() * lq[t]).sum())
-            rows.append((t, {
-                "overlap_ratio": len(shared) / k,
-                "overlap_mass_student": float(lp[t, shared].exp().sum()),
-                "overlap_mass_teacher": float(lq[t, shared].exp().sum()),
-                "top1_agreement": float(int(lp[t].argmax()) == int(lq[t].argmax())),
-                "reverse_kl": float(lp[t, y] - lq[t, y]),
-                "entropy/student": ent_p, "entropy/teacher": ent_q, "entropy/gap": ent_q - ent_p,
-            }))
+            rows.append(
+                (
+                    t,
+                    {
+                        "overlap_ratio": len(shared) / k,
+                        "overlap_mass_student": float(lp[t, shared].exp().sum()),
+                        "overlap_mass_teacher": float(lq[t, shared].exp().sum()),
+                        "top1_agreement": float(int(lp[t].argmax()) == int(lq[t].argmax())),
+                        "reverse_kl": float(lp[t, y] - lq[t, y]),
+                        "entropy/student": ent_p,
+                        "entropy/teacher": ent_q,
+                        "entropy/gap": ent_q - ent_p,
+                    },
+                )
+            )
 
     def mean(sel):
         vals = [v for t, v in rows if sel(t)]
@@ -152,15 +173,35 @@ def _table(stdout: str) -> tuple[list[str], dict[str, list[float]]]:
     values = {}
     for (key, label), line in zip(METRICS, lines[head + 1 : head + 1 + len(METRICS)]):
         assert line.startswith(label)
-        values[key] = [float(x) for x in line[len(label):].split()]
+        values[key] = [float(x) for x in line[len(label) :].split()]
     return columns, values
 
 
 def test_cli_json_holds_the_printed_numbers(world, tmp_path, capsys):
     out = tmp_path / "check.json"
-    argv = ["--student", world["student"], "--teacher", world["teacher"], "--data", world["data"],
-            "--n-prompts", "5", "--n", "2", "--k", "8", "--max-resp-length", "10", "--seed", "3",
-            "--position-edges", "0,4", "--no-progress", "--json", str(out)]
+    argv = [
+        "--student",
+        world["student"],
+        "--teacher",
+        world["teacher"],
+        "--data",
+        world["data"],
+        "--n-prompts",
+        "5",
+        "--n",
+        "2",
+        "--k",
+        "8",
+        "--max-resp-length",
+        "10",
+        "--seed",
+        "3",
+        "--position-edges",
+        "0,4",
+        "--no-progress",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
@@ -188,8 +229,9 @@ def test_cli_json_holds_the_printed_numbers(world, tmp_path, capsys):
 
 
 def test_same_folder_as_teacher_and_student(world):
-    report = run_check(CheckSettings(world["student"], world["student"], world["data"], n_prompts=3,
-                                     max_resp_length=8, progress=False))
+    report = run_check(
+        CheckSettings(world["student"], world["student"], world["data"], n_prompts=3, max_resp_length=8, progress=False)
+    )
     m = report["metrics"]
     assert m["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
     assert (m["top1_agreement"], m["overlap_ratio"]) == (1.0, 1.0)
@@ -197,8 +239,19 @@ def test_same_folder_as_teacher_and_student(world):
 
 def test_vocabulary_mismatch_is_a_clear_error(world, tmp_path, capsys):
     out = tmp_path / "never.json"
-    code = main(["--student", world["student"], "--teacher", world["other"], "--data", world["data"],
-                 "--no-progress", "--json", str(out)])
+    code = main(
+        [
+            "--student",
+            world["student"],
+            "--teacher",
+            world["other"],
+            "--data",
+            world["data"],
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "do not share a vocabulary" in err and world["other"] in err and "<|extra|>" in err
@@ -222,8 +275,16 @@ def test_bad_settings_name_the_flag(world, capsys):
 
 
 def _metrics(**over):
-    base = {"overlap_ratio": 0.9, "overlap_mass_student": 0.95, "overlap_mass_teacher": 0.95, "top1_agreement": 0.9,
-            "reverse_kl": 0.3, "entropy/student": 0.5, "entropy/teacher": 0.4, "entropy/gap": -0.1}
+    base = {
+        "overlap_ratio": 0.9,
+        "overlap_mass_student": 0.95,
+        "overlap_mass_teacher": 0.95,
+        "top1_agreement": 0.9,
+        "reverse_kl": 0.3,
+        "entropy/student": 0.5,
+        "entropy/teacher": 0.4,
+        "entropy/gap": -0.1,
+    }
     return {**base, **over}
 
 
@@ -264,8 +325,13 @@ def test_interpretation_heuristics():
     assert interpret(_metrics(), everywhere, accuracy=0.5, truncated=0.0, k=16) == []  # not a decay
 
     # an incompatible pair's verdict wins over "indistinguishable"-style advice; codes are stable
-    both = interpret(_metrics(top1_agreement=0.2, reverse_kl=3.0, overlap_mass_student=0.1, overlap_ratio=0.2), [],
-                     accuracy=0.5, truncated=0, k=16)
+    both = interpret(
+        _metrics(top1_agreement=0.2, reverse_kl=3.0, overlap_mass_student=0.1, overlap_ratio=0.2),
+        [],
+        accuracy=0.5,
+        truncated=0,
+        k=16,
+    )
     assert [f["code"] for f in both] == ["low_top1", "high_reverse_kl", "low_overlap_mass"]
     assert "cold start" in verdict(both)
 

@@ -12,8 +12,15 @@ from opd.demo import DemoConfig, build_summary, table
 def _rows():
     rows = [{"step": 0, "val/toy_add/mean@1": 0.22, "val/mean@1": 0.22}]
     for s in (1, 2, 3):
-        rows.append({"step": s, "opd/overlap_ratio": 0.5 + 0.1 * s, "opd/top1_agreement": 0.9 + 0.02 * s,
-                     "opd/reverse_kl": 1.5 / s, "train/true_reward": 0.2 * s})
+        rows.append(
+            {
+                "step": s,
+                "opd/overlap_ratio": 0.5 + 0.1 * s,
+                "opd/top1_agreement": 0.9 + 0.02 * s,
+                "opd/reverse_kl": 1.5 / s,
+                "train/true_reward": 0.2 * s,
+            }
+        )
     rows[-1].update({"val/toy_add/mean@1": 0.51, "val/mean@1": 0.51})
     return rows
 
@@ -31,7 +38,9 @@ def test_summary_reads_first_and_last_values():
     assert s["wall_seconds"]["report"] == 3.0
     text = table(s)
     assert "| student accuracy (test, greedy) | 0.220 | 0.510 |" in text
-    assert "| per-token reverse KL | 1.500 | 0.500 |" in text and "| teacher accuracy (test, greedy) | 0.990 | |" in text
+    assert (
+        "| per-token reverse KL | 1.500 | 0.500 |" in text and "| teacher accuracy (test, greedy) | 0.990 | |" in text
+    )
 
 
 def test_tiny_config_and_help(capsys):

@@ -12,8 +12,17 @@ V, EOS, PAD = 50, 1, 0
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, eos_token_id=EOS, pad_token_id=PAD)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -57,8 +66,16 @@ def test_sampled_frequencies_follow_the_model_distribution(model):
     # One prompt, one step, many samples: empirical frequencies approach softmax(logits / T).
     p = [5, 9, 11]
     n, temp = 4000, 0.8
-    got = sample(model, [p] * n, max_new_tokens=1, eos_token_ids=EOS, pad_token_id=PAD, temperature=temp,
-                 generator=torch.Generator().manual_seed(0), batch_size=4000)
+    got = sample(
+        model,
+        [p] * n,
+        max_new_tokens=1,
+        eos_token_ids=EOS,
+        pad_token_id=PAD,
+        temperature=temp,
+        generator=torch.Generator().manual_seed(0),
+        batch_size=4000,
+    )
     counts = torch.bincount(torch.tensor([r[0] for r in got]), minlength=V).double() / n
     with torch.no_grad():
         probs = (model(torch.tensor([p])).logits[0, -1].double() / temp).softmax(-1)

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from opd.models import (
-    DTYPES, load_pair, load_policy, normalize_dtype, open_pair, resolve_device, special_ids, torch_dtype, vllm_dtype,
+    DTYPES,
+    load_pair,
+    load_policy,
+    normalize_dtype,
+    open_pair,
+    resolve_device,
+    special_ids,
+    torch_dtype,
+    vllm_dtype,
 )
 
 
@@ -41,11 +49,14 @@ def test_bad_dtype_is_a_one_line_error_naming_the_flag():
         normalize_dtype("half")
 
 
-@pytest.mark.parametrize("argv_head, prog", [
-    (["eval", "gen", "--model", "m", "--benchmark", "b", "--out", "o"], "opd eval gen"),
-    (["rollout", "--input", "i.parquet", "--model", "m", "--output", "o.jsonl"], "opd rollout"),
-    (["sft", "--model", "m", "--data", "d.jsonl", "--output", "o"], "opd sft"),
-])
+@pytest.mark.parametrize(
+    "argv_head, prog",
+    [
+        (["eval", "gen", "--model", "m", "--benchmark", "b", "--out", "o"], "opd eval gen"),
+        (["rollout", "--input", "i.parquet", "--model", "m", "--output", "o.jsonl"], "opd rollout"),
+        (["sft", "--model", "m", "--data", "d.jsonl", "--output", "o"], "opd sft"),
+    ],
+)
 def test_every_tool_refuses_a_bad_dtype_before_loading(argv_head, prog, tmp_path, monkeypatch, capsys):
     from opd.cli import main
 
@@ -63,7 +74,9 @@ def test_device_resolution(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
-    with pytest.raises(ValueError, match=r"^--device='gpu' is not valid; expected auto \| cpu \| cuda \| cuda:N \| mps$"):
+    with pytest.raises(
+        ValueError, match=r"^--device='gpu' is not valid; expected auto \| cpu \| cuda \| cuda:N \| mps$"
+    ):
         resolve_device("gpu")
     with pytest.raises(ValueError, match=r"^DEVICE='tpu' is not valid"):
         resolve_device("tpu", "DEVICE")
@@ -129,8 +142,13 @@ def test_transformers_sampler_is_opd_generation_sample(toy):
     stream = TransformersSampler(policy, seed=3, batch_size=2)
     got = [o.text for _ in range(2) for o in stream.generate(prompts, max_tokens=6, temperature=1.0, top_p=0.9)]
     gen = torch.Generator().manual_seed(3)
-    want = [t for _ in range(2) for t in tok.batch_decode(sample(policy.model, prompts, generator=gen, batch_size=2,
-                                                                 **kw), skip_special_tokens=True)]
+    want = [
+        t
+        for _ in range(2)
+        for t in tok.batch_decode(
+            sample(policy.model, prompts, generator=gen, batch_size=2, **kw), skip_special_tokens=True
+        )
+    ]
     assert got == want
 
 

@@ -41,9 +41,12 @@ def test_opd_sft_schedule_by_hand(tmp_path):
     assert _lrs(10, 0.2, 0.1) == pytest.approx(expected, abs=1e-9)
     tok = build_toy_tokenizer()
     data = encode_dataset(tok, [m["messages"] for m in sft_messages(sample_problems(4, 0))], max_length=200)
-    logs = train_sft(build_tiny_model(tok, "tiny", seed=0), data,
-                     SFTConfig(lr=1e-3, steps=10, batch_size=2, warmup_ratio=0.2, log_every=1, progress=False),
-                     pad_token_id=tok.pad_token_id)
+    logs = train_sft(
+        build_tiny_model(tok, "tiny", seed=0),
+        data,
+        SFTConfig(lr=1e-3, steps=10, batch_size=2, warmup_ratio=0.2, log_every=1, progress=False),
+        pad_token_id=tok.pad_token_id,
+    )
     assert [r["lr"] / 1e-3 for r in logs[:-1]] == pytest.approx(expected[1:], abs=1e-9)
 
 
@@ -67,8 +70,9 @@ def test_demo_sft_settings_reproduce_the_old_schedule_exactly(total):
     opt = make_optimizer(torch.nn.Linear(2, 2), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01, decay_1d_params=False)
     sched = make_scheduler(opt, kind="cosine", total_steps=total, warmup_ratio=0.05, min_lr_ratio=0.1)
     warmup = int(0.05 * total)
-    assert [sched.lr_lambdas[0](s) for s in range(total)] == [_old_sft_factor(s, total, warmup, 0.1)
-                                                              for s in range(total)]
+    assert [sched.lr_lambdas[0](s) for s in range(total)] == [
+        _old_sft_factor(s, total, warmup, 0.1) for s in range(total)
+    ]
 
 
 def test_param_groups_of_both_tools():

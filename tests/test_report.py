@@ -16,15 +16,32 @@ def _run(tmp_path, with_profiles=True):
     run.mkdir()
     rows = [{"step": 0, "val/toy_add/mean@1": 0.2, "val/mean@1": 0.2}]
     for s in range(1, 6):
-        rows.append({"step": s, "opd/overlap_ratio": 0.3 + 0.1 * s, "opd/top1_agreement": 0.9,
-                     "opd/reverse_kl": 1.0 / s, "train/true_reward": 0.1 * s, "actor/loss": None if s == 3 else -s,
-                     "opd/pos/0-255/overlap_ratio": 0.5, "opd/pos/256+/overlap_ratio": 0.4,
-                     "opd/pos/0-255/reverse_kl": 0.2})
+        rows.append(
+            {
+                "step": s,
+                "opd/overlap_ratio": 0.3 + 0.1 * s,
+                "opd/top1_agreement": 0.9,
+                "opd/reverse_kl": 1.0 / s,
+                "train/true_reward": 0.1 * s,
+                "actor/loss": None if s == 3 else -s,
+                "opd/pos/0-255/overlap_ratio": 0.5,
+                "opd/pos/256+/overlap_ratio": 0.4,
+                "opd/pos/0-255/reverse_kl": 0.2,
+            }
+        )
     rows.append({"step": 5, "val/toy_add/mean@1": 0.6, "val/mean@1": 0.6})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if with_profiles:
-        profs = [{"step": s, "position": [0.0, 1.0, 2.0], "tokens": [4.0, 4.0, 2.0],
-                  "overlap_ratio": [0.1 * s, float("nan"), 0.3], "reverse_kl": [1.0, 0.5, 0.2]} for s in (1, 5)]
+        profs = [
+            {
+                "step": s,
+                "position": [0.0, 1.0, 2.0],
+                "tokens": [4.0, 4.0, 2.0],
+                "overlap_ratio": [0.1 * s, float("nan"), 0.3],
+                "reverse_kl": [1.0, 0.5, 0.2],
+            }
+            for s in (1, 5)
+        ]
         (run / "profiles.jsonl").write_text("".join(json.dumps(p) + "\n" for p in profs))
     return run
 
@@ -44,11 +61,24 @@ def test_report_files_and_summary_match_metrics(tmp_path):
     for img in re.findall(r"\]\(([^)]+\.png)\)", text):
         assert (out / img).stat().st_size > 1000
     names = {p.name for p in out.glob("*.png")}
-    assert {"headline.png", "profiles.png", "scalars_opd.png", "scalars_pos.png", "scalars_actor.png",
-            "scalars_train.png", "scalars_val.png"} <= names
+    assert {
+        "headline.png",
+        "profiles.png",
+        "scalars_opd.png",
+        "scalars_pos.png",
+        "scalars_actor.png",
+        "scalars_train.png",
+        "scalars_val.png",
+    } <= names
     summary = json.loads((out / "report_summary.json").read_text())
-    assert summary["val/toy_add/mean@1"] == {"first_step": 0, "first": 0.2, "last_step": 5, "last": 0.6, "min": 0.2,
-                                              "max": 0.6}
+    assert summary["val/toy_add/mean@1"] == {
+        "first_step": 0,
+        "first": 0.2,
+        "last_step": 5,
+        "last": 0.6,
+        "min": 0.2,
+        "max": 0.6,
+    }
     assert summary["opd/overlap_ratio"]["first"] == pytest.approx(0.4)
     assert summary["opd/overlap_ratio"]["last"] == pytest.approx(0.8)
     assert summary["actor/loss"]["min"] == -5 and summary["actor/loss"]["max"] == -1  # the null step is skipped

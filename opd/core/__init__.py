@@ -13,7 +13,7 @@ from opd.core.advantages import ADV_ESTIMATORS, compute_advantages, register_est
 from opd.core.config import OPDConfig
 from opd.core.full_vocab import full_vocab_pg_loss_NT, full_vocab_reverse_kl
 from opd.core.logits import logit_stats, logprobs_at
-from opd.core.loss import POLICY_LOSSES, BatchTotals, agg_loss, apply_format_mask, kl_loss, kl_to_reference, policy_loss
+from opd.core.loss import POLICY_LOSSES, agg_loss, apply_format_mask, kl_loss, kl_to_reference, policy_loss
 from opd.core.metrics import dynamics_metrics, per_position_profile
 from opd.core.rewards import WEIGHT_MODES, candidate_rewards, compute_rewards, sampled_token_rewards
 from opd.core.step import *  # noqa: F403 (the step API: its __all__)

@@ -1,5 +1,5 @@
-"""Advantage estimators (docs/algorithm.md §4): turn per-token teacher rewards and/or rule rewards into the advantages the
-update multiplies with log-prob gradients.
+"""Advantage estimators (docs/algorithm.md §4): turn per-token teacher rewards and/or rule rewards into the
+advantages the update multiplies with log-prob gradients.
 
 Every estimator has one signature,
 
@@ -61,8 +61,15 @@ class AdvantageEstimator:
 ADV_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
 
 
-def register_estimator(name: str, *, needs_token_rewards: bool, needs_outcome_scores: bool, needs_group_index: bool,
-                       supports: tuple[str, ...] = ("sampled", "topk"), sampled_slot: bool = False):
+def register_estimator(
+    name: str,
+    *,
+    needs_token_rewards: bool,
+    needs_outcome_scores: bool,
+    needs_group_index: bool,
+    supports: tuple[str, ...] = ("sampled", "topk"),
+    sampled_slot: bool = False,
+):
     """Decorator: register `fn` under `name` (a duplicate name raises). The full vocabulary (top_k = -1) has no
     per-slot advantage, so only the built-ins that `full_vocab_outcome_advantages` knows list "full"."""
     unknown = set(supports) - SUPPORTS
@@ -70,8 +77,9 @@ def register_estimator(name: str, *, needs_token_rewards: bool, needs_outcome_sc
         raise ValueError(f"estimator {name!r}: unknown supports {sorted(unknown)}; valid: {sorted(SUPPORTS)}")
 
     def deco(fn):
-        est = AdvantageEstimator(fn, needs_token_rewards, needs_outcome_scores, needs_group_index,
-                                 frozenset(supports), sampled_slot)
+        est = AdvantageEstimator(
+            fn, needs_token_rewards, needs_outcome_scores, needs_group_index, frozenset(supports), sampled_slot
+        )
         ADV_ESTIMATORS.register(name)(est)
         return fn
 
@@ -131,11 +139,17 @@ def full_vocab_outcome_advantages(
     if cfg.adv_estimator == "token_reward_direct":
         return None
     if cfg.adv_estimator != "token_reward_direct_plus_grpo":
-        raise ValueError(f"advantage estimator {cfg.adv_estimator!r} does not combine with the full vocabulary "
-                         "(top_k = -1); allowed: token_reward_direct, token_reward_direct_plus_grpo")
-    outcome = compute_advantages(replace(cfg, adv_estimator="grpo", top_k=0), token_rewards=None,
-                                 response_mask_NT=response_mask_NT, group_index_N=group_index_N,
-                                 outcome_scores_N=outcome_scores_N)
+        raise ValueError(
+            f"advantage estimator {cfg.adv_estimator!r} does not combine with the full vocabulary "
+            "(top_k = -1); allowed: token_reward_direct, token_reward_direct_plus_grpo"
+        )
+    outcome = compute_advantages(
+        replace(cfg, adv_estimator="grpo", top_k=0),
+        token_rewards=None,
+        response_mask_NT=response_mask_NT,
+        group_index_N=group_index_N,
+        outcome_scores_N=outcome_scores_N,
+    )
     return cfg.grpo_outcome_weight * outcome
 
 
@@ -186,15 +200,26 @@ def grpo_outcome_advantage_N(outcome_scores_N: torch.Tensor, group_index_N: torc
     return _group_normalise(scores, torch.ones_like(scores), gid, G, by_std)
 
 
-@register_estimator("token_reward_direct", needs_token_rewards=True, needs_outcome_scores=False,
-                    needs_group_index=False, supports=("sampled", "topk", "full"))
+@register_estimator(
+    "token_reward_direct",
+    needs_token_rewards=True,
+    needs_outcome_scores=False,
+    needs_group_index=False,
+    supports=("sampled", "topk", "full"),
+)
 def token_reward_direct(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg):
     """The teacher reward is the advantage: no baseline, no whitening, no discount."""
     return token_rewards * _mask_like(response_mask_NT, token_rewards)
 
 
-@register_estimator("token_reward_direct_plus_grpo", needs_token_rewards=True, needs_outcome_scores=True,
-                    needs_group_index=True, supports=("sampled", "topk", "full"), sampled_slot=True)
+@register_estimator(
+    "token_reward_direct_plus_grpo",
+    needs_token_rewards=True,
+    needs_outcome_scores=True,
+    needs_group_index=True,
+    supports=("sampled", "topk", "full"),
+    sampled_slot=True,
+)
 def token_reward_direct_plus_grpo(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg):
     """Direct OPD advantage + w * GRPO outcome advantage on the sampled token ([N,T,C] -> [N,T,C+1], see module doc)."""
     direct = token_rewards * _mask_like(response_mask_NT, token_rewards)
@@ -210,8 +235,9 @@ def token_reward_direct_plus_grpo(*, token_rewards, response_mask_NT, group_inde
     return torch.cat([direct, outcome_NT.unsqueeze(-1)], dim=-1)
 
 
-@register_estimator("token_grpo", needs_token_rewards=True, needs_outcome_scores=False, needs_group_index=True,
-                    supports=("sampled",))
+@register_estimator(
+    "token_grpo", needs_token_rewards=True, needs_outcome_scores=False, needs_group_index=True, supports=("sampled",)
+)
 def token_grpo(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg):
     """Group-normalise every valid token reward of a prompt's rollouts, then reward-to-go (reverse cumsum over t)."""
     if token_rewards.dim() != 2:
@@ -223,8 +249,9 @@ def token_grpo(*, token_rewards, response_mask_NT, group_index_N, outcome_scores
     return to_go * mask
 
 
-@register_estimator("grpo", needs_token_rewards=False, needs_outcome_scores=True, needs_group_index=True,
-                    supports=("sampled",))
+@register_estimator(
+    "grpo", needs_token_rewards=False, needs_outcome_scores=True, needs_group_index=True, supports=("sampled",)
+)
 def grpo(*, token_rewards, response_mask_NT, group_index_N, outcome_scores_N, cfg):
     """Outcome GRPO: the rollout's group-relative rule reward on every valid token ([N, T])."""
     adv_N = grpo_outcome_advantage_N(outcome_scores_N, group_index_N, cfg.norm_adv_by_std)

@@ -11,8 +11,11 @@ from dataclasses import asdict, dataclass, fields
 from opd.core.logits import DEFAULT_CHUNK_SIZE
 
 FULL_VOCAB = -1  # LOG_PROB_TOP_K=-1: exact reverse KL over the whole vocabulary
-SUPPORT_TOP_K = {"sampled": "top_k=0 (the sampled token)", "topk": "top_k > 0 (a top-k support)",
-                 "full": "top_k=-1 (the full vocabulary)"}
+SUPPORT_TOP_K = {
+    "sampled": "top_k=0 (the sampled token)",
+    "topk": "top_k > 0 (a top-k support)",
+    "full": "top_k=-1 (the full vocabulary)",
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,9 @@ class OPDConfig:
         check_choice("kl_loss_type", KL_LOSS_TYPES)
         check_choice("teachability", TEACHABILITY_MODES)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < FULL_VOCAB:
-            raise ValueError(f"OPDConfig.top_k={self.top_k!r} is not valid; expected an int >= 0, or -1 for full vocabulary")
+            raise ValueError(
+                f"OPDConfig.top_k={self.top_k!r} is not valid; expected an int >= 0, or -1 for full vocabulary"
+            )
         for name in ("temperature", "teacher_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"OPDConfig.{name}={getattr(self, name)!r} is not valid; expected > 0")
@@ -96,15 +101,21 @@ class OPDConfig:
         if self.teachability != "off" and self.support != "topk":
             raise ValueError(f"OPDConfig.teachability={self.teachability!r} needs a top-k support (top_k > 0)")
         if self.support == "full" and self.reward_weight_mode not in FULL_VOCAB_WEIGHT_MODES:
-            raise ValueError(f"OPDConfig.reward_weight_mode={self.reward_weight_mode!r} has no full-vocabulary kernel "
-                             f"(top_k=-1); allowed there: {', '.join(FULL_VOCAB_WEIGHT_MODES)}")
+            raise ValueError(
+                f"OPDConfig.reward_weight_mode={self.reward_weight_mode!r} has no full-vocabulary kernel "
+                f"(top_k=-1); allowed there: {', '.join(FULL_VOCAB_WEIGHT_MODES)}"
+            )
         estimator = ADV_ESTIMATORS.get(self.adv_estimator)
         if not estimator.needs_token_rewards and self.top_k != 0:
-            raise ValueError(f"OPDConfig.adv_estimator={self.adv_estimator!r} uses no teacher, but LOG_PROB_TOP_K "
-                             f"(top_k)={self.top_k}; set it to 0")
+            raise ValueError(
+                f"OPDConfig.adv_estimator={self.adv_estimator!r} uses no teacher, but LOG_PROB_TOP_K "
+                f"(top_k)={self.top_k}; set it to 0"
+            )
         if self.support not in estimator.supports:
-            raise ValueError(f"OPDConfig.adv_estimator={self.adv_estimator!r} needs "
-                             f"{' or '.join(SUPPORT_TOP_K[kind] for kind in estimator.supports)}; got top_k={self.top_k}")
+            raise ValueError(
+                f"OPDConfig.adv_estimator={self.adv_estimator!r} needs "
+                f"{' or '.join(SUPPORT_TOP_K[kind] for kind in estimator.supports)}; got top_k={self.top_k}"
+            )
 
     @property
     def support(self) -> str:

@@ -21,7 +21,6 @@ import torch
 
 from opd.core.logits import DEFAULT_CHUNK_SIZE, RowChunks, _check_temperature, _float_chunk
 
-
 # The weightings this kernel implements in closed form over the vocabulary (a weight mode registered by a plugin
 # works on slot supports; over the full vocabulary it needs its own kernel here).
 FULL_VOCAB_WEIGHT_MODES = ("student_p", "teacher_p", "none")
@@ -88,8 +87,9 @@ class _FullVocabPG(torch.autograd.Function):
         s_chunks, t_chunks = RowChunks(student_NTV, chunk_size), RowChunks(teacher_NTV, chunk_size)
         loss_R = torch.empty(s_chunks.n_rows, dtype=torch.float32, device=student_NTV.device)
         for start, stop in s_chunks.ranges():
-            adv_RV, _ = _chunk_advantage(s_chunks.rows(start, stop), t_chunks.rows(start, stop), tau, teacher_tau,
-                                         weight_mode)
+            adv_RV, _ = _chunk_advantage(
+                s_chunks.rows(start, stop), t_chunks.rows(start, stop), tau, teacher_tau, weight_mode
+            )
             loss_R[start:stop] = -adv_RV.sum(-1)
         # References only: no copies. The teacher logits stay alive until backward (A is recomputed from them).
         ctx.save_for_backward(student_NTV, teacher_NTV)
@@ -106,8 +106,9 @@ class _FullVocabPG(torch.autograd.Function):
         grad_RV = grad_student_NTV.view(-1, s_chunks.vocab)
         grad_R = grad_R.to(torch.float32)
         for start, stop in s_chunks.ranges():
-            adv_RV, p_RV = _chunk_advantage(s_chunks.rows(start, stop), t_chunks.rows(start, stop), tau, teacher_tau,
-                                            weight_mode)
+            adv_RV, p_RV = _chunk_advantage(
+                s_chunks.rows(start, stop), t_chunks.rows(start, stop), tau, teacher_tau, weight_mode
+            )
             # dL/dx = -(A - p * sum A) / tau, times the incoming gradient of each row
             g_RV = p_RV.mul_(adv_RV.sum(-1, keepdim=True)).sub_(adv_RV)
             g_RV.mul_((grad_R[start:stop] / tau)[:, None])
@@ -131,11 +132,19 @@ def full_vocab_pg_loss_NT(
     gradient itself (in the student logits' dtype); the teacher logits are referenced until backward.
     """
     if weight_mode not in FULL_VOCAB_WEIGHT_MODES:
-        raise ValueError(f"weight_mode={weight_mode!r} is not valid for the full vocabulary; allowed: "
-                         f"{', '.join(FULL_VOCAB_WEIGHT_MODES)}")
+        raise ValueError(
+            f"weight_mode={weight_mode!r} is not valid for the full vocabulary; allowed: "
+            f"{', '.join(FULL_VOCAB_WEIGHT_MODES)}"
+        )
     _check_temperature(temperature)
     _check_temperature(teacher_temperature)
     _check_pair(student_logits_NTV, teacher_logits_NTV)
-    loss_R = _FullVocabPG.apply(student_logits_NTV, teacher_logits_NTV.detach(), float(temperature),
-                                float(teacher_temperature), weight_mode, int(chunk_size))
+    loss_R = _FullVocabPG.apply(
+        student_logits_NTV,
+        teacher_logits_NTV.detach(),
+        float(temperature),
+        float(teacher_temperature),
+        weight_mode,
+        int(chunk_size),
+    )
     return loss_R.reshape(student_logits_NTV.shape[:-1])

@@ -86,7 +86,7 @@ class RowChunks:
             return self._flat[start:stop]
         T = self._seq.shape[1]
         seqs = range(start // T, (stop - 1) // T + 1)
-        pieces = [self._seq[n, max(start - n * T, 0):min(stop - n * T, T)] for n in seqs]
+        pieces = [self._seq[n, max(start - n * T, 0) : min(stop - n * T, T)] for n in seqs]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 

@@ -58,7 +58,9 @@ class BatchTotals:
     total_seqs: float | None = None  # sequences with a valid token in the whole mini-batch (seq-mean-*)
 
 
-def agg_loss(values_NT: torch.Tensor, mask_NT: torch.Tensor, mode: str, totals: BatchTotals | None = None) -> torch.Tensor:
+def agg_loss(
+    values_NT: torch.Tensor, mask_NT: torch.Tensor, mode: str, totals: BatchTotals | None = None
+) -> torch.Tensor:
     """Aggregate per-position loss values into a scalar (see module docstring for each mode)."""
     totals = totals or BatchTotals()
     norm_length, total_tokens, total_seqs = totals.norm_length, totals.total_tokens, totals.total_seqs

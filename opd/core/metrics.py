@@ -151,8 +151,9 @@ class DiagnosticInputs:
 
 
 @torch.no_grad()
-def dynamics_metrics(inputs: DiagnosticInputs, *, position_edges: Sequence[int] = DEFAULT_POSITION_EDGES,
-                     prefix: str = "opd/") -> dict[str, float]:
+def dynamics_metrics(
+    inputs: DiagnosticInputs, *, position_edges: Sequence[int] = DEFAULT_POSITION_EDGES, prefix: str = "opd/"
+) -> dict[str, float]:
     """The dynamics of one training batch (see the module docstring for the keys)."""
     edges = _check_edges(position_edges)
     mask = inputs.response_mask_NT > 0

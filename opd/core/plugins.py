@@ -34,8 +34,10 @@ def load_plugins() -> None:
             try:
                 ep.load()
             except Exception as err:  # a broken plugin must be loud: a silently missing name is worse
-                raise PluginError(f"entry point {ep.name!r} = {ep.value!r} (group {ENTRY_POINT_GROUP}) failed to "
-                                  f"import: {type(err).__name__}: {err}") from err
+                raise PluginError(
+                    f"entry point {ep.name!r} = {ep.value!r} (group {ENTRY_POINT_GROUP}) failed to "
+                    f"import: {type(err).__name__}: {err}"
+                ) from err
     for name in filter(None, (part.strip() for part in os.environ.get(ENV_VAR, "").split(","))):
         try:
             importlib.import_module(name)

@@ -94,42 +94,67 @@ def reads_width(cfg: OPDConfig, vocab_size: int) -> int:
 
 @torch.no_grad()
 def read_student(cfg: OPDConfig, logits_NTV: torch.Tensor, response_ids_NT: torch.Tensor) -> ModelStats:
-    stats = logit_stats(logits_NTV, k=reads_width(cfg, logits_NTV.shape[-1]), ids_NTJ=response_ids_NT[..., None],
-                        temperature=cfg.temperature, chunk_size=cfg.chunk_size)
-    return ModelStats(lp_NT=stats.lp_at_ids_NTJ[..., 0], entropy_NT=stats.entropy_NT,
-                      topk_ids_NTK=stats.topk_ids_NTK, topk_lp_NTK=stats.topk_lp_NTK)
+    stats = logit_stats(
+        logits_NTV,
+        k=reads_width(cfg, logits_NTV.shape[-1]),
+        ids_NTJ=response_ids_NT[..., None],
+        temperature=cfg.temperature,
+        chunk_size=cfg.chunk_size,
+    )
+    return ModelStats(
+        lp_NT=stats.lp_at_ids_NTJ[..., 0],
+        entropy_NT=stats.entropy_NT,
+        topk_ids_NTK=stats.topk_ids_NTK,
+        topk_lp_NTK=stats.topk_lp_NTK,
+    )
 
 
 @torch.no_grad()
-def read_teacher(cfg: OPDConfig, logits_NTV: torch.Tensor, response_ids_NT: torch.Tensor,
-                 student_topk_ids_NTK: torch.Tensor) -> ModelStats:
+def read_teacher(
+    cfg: OPDConfig, logits_NTV: torch.Tensor, response_ids_NT: torch.Tensor, student_topk_ids_NTK: torch.Tensor
+) -> ModelStats:
     """The teacher scores the student's exact ids: the sampled token and the student's top-k."""
     ids_NTJ = torch.cat([response_ids_NT[..., None], student_topk_ids_NTK], -1)
-    stats = logit_stats(logits_NTV, k=student_topk_ids_NTK.shape[-1], ids_NTJ=ids_NTJ,
-                        temperature=cfg.teacher_temperature, chunk_size=cfg.chunk_size)
-    return ModelStats(lp_NT=stats.lp_at_ids_NTJ[..., 0], entropy_NT=stats.entropy_NT,
-                      topk_ids_NTK=stats.topk_ids_NTK, topk_lp_NTK=stats.topk_lp_NTK,
-                      lp_at_other_NTK=stats.lp_at_ids_NTJ[..., 1:])
+    stats = logit_stats(
+        logits_NTV,
+        k=student_topk_ids_NTK.shape[-1],
+        ids_NTJ=ids_NTJ,
+        temperature=cfg.teacher_temperature,
+        chunk_size=cfg.chunk_size,
+    )
+    return ModelStats(
+        lp_NT=stats.lp_at_ids_NTJ[..., 0],
+        entropy_NT=stats.entropy_NT,
+        topk_ids_NTK=stats.topk_ids_NTK,
+        topk_lp_NTK=stats.topk_lp_NTK,
+        lp_at_other_NTK=stats.lp_at_ids_NTJ[..., 1:],
+    )
 
 
 @torch.no_grad()
-def read_student_at_teacher(cfg: OPDConfig, student_logits_NTV: torch.Tensor,
-                            teacher_topk_ids_NTK: torch.Tensor) -> torch.Tensor | None:
+def read_student_at_teacher(
+    cfg: OPDConfig, student_logits_NTV: torch.Tensor, teacher_topk_ids_NTK: torch.Tensor
+) -> torch.Tensor | None:
     """log p at the teacher's top-k ids, for strategies whose slots include them (only_tch, union, ...); else None."""
     if cfg.support != "topk" or not STRATEGIES.get(cfg.top_k_strategy).needs_student_lp_at_teacher:
         return None
-    return logprobs_at(student_logits_NTV, teacher_topk_ids_NTK, temperature=cfg.temperature,
-                       chunk_size=cfg.chunk_size)
+    return logprobs_at(student_logits_NTV, teacher_topk_ids_NTK, temperature=cfg.temperature, chunk_size=cfg.chunk_size)
 
 
 @torch.no_grad()
-def read_full_kl(cfg: OPDConfig, student_logits_NTV: torch.Tensor,
-                 teacher_logits_NTV: torch.Tensor) -> torch.Tensor | None:
+def read_full_kl(
+    cfg: OPDConfig, student_logits_NTV: torch.Tensor, teacher_logits_NTV: torch.Tensor
+) -> torch.Tensor | None:
     """The exact reverse KL per position when the support is the full vocabulary; else None (never needed)."""
     if cfg.support != "full":
         return None
-    return full_vocab_reverse_kl(student_logits_NTV, teacher_logits_NTV, temperature=cfg.temperature,
-                                 teacher_temperature=cfg.teacher_temperature, chunk_size=cfg.chunk_size)
+    return full_vocab_reverse_kl(
+        student_logits_NTV,
+        teacher_logits_NTV,
+        temperature=cfg.temperature,
+        teacher_temperature=cfg.teacher_temperature,
+        chunk_size=cfg.chunk_size,
+    )
 
 
 # --- 2. targets -------------------------------------------------------------------------------------------------
@@ -153,6 +178,7 @@ class Targets:
 
     def rows(self, start: int, stop: int, width: int) -> "Targets":
         """Rows start..stop, positions 0..width (a micro-batch); non-tensor fields are shared."""
+
         def cut(value):
             return value[start:stop, :width] if torch.is_tensor(value) else value
 
@@ -168,9 +194,16 @@ class Targets:
 
 
 @torch.no_grad()
-def build_targets(cfg: OPDConfig, reads: StepReads, *, response_ids_NT: torch.Tensor,
-                  response_mask_NT: torch.Tensor, group_index_N: torch.Tensor | None = None,
-                  outcome_scores_N: torch.Tensor | None = None, has_box_N: torch.Tensor | None = None) -> Targets:
+def build_targets(
+    cfg: OPDConfig,
+    reads: StepReads,
+    *,
+    response_ids_NT: torch.Tensor,
+    response_mask_NT: torch.Tensor,
+    group_index_N: torch.Tensor | None = None,
+    outcome_scores_N: torch.Tensor | None = None,
+    has_box_N: torch.Tensor | None = None,
+) -> Targets:
     """Support -> rewards -> advantages -> the update's targets, for the configured kind of support.
 
     `group_index_N` says which prompt each rollout answers, `outcome_scores_N` is its rule reward, `has_box_N`
@@ -189,21 +222,32 @@ def build_targets(cfg: OPDConfig, reads: StepReads, *, response_ids_NT: torch.Te
     match cfg.support:
         case "topk":
             support = build_support(
-                cfg.top_k_strategy, student_topk_ids_NTK=student.topk_ids_NTK,
-                teacher_topk_ids_NTK=teacher.topk_ids_NTK, student_lp_at_student_NTK=student.topk_lp_NTK,
-                teacher_lp_at_student_NTK=teacher.lp_at_other_NTK, student_lp_at_teacher_NTK=student.lp_at_other_NTK,
-                teacher_lp_at_teacher_NTK=teacher.topk_lp_NTK, tail_bucket=cfg.tail_bucket)
+                cfg.top_k_strategy,
+                student_topk_ids_NTK=student.topk_ids_NTK,
+                teacher_topk_ids_NTK=teacher.topk_ids_NTK,
+                student_lp_at_student_NTK=student.topk_lp_NTK,
+                teacher_lp_at_student_NTK=teacher.lp_at_other_NTK,
+                student_lp_at_teacher_NTK=student.lp_at_other_NTK,
+                teacher_lp_at_teacher_NTK=teacher.topk_lp_NTK,
+                tail_bucket=cfg.tail_bucket,
+            )
             rewards, teach_NT = gate_rewards(
-                compute_rewards(cfg, support), cfg, student_topk_ids_NTK=student.topk_ids_NTK,
-                teacher_topk_ids_NTK=teacher.topk_ids_NTK, student_topk_lp_NTK=student.topk_lp_NTK,
-                teacher_lp_at_student_NTK=teacher.lp_at_other_NTK)
+                compute_rewards(cfg, support),
+                cfg,
+                student_topk_ids_NTK=student.topk_ids_NTK,
+                teacher_topk_ids_NTK=teacher.topk_ids_NTK,
+                student_topk_lp_NTK=student.topk_lp_NTK,
+                teacher_lp_at_student_NTK=teacher.lp_at_other_NTK,
+            )
             adv = compute_advantages(cfg, token_rewards=rewards, **advantages)
             ids_NTC, valid_NTC, old_NTC = support.ids_NTC, support.valid_NTC, support.student_lp_NTC
             extra = ADV_ESTIMATORS.get(cfg.adv_estimator).sampled_slot
             expected = ids_NTC.shape[-1] + int(extra)
             if adv.shape != (*ids_NTC.shape[:2], expected):
-                raise ValueError(f"advantage estimator {cfg.adv_estimator!r} returned {tuple(adv.shape)}; expected "
-                                 f"{(*ids_NTC.shape[:2], expected)} on this {ids_NTC.shape[-1]}-slot support")
+                raise ValueError(
+                    f"advantage estimator {cfg.adv_estimator!r} returned {tuple(adv.shape)}; expected "
+                    f"{(*ids_NTC.shape[:2], expected)} on this {ids_NTC.shape[-1]}-slot support"
+                )
             if extra:  # the outcome advantage acts on the sampled token, an extra last slot
                 ids_NTC, valid_NTC = with_sampled_slot(ids_NTC, valid_NTC, response_ids_NT, mask_NT)
                 old_NTC = torch.cat([old_NTC, student.lp_NT[..., None]], -1)
@@ -220,9 +264,18 @@ def build_targets(cfg: OPDConfig, reads: StepReads, *, response_ids_NT: torch.Te
             ids_NTC, valid_NTC, old_NTC = support.ids_NTC, support.valid_NTC, support.student_lp_NTC
         case other:
             raise ValueError(f"unknown support kind {other!r}")
-    return Targets(ids_NTC=ids_NTC, valid_NTC=valid_NTC & (mask_NT[..., None] > 0), old_lp_NTC=old_NTC,
-                   adv_NTC=adv, response_mask_NT=mask_NT, support=support, has_tail=support.has_tail,
-                   extra_sampled_slot=extra, full_vocab=cfg.support == "full", teachability_NT=teach_NT)
+    return Targets(
+        ids_NTC=ids_NTC,
+        valid_NTC=valid_NTC & (mask_NT[..., None] > 0),
+        old_lp_NTC=old_NTC,
+        adv_NTC=adv,
+        response_mask_NT=mask_NT,
+        support=support,
+        has_tail=support.has_tail,
+        extra_sampled_slot=extra,
+        full_vocab=cfg.support == "full",
+        teachability_NT=teach_NT,
+    )
 
 
 # --- 3. loss ----------------------------------------------------------------------------------------------------
@@ -231,11 +284,24 @@ def build_targets(cfg: OPDConfig, reads: StepReads, *, response_ids_NT: torch.Te
 def target_logprobs(cfg: OPDConfig, logits_NTV: torch.Tensor, targets: Targets) -> torch.Tensor:
     """A model's log-probs at the target slots, [n, T, C], differentiable (full-vocabulary normalised)."""
     n_support = targets.ids_NTC.shape[-1] - int(targets.extra_sampled_slot)
-    lp = slot_logprobs(logits_NTV, targets.ids_NTC[..., :n_support], targets.valid_NTC[..., :n_support],
-                       has_tail=targets.has_tail, temperature=cfg.temperature, chunk_size=cfg.chunk_size)
+    lp = slot_logprobs(
+        logits_NTV,
+        targets.ids_NTC[..., :n_support],
+        targets.valid_NTC[..., :n_support],
+        has_tail=targets.has_tail,
+        temperature=cfg.temperature,
+        chunk_size=cfg.chunk_size,
+    )
     if targets.extra_sampled_slot:
-        lp = torch.cat([lp, logprobs_at(logits_NTV, targets.ids_NTC[..., n_support:], temperature=cfg.temperature,
-                                        chunk_size=cfg.chunk_size)], -1)
+        lp = torch.cat(
+            [
+                lp,
+                logprobs_at(
+                    logits_NTV, targets.ids_NTC[..., n_support:], temperature=cfg.temperature, chunk_size=cfg.chunk_size
+                ),
+            ],
+            -1,
+        )
     return lp
 
 
@@ -243,13 +309,20 @@ def loss_totals(targets: Targets, norm_length: int) -> BatchTotals:
     """The whole batch's token / sequence counts: pass them to every micro-batch's `step_loss` so that the summed
     micro-batch losses equal the full-batch loss (micro-batching never changes the gradient)."""
     mask = targets.response_mask_NT
-    return BatchTotals(norm_length=float(norm_length), total_tokens=float(mask.sum()),
-                       total_seqs=float((mask.sum(-1) > 0).sum()))
+    return BatchTotals(
+        norm_length=float(norm_length), total_tokens=float(mask.sum()), total_seqs=float((mask.sum(-1) > 0).sum())
+    )
 
 
-def step_loss(cfg: OPDConfig, targets: Targets, logits_NTV: torch.Tensor | None, *, totals: BatchTotals,
-              teacher_logits_NTV: torch.Tensor | None = None,
-              lp_NTC: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def step_loss(
+    cfg: OPDConfig,
+    targets: Targets,
+    logits_NTV: torch.Tensor | None,
+    *,
+    totals: BatchTotals,
+    teacher_logits_NTV: torch.Tensor | None = None,
+    lp_NTC: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The update's loss on (a micro-batch of) the targets: policy + full-vocabulary + kl_coef * KL terms.
 
     `logits_NTV` are the student's logits with gradient; `teacher_logits_NTV` (no grad) only for the full vocabulary.
@@ -272,9 +345,14 @@ def step_loss(cfg: OPDConfig, targets: Targets, logits_NTV: torch.Tensor | None,
     if targets.full_vocab:
         if teacher_logits_NTV is None or logits_NTV is None:
             raise ValueError("the full-vocabulary loss (top_k=-1) needs the student's and the teacher's logits")
-        per_pos = full_vocab_pg_loss_NT(logits_NTV, teacher_logits_NTV, cfg.reward_weight_mode,
-                                        temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
-                                        chunk_size=cfg.chunk_size)
+        per_pos = full_vocab_pg_loss_NT(
+            logits_NTV,
+            teacher_logits_NTV,
+            cfg.reward_weight_mode,
+            temperature=cfg.temperature,
+            teacher_temperature=cfg.teacher_temperature,
+            chunk_size=cfg.chunk_size,
+        )
         full = agg_loss(per_pos, mask, cfg.loss_agg_mode, totals)
         loss = loss + full
         metrics["actor/full_vocab_loss"] = float(full.detach())
@@ -321,15 +399,25 @@ def _diagnostics_inputs(reads: StepReads, response_mask_NT: torch.Tensor, target
         teacher = LogitStats(t.topk_ids_NTK, t.topk_lp_NTK, None, t.entropy_NT)
         reverse_kl = reads.full_kl_NT if reads.full_kl_NT is not None else -sampled_token_rewards(s.lp_NT, t.lp_NT)
     with_targets = targets is not None
-    return DiagnosticInputs(response_mask_NT=response_mask_NT, student=student, teacher=teacher,
-                            support=targets.support if with_targets and teacher is not None else None,
-                            advantages=targets.support_advantages() if with_targets else None,
-                            reverse_kl_NT=reverse_kl)
+    return DiagnosticInputs(
+        response_mask_NT=response_mask_NT,
+        student=student,
+        teacher=teacher,
+        support=targets.support if with_targets and teacher is not None else None,
+        advantages=targets.support_advantages() if with_targets else None,
+        reverse_kl_NT=reverse_kl,
+    )
 
 
 @torch.no_grad()
-def step_diagnostics(reads: StepReads, response_mask_NT: torch.Tensor, targets: Targets | None = None, *,
-                     position_edges=DEFAULT_POSITION_EDGES, prefix: str = "opd/") -> dict[str, float]:
+def step_diagnostics(
+    reads: StepReads,
+    response_mask_NT: torch.Tensor,
+    targets: Targets | None = None,
+    *,
+    position_edges=DEFAULT_POSITION_EDGES,
+    prefix: str = "opd/",
+) -> dict[str, float]:
     """The step's dynamics metrics (`opd.core.metrics.dynamics_metrics` keys) plus the mean teachability weight.
 
     Without `targets` (a pre-flight check that builds none) the advantage and candidate keys are left out."""
@@ -342,7 +430,8 @@ def step_diagnostics(reads: StepReads, response_mask_NT: torch.Tensor, targets: 
 
 
 @torch.no_grad()
-def step_profile(reads: StepReads, response_mask_NT: torch.Tensor, targets: Targets | None = None, *,
-                 bin_size: int = 1) -> dict[str, list[float]]:
+def step_profile(
+    reads: StepReads, response_mask_NT: torch.Tensor, targets: Targets | None = None, *, bin_size: int = 1
+) -> dict[str, list[float]]:
     """The same statistics per position (binned), for the report's "vs position" plots."""
     return per_position_profile(_diagnostics_inputs(reads, response_mask_NT, targets), bin_size=bin_size)

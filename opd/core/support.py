@@ -65,8 +65,12 @@ def tail_logprob(lp_NTC: torch.Tensor, valid_NTC: torch.Tensor) -> torch.Tensor:
     return torch.log1p(-covered_NT.clamp(max=1.0 - TAIL_MIN_MASS)).to(lp_NTC.dtype)
 
 
-LP_INPUTS = ("student_lp_at_student_NTK", "teacher_lp_at_student_NTK", "student_lp_at_teacher_NTK",
-             "teacher_lp_at_teacher_NTK")
+LP_INPUTS = (
+    "student_lp_at_student_NTK",
+    "teacher_lp_at_student_NTK",
+    "student_lp_at_teacher_NTK",
+    "teacher_lp_at_teacher_NTK",
+)
 
 
 @dataclass(frozen=True)
@@ -123,8 +127,14 @@ def _intersection(s, t, s_in_t, t_in_s, slp_s, tlp_s, slp_t, tlp_t):
 
 def _two_halves(s, t, s_in_t, t_in_s, slp_s, tlp_s, slp_t, tlp_t, valid_s, valid_t):
     cat = lambda a, b: torch.cat([a, b], dim=-1)  # noqa: E731
-    return (cat(s, t), cat(valid_s, valid_t), cat(slp_s, slp_t), cat(tlp_s, tlp_t),
-            cat(torch.ones_like(s_in_t), t_in_s), cat(s_in_t, torch.ones_like(t_in_s)))
+    return (
+        cat(s, t),
+        cat(valid_s, valid_t),
+        cat(slp_s, slp_t),
+        cat(tlp_s, tlp_t),
+        cat(torch.ones_like(s_in_t), t_in_s),
+        cat(s_in_t, torch.ones_like(t_in_s)),
+    )
 
 
 @_register("union", _ON_STUDENT_IDS + _ON_TEACHER_IDS, slots_per_k=2)
@@ -159,8 +169,17 @@ def build_support(
     s, t = student_topk_ids_NTK, teacher_topk_ids_NTK
     if s.shape != t.shape:
         raise ValueError(f"student_topk_ids_NTK {tuple(s.shape)} and teacher_topk_ids_NTK {tuple(t.shape)} differ")
-    given = dict(zip(LP_INPUTS, (student_lp_at_student_NTK, teacher_lp_at_student_NTK, student_lp_at_teacher_NTK,
-                                 teacher_lp_at_teacher_NTK)))
+    given = dict(
+        zip(
+            LP_INPUTS,
+            (
+                student_lp_at_student_NTK,
+                teacher_lp_at_student_NTK,
+                student_lp_at_teacher_NTK,
+                teacher_lp_at_teacher_NTK,
+            ),
+        )
+    )
     for name, tensor in given.items():
         if tensor is None:
             if name in spec.inputs:
@@ -173,17 +192,28 @@ def build_support(
     ids, valid, slp, tlp, in_s, in_t = spec.build(s, t, s_in_t, t_in_s, *(given[n].float() for n in LP_INPUTS))
     if tail_bucket:
         ids, valid, slp, tlp, in_s, in_t = _append_tail(ids, valid, slp, tlp, in_s, in_t)
-    return Support(ids_NTC=ids, valid_NTC=valid, student_lp_NTC=slp, teacher_lp_NTC=tlp,
-                   in_student_topk_NTC=in_s, in_teacher_topk_NTC=in_t, has_tail=tail_bucket)
+    return Support(
+        ids_NTC=ids,
+        valid_NTC=valid,
+        student_lp_NTC=slp,
+        teacher_lp_NTC=tlp,
+        in_student_topk_NTC=in_s,
+        in_teacher_topk_NTC=in_t,
+        has_tail=tail_bucket,
+    )
 
 
 def _append_tail(ids, valid, slp, tlp, in_s, in_t):
     """One more slot holding the mass outside the valid slots; always valid (its mass is 1 when C_t is empty)."""
     one = lambda x, value: torch.full((*x.shape[:-1], 1), value, dtype=x.dtype, device=x.device)  # noqa: E731
-    return (torch.cat([ids, one(ids, TAIL_ID)], -1), torch.cat([valid, one(valid, True)], -1),
-            torch.cat([slp, tail_logprob(slp, valid)[..., None]], -1),
-            torch.cat([tlp, tail_logprob(tlp, valid)[..., None]], -1),
-            torch.cat([in_s, one(in_s, False)], -1), torch.cat([in_t, one(in_t, False)], -1))
+    return (
+        torch.cat([ids, one(ids, TAIL_ID)], -1),
+        torch.cat([valid, one(valid, True)], -1),
+        torch.cat([slp, tail_logprob(slp, valid)[..., None]], -1),
+        torch.cat([tlp, tail_logprob(tlp, valid)[..., None]], -1),
+        torch.cat([in_s, one(in_s, False)], -1),
+        torch.cat([in_t, one(in_t, False)], -1),
+    )
 
 
 def sampled_token_support(
@@ -199,9 +229,14 @@ def sampled_token_support(
             f"{tuple(student_lp_NT.shape)}, teacher lp {tuple(teacher_lp_NT.shape)}"
         )
     ones = torch.ones((*token_ids_NT.shape, 1), dtype=torch.bool, device=token_ids_NT.device)
-    return Support(ids_NTC=token_ids_NT[..., None].long(), valid_NTC=ones,
-                   student_lp_NTC=student_lp_NT[..., None].float(), teacher_lp_NTC=teacher_lp_NT[..., None].float(),
-                   in_student_topk_NTC=ones, in_teacher_topk_NTC=ones.clone())
+    return Support(
+        ids_NTC=token_ids_NT[..., None].long(),
+        valid_NTC=ones,
+        student_lp_NTC=student_lp_NT[..., None].float(),
+        teacher_lp_NTC=teacher_lp_NT[..., None].float(),
+        in_student_topk_NTC=ones,
+        in_teacher_topk_NTC=ones.clone(),
+    )
 
 
 def slot_logprobs(
@@ -224,4 +259,3 @@ def slot_logprobs(
     lp_NTK = logprobs_at(logits_NTV, ids_NTC[..., :-1], temperature=temperature, chunk_size=chunk_size)
     tail_NT = tail_logprob(lp_NTK, valid_NTC[..., :-1])
     return torch.cat([lp_NTK, tail_NT[..., None]], dim=-1)
-

@@ -1,9 +1,10 @@
 """Per-position teachability: reduce the OPD signal where student and teacher barely share their top-k.
 
-Why: successful OPD aligns the two models on their shared high-probability tokens (docs/algorithm.md §7; the shared top-k set
-usually holds 97-99% of both models' mass). Where the overlap S_t ∩ T_t holds little mass, the teacher's log-ratio
-on the student's candidates says little about what the teacher would do, so its reward is mostly noise. Optional
-(OPDConfig.teachability, default "off"); `gate_rewards` multiplies the rewards [N, T, C] by the weight [N, T, 1].
+Why: successful OPD aligns the two models on their shared high-probability tokens (docs/algorithm.md §7; the shared
+top-k set usually holds 97-99% of both models' mass). Where the overlap S_t ∩ T_t holds little mass, the teacher's
+log-ratio on the student's candidates says little about what the teacher would do, so its reward is mostly noise.
+Optional (OPDConfig.teachability, default "off"); `gate_rewards` multiplies the rewards [N, T, C] by the weight [N, T,
+1].
 
 Shared mass (our choice, documented): min(P, Q) with P = sum of p over S_t ∩ T_t and Q = sum of q over the same
 set. A position is teachable only when BOTH models put enough mass on the shared tokens: a low Q means the teacher
@@ -13,9 +14,9 @@ rank; either way the overlap is a poor basis for the reward.
 
 from __future__ import annotations
 
-import torch
-
 from typing import TYPE_CHECKING
+
+import torch
 
 from opd.core.support import topk_membership
 

@@ -69,8 +69,9 @@ class DedupResult:
 
 def embed(texts: list[str], model, batch_size: int = 64, progress: bool = True) -> np.ndarray:
     """L2-normalised float32 embeddings [n, d]."""
-    vecs = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                        show_progress_bar=progress)
+    vecs = model.encode(
+        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress
+    )
     return np.ascontiguousarray(vecs, dtype=np.float32)
 
 
@@ -115,8 +116,14 @@ def dedup(
         sem = [(i, int(nn[r, 0]), float(scores[r, 0])) for r, i in enumerate(rest) if scores[r, 0] >= threshold]
     removed = exact_rows | {i for i, _, _ in sem}
     kept = [i for i in range(len(source_keys)) if i not in removed]
-    stats = {"source": len(source_keys), "against": len(against_keys), "exact_duplicates": len(exact),
-             "semantic_duplicates": len(sem), "kept": len(kept), "threshold": threshold}
+    stats = {
+        "source": len(source_keys),
+        "against": len(against_keys),
+        "exact_duplicates": len(exact),
+        "semantic_duplicates": len(sem),
+        "kept": len(kept),
+        "threshold": threshold,
+    }
     return DedupResult(kept, exact, sem, stats)
 
 
@@ -133,8 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="cosine for a semantic duplicate (0.6)")
     p.add_argument("--model", help="local sentence-transformers folder (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--exact-only", action="store_true", help="skip the semantic stage")
-    p.add_argument("--template", action="append", default=[],
-                   help="extra template file to strip (built-in templates are always stripped); repeatable")
+    p.add_argument(
+        "--template",
+        action="append",
+        default=[],
+        help="extra template file to strip (built-in templates are always stripped); repeatable",
+    )
     p.add_argument("--device", default="auto", help="embedding device: auto (cuda if available), cpu, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=64, help="embedding batch size")
     p.add_argument("--show-pairs", type=int, default=5, help="sample pairs printed per stage")
@@ -158,19 +169,38 @@ def main(argv: list[str] | None = None) -> int:
         src_keys = [question_key(r, templates) for r in src]
         against_keys = [question_key(r, templates) for r in against]
         embedder = None if args.exact_only else load_embedder(args.model, args.device)
-        res = dedup(src_keys, against_keys, threshold=args.threshold, semantic=not args.exact_only,
-                    embedder=embedder, batch_size=args.batch_size, progress=not args.no_progress)
+        res = dedup(
+            src_keys,
+            against_keys,
+            threshold=args.threshold,
+            semantic=not args.exact_only,
+            embedder=embedder,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
         if not res.kept:
-            print("opd data dedup: warning: every source question is a duplicate; writing an empty parquet",
-                  file=sys.stderr)
+            print(
+                "opd data dedup: warning: every source question is a duplicate; writing an empty parquet",
+                file=sys.stderr,
+            )
         kept_rows = [src[i] for i in res.kept]
         write_rl_parquet(kept_rows, args.output)
         if args.report:
-            atomic_write_text(args.report, json.dumps({
-                **res.stats,
-                "exact": [{"source": src_keys[i], "against": against_keys[j]} for i, j in res.exact],
-                "semantic": [{"source": src_keys[i], "against": against_keys[j], "cosine": c} for i, j, c in res.semantic],
-            }, indent=1, ensure_ascii=False) + "\n")
+            atomic_write_text(
+                args.report,
+                json.dumps(
+                    {
+                        **res.stats,
+                        "exact": [{"source": src_keys[i], "against": against_keys[j]} for i, j in res.exact],
+                        "semantic": [
+                            {"source": src_keys[i], "against": against_keys[j], "cosine": c} for i, j, c in res.semantic
+                        ],
+                    },
+                    indent=1,
+                    ensure_ascii=False,
+                )
+                + "\n",
+            )
     except (DataError, ValueError) as e:
         print(f"opd data dedup: error: {e}", file=sys.stderr)
         return 1

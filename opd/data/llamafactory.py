@@ -33,8 +33,13 @@ def dataset_entry(file_name: str) -> dict:
         "file_name": file_name,
         "formatting": "sharegpt",
         "columns": {"messages": "messages"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-                 "system_tag": "system"},
+        "tags": {
+            "role_tag": "role",
+            "content_tag": "content",
+            "user_tag": "user",
+            "assistant_tag": "assistant",
+            "system_tag": "system",
+        },
     }
 
 
@@ -57,7 +62,10 @@ def check_rollouts(path: Path) -> int:
             for k, m in enumerate(turns):
                 want = "user" if k % 2 == 0 else "assistant"
                 if not isinstance(m, dict) or m.get("role") != want or not isinstance(m.get("content"), str):
-                    raise DataError(f"line {lineno}: turn {k} should be a {want} message with string content, got {m!r}"[:200], **where)
+                    raise DataError(
+                        f"line {lineno}: turn {k} should be a {want} message with string content, got {m!r}"[:200],
+                        **where,
+                    )
             if len(turns) % 2 or not turns[-1]["content"].strip():
                 raise DataError(f"line {lineno}: must end with a non-empty assistant message", **where)
             n += 1
@@ -146,9 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError) as e:
         print(f"opd data export-llamafactory: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({"dataset": name, "file": str(target), "examples": n,
-                      "dataset_info": str(Path(args.dataset_dir) / "dataset_info.json"),
-                      **({"yaml": args.yaml_out} if args.yaml_out else {})}, indent=2))
+    print(
+        json.dumps(
+            {
+                "dataset": name,
+                "file": str(target),
+                "examples": n,
+                "dataset_info": str(Path(args.dataset_dir) / "dataset_info.json"),
+                **({"yaml": args.yaml_out} if args.yaml_out else {}),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -22,18 +22,24 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator
-import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from opd.data.io import expand_inputs, iter_records
 from opd.data.schema import (
-    ANSWER_COLUMNS, PROBLEM_COLUMNS, DataError, cell_text, make_rl_row, resolve_problem_columns, write_rl_parquet,
+    ANSWER_COLUMNS,
+    PROBLEM_COLUMNS,
+    DataError,
+    cell_text,
+    make_rl_row,
+    resolve_problem_columns,
+    write_rl_parquet,
 )
 from opd.data.templates import apply_template, load_template, strip_template
 
@@ -83,7 +89,9 @@ def _convert_dapo(rec: dict, file: Path, row: int) -> Converted:
     if "prompt" not in rec:
         raise DataError("missing column", file=file, row=row, column="prompt")
     if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(m, dict) for m in prompt):
-        raise DataError(f"expected a list of chat messages, got {type(prompt).__name__}", file=file, row=row, column="prompt")
+        raise DataError(
+            f"expected a list of chat messages, got {type(prompt).__name__}", file=file, row=row, column="prompt"
+        )
     users = [m for m in prompt if m.get("role") == "user"]
     if not users or not isinstance(users[-1].get("content"), str):
         raise DataError("no user message with string content", file=file, row=row, column="prompt")
@@ -96,8 +104,12 @@ def _convert_dapo(rec: dict, file: Path, row: int) -> Converted:
     if "reward_model" not in rec:
         raise DataError("missing column", file=file, row=row, column="reward_model")
     if not isinstance(rm, dict) or "ground_truth" not in rm:
-        raise DataError(f"expected {{'ground_truth': ...}}, got {rm!r}"[:120], file=file, row=row, column="reward_model")
-    answer = _text({"reward_model.ground_truth": rm["ground_truth"]}, "reward_model.ground_truth", file, row, what="answer")
+        raise DataError(
+            f"expected {{'ground_truth': ...}}, got {rm!r}"[:120], file=file, row=row, column="reward_model"
+        )
+    answer = _text(
+        {"reward_model.ground_truth": rm["ground_truth"]}, "reward_model.ground_truth", file, row, what="answer"
+    )
     info = rec.get("extra_info") if isinstance(rec.get("extra_info"), dict) else {}
     extra = {"source_id": str(info["index"])} if info.get("index") is not None else {}
     return Converted(question, answer, extra, note)
@@ -117,7 +129,9 @@ def _convert_openthoughts(rec: dict, file: Path, row: int) -> Converted:
     conv = rec.get("conversations")
     if "conversations" not in rec:
         raise DataError("missing column", file=file, row=row, column="conversations")
-    if not isinstance(conv, (list, tuple)) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conv):
+    if not isinstance(conv, (list, tuple)) or not all(
+        isinstance(t, dict) and isinstance(t.get("value"), str) for t in conv
+    ):
         raise DataError("expected a list of {from, value} turns", file=file, row=row, column="conversations")
     human = [t["value"] for t in conv if t.get("from") in ("human", "user")]
     gpt = [t["value"] for t in conv if t.get("from") in ("gpt", "assistant")]
@@ -133,8 +147,9 @@ def _convert_benchmark(rec: dict, file: Path, row: int) -> Converted:
     qcol, acol = resolve_problem_columns(rec)
     for col, kind, names in ((qcol, "question", PROBLEM_COLUMNS), (acol, "answer", ANSWER_COLUMNS)):
         if col is None:
-            raise DataError(f"no {kind} column; expected one of {list(names)} (any case), found {sorted(rec)}",
-                            file=file, row=row)
+            raise DataError(
+                f"no {kind} column; expected one of {list(names)} (any case), found {sorted(rec)}", file=file, row=row
+            )
     q = _text(rec, qcol, file, row, what="question")
     a = _text(rec, acol, file, row, what="answer")
     extra = _scalar_extras(rec, ("subject", "level"))
@@ -150,7 +165,12 @@ FORMATS: dict[str, Format] = {
     for f in (
         Format("dapo", "DAPO-Math-17k", ("prompt", "reward_model", "extra_info"), _convert_dapo),
         Format("deepmath", "DeepMath-103K", ("question", "final_answer", "difficulty", "topic"), _convert_deepmath),
-        Format("openthoughts", "OpenThoughts3-math", ("conversations", "domain", "source", "difficulty"), _convert_openthoughts),
+        Format(
+            "openthoughts",
+            "OpenThoughts3-math",
+            ("conversations", "domain", "source", "difficulty"),
+            _convert_openthoughts,
+        ),
         Format("benchmark", "", None, _convert_benchmark),
     )
 }
@@ -284,10 +304,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, help="input files or folders (parquet, JSON, JSONL)")
     p.add_argument("--output", required=True, help="output RL parquet (written atomically)")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="input layout (default: detect)")
-    p.add_argument("--template", default="boxed", help="dapo, boxed, none, or a text file with one {problem} (default boxed)")
+    p.add_argument(
+        "--template", default="boxed", help="dapo, boxed, none, or a text file with one {problem} (default boxed)"
+    )
     p.add_argument("--data-source", help="data_source value (default: the layout's dataset name, or the file stem)")
     p.add_argument("--split", default="train", help="extra_info.split value (default train)")
-    p.add_argument("--keep-repeats", action="store_true", help="keep repeated questions (DAPO-Math-17k repeats each ~100x)")
+    p.add_argument(
+        "--keep-repeats", action="store_true", help="keep repeated questions (DAPO-Math-17k repeats each ~100x)"
+    )
     p.add_argument("--limit", type=int, help="stop after this many kept rows")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -313,8 +337,19 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError) as e:
         print(f"opd data prepare: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({"output": args.output, "read": res.read, "kept": len(res.rows), "dropped": res.dropped,
-                      "notes": res.notes, "formats": res.formats}, indent=2))
+    print(
+        json.dumps(
+            {
+                "output": args.output,
+                "read": res.read,
+                "kept": len(res.rows),
+                "dropped": res.dropped,
+                "notes": res.notes,
+                "formats": res.formats,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -162,13 +162,16 @@ def run_worker(
                 open_slots = still_open
                 busy = {i for i, _ in open_slots}
                 for i in [i for i in batch if i not in busy]:
-                    _append(part, {
-                        "prompt_index": i,
-                        "responses": [accepted[i][s] for s in sorted(accepted[i])],
-                        "abandoned": abandoned[i],
-                        "attempts": sum(slot_tries[i, s] for s in range(settings.n)),
-                        "rejections": dict(rejections[i]),
-                    })
+                    _append(
+                        part,
+                        {
+                            "prompt_index": i,
+                            "responses": [accepted[i][s] for s in sorted(accepted[i])],
+                            "abandoned": abandoned[i],
+                            "attempts": sum(slot_tries[i, s] for s in range(settings.n)),
+                            "rejections": dict(rejections[i]),
+                        },
+                    )
                     del batch[i]
                     bar.update(1)
     finally:
@@ -223,7 +226,9 @@ def _check_run_file(pdir: Path, settings: RolloutSettings, fingerprint: str, ove
     if run_file.exists():
         have = json.loads(run_file.read_text(encoding="utf-8"))
         if have != want:
-            diff = {k: (have["settings"].get(k), v) for k, v in want["settings"].items() if have["settings"].get(k) != v}
+            diff = {
+                k: (have["settings"].get(k), v) for k, v in want["settings"].items() if have["settings"].get(k) != v
+            }
             if have.get("prompts_sha256") != fingerprint:
                 diff["input prompts"] = ("other file contents", "")
             raise ValueError(
@@ -260,12 +265,23 @@ def rollout(
     todo = [(i, row["prompt"]) for i, row in enumerate(rows) if i not in done]
     if todo:
         if generate_fn is not None:
-            run_worker(todo, generate_fn, settings, pdir / "worker-0.jsonl", batch_prompts=batch_prompts, progress=progress)
+            run_worker(
+                todo, generate_fn, settings, pdir / "worker-0.jsonl", batch_prompts=batch_prompts, progress=progress
+            )
         else:
             from opd.data import rollout_backends as rb
 
-            rb.run_backend(todo, settings, pdir, backend=backend, gpus=gpus, batch_prompts=batch_prompts,
-                           progress=progress, dtype=dtype, device=device)
+            rb.run_backend(
+                todo,
+                settings,
+                pdir,
+                backend=backend,
+                gpus=gpus,
+                batch_prompts=batch_prompts,
+                progress=progress,
+                dtype=dtype,
+                device=device,
+            )
         done = read_parts(pdir)
     done = {i: rec for i, rec in done.items() if i < len(rows)}  # an earlier run may have gone past --limit
     return merge(rows, done, settings, output, str(input_path))
@@ -286,19 +302,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-tokens", type=int, default=8192, help="max new tokens per response (paper: ~7k-12k)")
     think = p.add_mutually_exclusive_group()
-    think.add_argument("--enable-thinking", dest="enable_thinking", action="store_const", const=True,
-                       help="pass enable_thinking=True to the chat template (Qwen3-style models)")
-    think.add_argument("--disable-thinking", dest="enable_thinking", action="store_const", const=False,
-                       help="pass enable_thinking=False (default: the template's own default)")
-    p.add_argument("--enable-rejection-sampling", action="store_true",
-                   help="re-sample responses that break a validity rule (no \\boxed, repeated lines/windows/blocks)")
+    think.add_argument(
+        "--enable-thinking",
+        dest="enable_thinking",
+        action="store_const",
+        const=True,
+        help="pass enable_thinking=True to the chat template (Qwen3-style models)",
+    )
+    think.add_argument(
+        "--disable-thinking",
+        dest="enable_thinking",
+        action="store_const",
+        const=False,
+        help="pass enable_thinking=False (default: the template's own default)",
+    )
+    p.add_argument(
+        "--enable-rejection-sampling",
+        action="store_true",
+        help="re-sample responses that break a validity rule (no \\boxed, repeated lines/windows/blocks)",
+    )
     p.add_argument("--max-attempts-per-rollout", type=int, default=3, help="attempts per slot before abandoning it")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
-                   help="auto: vLLM if installed and a GPU is visible, else transformers")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "vllm", "transformers"],
+        default="auto",
+        help="auto: vLLM if installed and a GPU is visible, else transformers",
+    )
     p.add_argument("--gpus", help="comma-separated GPU ids, one vLLM worker each (default: CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on GPU, fp32 on CPU; vLLM: the model's), "
-                   "fp32, bf16, fp16 (float32, bfloat16, float16 are accepted too)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="model dtype: auto (bf16 on GPU, fp32 on CPU; vLLM: the model's), "
+        "fp32, bf16, fp16 (float32, bfloat16, float16 are accepted too)",
+    )
     p.add_argument("--device", default="auto", help="transformers backend: auto (GPU 0, else CPU), cpu, cuda, cuda:1")
     p.add_argument("--batch-prompts", type=int, default=64, help="prompts per generation round (vLLM: per request)")
     p.add_argument("--limit", type=int, help="only the first N prompts")
@@ -312,14 +349,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dtype = normalize_dtype(args.dtype)
         settings = RolloutSettings(
-            model=args.model, n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-            enable_thinking=args.enable_thinking, rejection_sampling=args.enable_rejection_sampling,
-            max_attempts=args.max_attempts_per_rollout, seed=args.seed,
+            model=args.model,
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_tokens=args.max_tokens,
+            enable_thinking=args.enable_thinking,
+            rejection_sampling=args.enable_rejection_sampling,
+            max_attempts=args.max_attempts_per_rollout,
+            seed=args.seed,
         )
         summary = rollout(
-            args.input, args.output, settings, backend=args.backend,
-            gpus=args.gpus.split(",") if args.gpus else None, batch_prompts=args.batch_prompts, limit=args.limit,
-            overwrite=args.overwrite, progress=not args.no_progress, dtype=dtype, device=args.device,
+            args.input,
+            args.output,
+            settings,
+            backend=args.backend,
+            gpus=args.gpus.split(",") if args.gpus else None,
+            batch_prompts=args.batch_prompts,
+            limit=args.limit,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            dtype=dtype,
+            device=args.device,
         )
     except (DataError, ValueError, RuntimeError) as e:
         print(f"opd rollout: error: {e}", file=sys.stderr)

@@ -36,21 +36,24 @@ def sampler_generate_fn(sampler, settings: RolloutSettings):
 
     def generate(prompts: list[list[dict]]) -> list[str]:
         ids = [render_prompt_ids(sampler.tokenizer, m, **settings.template_kwargs) for m in prompts]
-        outs = sampler.generate(ids, max_tokens=settings.max_tokens, temperature=settings.temperature,
-                                top_p=settings.top_p)
+        outs = sampler.generate(
+            ids, max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p
+        )
         return [out.text for out in outs]
 
     return generate
 
 
-def transformers_generate_fn(settings: RolloutSettings, dtype: str = "auto", batch_size: int = 64,
-                             device: str = "auto"):
+def transformers_generate_fn(
+    settings: RolloutSettings, dtype: str = "auto", batch_size: int = 64, device: str = "auto"
+):
     """A generate_fn sampling with opd.generation.sample on `device` (auto: GPU 0, else CPU); one random stream,
     seeded once with the rollout seed."""
     from opd.sampling import TransformersSampler
 
-    sampler = TransformersSampler.load(settings.model, device=device, dtype=dtype, seed=settings.seed,
-                                       batch_size=batch_size)
+    sampler = TransformersSampler.load(
+        settings.model, device=device, dtype=dtype, seed=settings.seed, batch_size=batch_size
+    )
     return sampler_generate_fn(sampler, settings)
 
 
@@ -74,8 +77,9 @@ def worker_gpus(requested: list[str] | None, visible: str | None) -> list[str]:
     return out
 
 
-def _vllm_worker(worker: int, gpu: str, prompts, settings: RolloutSettings, part: str, batch_prompts: int,
-                 dtype: str = "auto") -> None:
+def _vllm_worker(
+    worker: int, gpu: str, prompts, settings: RolloutSettings, part: str, batch_prompts: int, dtype: str = "auto"
+) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before vllm/torch touch CUDA in this fresh (spawned) process
     from opd.models import vllm_dtype
     from opd.sampling import VLLMSampler
@@ -85,12 +89,23 @@ def _vllm_worker(worker: int, gpu: str, prompts, settings: RolloutSettings, part
     run_worker(prompts, generate, settings, Path(part), batch_prompts=batch_prompts, progress=worker == 0)
 
 
-def run_backend(todo, settings: RolloutSettings, pdir: Path, *, backend: str, gpus: list[str] | None,
-                batch_prompts: int, progress: bool, dtype: str, device: str = "auto") -> None:
+def run_backend(
+    todo,
+    settings: RolloutSettings,
+    pdir: Path,
+    *,
+    backend: str,
+    gpus: list[str] | None,
+    batch_prompts: int,
+    progress: bool,
+    dtype: str,
+    device: str = "auto",
+) -> None:
     backend = choose_backend(backend)
     if backend == "transformers":
-        gen = transformers_generate_fn(settings, dtype=dtype, batch_size=max(1, batch_prompts) * settings.n,
-                                       device=device)
+        gen = transformers_generate_fn(
+            settings, dtype=dtype, batch_size=max(1, batch_prompts) * settings.n, device=device
+        )
         run_worker(todo, gen, settings, pdir / "worker-0.jsonl", batch_prompts=batch_prompts, progress=progress)
         return
     gpus = worker_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -99,8 +114,10 @@ def run_backend(todo, settings: RolloutSettings, pdir: Path, *, backend: str, gp
     for w, gpu in enumerate(gpus):
         share = todo[w :: len(gpus)]
         if share:
-            p = ctx.Process(target=_vllm_worker, args=(w, gpu, share, settings, str(pdir / f"worker-{w}.jsonl"),
-                                                          max(batch_prompts, 256), dtype))
+            p = ctx.Process(
+                target=_vllm_worker,
+                args=(w, gpu, share, settings, str(pdir / f"worker-{w}.jsonl"), max(batch_prompts, 256), dtype),
+            )
             p.start()
             procs.append(p)
     failed = []

@@ -29,7 +29,9 @@ PROBLEM_LAYOUT = f"{'/'.join(PROBLEM_COLUMNS)} + {'/'.join(ANSWER_COLUMNS)} colu
 class DataError(ValueError):
     """Bad input data; the message names the file, row (0-based) and column when they are known."""
 
-    def __init__(self, message: str, *, file: str | os.PathLike | None = None, row: int | None = None, column: str | None = None):
+    def __init__(
+        self, message: str, *, file: str | os.PathLike | None = None, row: int | None = None, column: str | None = None
+    ):
         where = []
         if file is not None:
             where.append(f"file {str(file)!r}")
@@ -104,20 +106,34 @@ def _check_row(row: dict, file, i: int) -> None:
             raise DataError(f"expected a non-empty string, got {row[col]!r}", file=file, row=i, column=col)
     prompt = row["prompt"]
     if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise DataError(f"expected a non-empty list of chat messages, got {type(prompt).__name__}", file=file, row=i, column="prompt")
+        raise DataError(
+            f"expected a non-empty list of chat messages, got {type(prompt).__name__}",
+            file=file,
+            row=i,
+            column="prompt",
+        )
     for m in prompt:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"each message needs string 'role' and 'content', got {m!r}", file=file, row=i, column="prompt")
+            raise DataError(
+                f"each message needs string 'role' and 'content', got {m!r}", file=file, row=i, column="prompt"
+            )
     if prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip():
         raise DataError("the last message must be a non-empty user turn", file=file, row=i, column="prompt")
     rm = row["reward_model"]
     if not isinstance(rm, dict) or not isinstance(rm.get("ground_truth"), str) or not rm["ground_truth"].strip():
-        raise DataError(f"expected {{'ground_truth': non-empty str, 'style': ...}}, got {rm!r}", file=file, row=i, column="reward_model")
+        raise DataError(
+            f"expected {{'ground_truth': non-empty str, 'style': ...}}, got {rm!r}",
+            file=file,
+            row=i,
+            column="reward_model",
+        )
     info = row["extra_info"]
     if not isinstance(info, dict):
         raise DataError(f"expected a dict, got {type(info).__name__}", file=file, row=i, column="extra_info")
     if not isinstance(info.get("index"), int) or isinstance(info.get("index"), bool):
-        raise DataError(f"extra_info.index must be an integer, got {info.get('index')!r}", file=file, row=i, column="extra_info")
+        raise DataError(
+            f"extra_info.index must be an integer, got {info.get('index')!r}", file=file, row=i, column="extra_info"
+        )
 
 
 def validate_rl_rows(rows: list[dict], file: str | os.PathLike | None = None) -> None:
@@ -129,7 +145,9 @@ def validate_rl_rows(rows: list[dict], file: str | os.PathLike | None = None) ->
         _check_row(row, file, i)
         idx = row["extra_info"]["index"]
         if idx in seen:
-            raise DataError(f"extra_info.index {idx} already used by row {seen[idx]}", file=file, row=i, column="extra_info")
+            raise DataError(
+                f"extra_info.index {idx} already used by row {seen[idx]}", file=file, row=i, column="extra_info"
+            )
         seen[idx] = i
 
 
@@ -169,7 +187,9 @@ def write_rl_parquet(rows: list[dict], path: str | os.PathLike) -> None:
     try:
         table = pa.Table.from_pylist(rows) if rows else pa.table({c: pa.array([], pa.null()) for c in RL_COLUMNS})
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise DataError(f"rows disagree on a value's type, which one parquet column cannot hold ({e})", file=path) from e
+        raise DataError(
+            f"rows disagree on a value's type, which one parquet column cannot hold ({e})", file=path
+        ) from e
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 

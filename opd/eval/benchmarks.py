@@ -85,7 +85,9 @@ def load_benchmark(spec: str, data_dir: str | Path | None = None, template: str 
         validate_rl_rows(rows, path)
         examples = [
             Example(
-                int(r["extra_info"]["index"]), [dict(m) for m in r["prompt"]], str(r["reward_model"]["ground_truth"]).strip()
+                int(r["extra_info"]["index"]),
+                [dict(m) for m in r["prompt"]],
+                str(r["reward_model"]["ground_truth"]).strip(),
             )
             for r in rows
         ]

@@ -1,11 +1,10 @@
-"""`opd eval gen`: sample N answers per benchmark problem and write one resumable JSONL per (model, benchmark, settings).
+"""`opd eval gen`: sample N answers per benchmark problem, one resumable JSONL per (model, benchmark, settings).
 
-Output: ``<out>/<benchmark>__<model>__<settings>.jsonl``, one line per sample:
-``{example_id, sample_idx, prompt, question, answer, seed, response, response_tokens, finish_reason}`` (prompt =
-the rendered chat text the model saw, question = the user turn), plus ``<same>.meta.json`` with the settings and
-``complete: true`` once all samples are in. A complete output is skipped unless ``--replace``; an interrupted one is resumed: lines are
-appended per batch, and on restart the (example_id, sample_idx) pairs already present are skipped and a
-truncated last line is cut off.
+Output: ``<out>/<benchmark>__<model>__<settings>.jsonl``, one line per sample: ``{example_id, sample_idx, prompt,
+question, answer, seed, response, response_tokens, finish_reason}`` (prompt = the rendered chat text the model saw,
+question = the user turn), plus ``<same>.meta.json`` with the settings and ``complete: true`` once all samples are in. A
+complete output is skipped unless ``--replace``; an interrupted one is resumed: lines are appended per batch, and on
+restart the (example_id, sample_idx) pairs already present are skipped and a truncated last line is cut off.
 
 Backends (``opd.sampling``): vLLM when installed and a GPU is visible (one request per sample, each with its own
 seed, so every sample is reproducible alone), else transformers with ``opd.generation.sample`` (KV-cached batches;
@@ -32,8 +31,8 @@ from tqdm.auto import tqdm
 
 from opd.eval.benchmarks import Benchmark, load_benchmark
 from opd.io import atomic_write_text
-from opd.presets import EVAL
 from opd.models import normalize_dtype, vllm_dtype
+from opd.presets import EVAL
 from opd.sampling import TransformersSampler, VLLMSampler
 
 __all__ = ["GenSettings", "output_paths", "read_done", "generate_benchmark", "main"]
@@ -59,8 +58,11 @@ class GenSettings:
 
 
 # Folder names that say nothing about which model it is (checkpoint layouts of opd, verl, HF Trainer, LlamaFactory).
-_GENERIC_DIR = re.compile(r"^(?:(?:global_)?step_?\d+|checkpoint-\d+|checkpoints?|ckpts?|actor|huggingface|hf|final|"
-                          r"latest|last|best|saves?|models?|outputs?|runs?|merged|export(?:ed)?)$", re.IGNORECASE)
+_GENERIC_DIR = re.compile(
+    r"^(?:(?:global_)?step_?\d+|checkpoint-\d+|checkpoints?|ckpts?|actor|huggingface|hf|final|"
+    r"latest|last|best|saves?|models?|outputs?|runs?|merged|export(?:ed)?)$",
+    re.IGNORECASE,
+)
 
 
 def model_tag(model_path: str) -> str:
@@ -134,11 +136,17 @@ def make_backend(name: str, model_path: str, args: argparse.Namespace):
     if name == "auto":
         name = "vllm" if _vllm_usable() else "transformers"
     elif name == "vllm" and not _vllm_usable():
-        raise ValueError("--backend vllm needs the vllm package (pip install -e '.[vllm]') and a visible CUDA GPU; "
-                         "use --backend transformers (or auto) on this machine")
+        raise ValueError(
+            "--backend vllm needs the vllm package (pip install -e '.[vllm]') and a visible CUDA GPU; "
+            "use --backend transformers (or auto) on this machine"
+        )
     if name == "vllm":
-        return VLLMSampler(model_path, dtype=vllm_dtype(args.dtype), tensor_parallel_size=args.tensor_parallel_size,
-                           max_model_len=args.max_model_len)
+        return VLLMSampler(
+            model_path,
+            dtype=vllm_dtype(args.dtype),
+            tensor_parallel_size=args.tensor_parallel_size,
+            max_model_len=args.max_model_len,
+        )
     return TransformersSampler.load(model_path, device=args.device, dtype=args.dtype)
 
 
@@ -153,8 +161,10 @@ def check_same_model(jsonl: Path, meta: Path, model_path: str) -> None:
     """Refuse an output file that holds another model's samples under the same tag (never skip or delete it)."""
     m = _read_meta(meta)
     if m is not None and m.get("model_path") != _model_path_key(model_path):
-        raise ValueError(f"{jsonl} holds samples of {m.get('model_path')!r}, not {_model_path_key(model_path)!r} "
-                         "(same model tag): use another --out folder")
+        raise ValueError(
+            f"{jsonl} holds samples of {m.get('model_path')!r}, not {_model_path_key(model_path)!r} "
+            "(same model tag): use another --out folder"
+        )
 
 
 def is_complete(jsonl: Path, meta: Path, expected: int) -> bool:
@@ -165,17 +175,30 @@ def is_complete(jsonl: Path, meta: Path, expected: int) -> bool:
     return bool(m.get("complete")) and m.get("n_samples_total") == expected and len(read_done(jsonl)) == expected
 
 
-def generate_benchmark(backend, bench: Benchmark, model_path: str, settings: GenSettings, out_dir: Path,
-                       batch_size: int | None = None, progress: bool = True) -> Path:
+def generate_benchmark(
+    backend,
+    bench: Benchmark,
+    model_path: str,
+    settings: GenSettings,
+    out_dir: Path,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> Path:
     """Generate (or finish) one output file; returns its path."""
     model = model_tag(model_path)
     jsonl, meta_path = output_paths(out_dir, bench.name, model, settings)
     expected = len(bench.examples) * settings.n
     meta = {
-        "benchmark": bench.name, "benchmark_path": os.path.abspath(bench.path), "model": model,
+        "benchmark": bench.name,
+        "benchmark_path": os.path.abspath(bench.path),
+        "model": model,
         "model_path": _model_path_key(model_path),
-        "backend": type(backend).__name__, "seed_scope": backend.seed_scope, "n_examples": len(bench.examples),
-        "n_samples_total": expected, "complete": False, **{f"settings_{k}": v for k, v in asdict(settings).items()},
+        "backend": type(backend).__name__,
+        "seed_scope": backend.seed_scope,
+        "n_examples": len(bench.examples),
+        "n_samples_total": expected,
+        "complete": False,
+        **{f"settings_{k}": v for k, v in asdict(settings).items()},
     }
     if meta_path.exists():
         old = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -195,20 +218,35 @@ def generate_benchmark(backend, bench: Benchmark, model_path: str, settings: Gen
     prompt_text = {eid: backend.tokenizer.decode(ids) for eid, ids in prompts.items()}
     pending = [(eid, j) for eid in by_id for j in range(settings.n) if (eid, j) not in done]
     step = batch_size or backend.default_batch
-    bar = tqdm(total=expected, initial=expected - len(pending), desc=f"{bench.name} x {model}", unit="sample",
-               disable=not progress)
+    bar = tqdm(
+        total=expected,
+        initial=expected - len(pending),
+        desc=f"{bench.name} x {model}",
+        unit="sample",
+        disable=not progress,
+    )
     with open(jsonl, "a", encoding="utf-8") as f:
         for start in range(0, len(pending), step):
             chunk = pending[start : start + step]
             seeds = [sample_seed(settings.seed, eid, j) for eid, j in chunk]
-            outs = backend.generate([prompts[eid] for eid, _ in chunk], max_tokens=settings.max_tokens,
-                                    temperature=settings.temperature, top_p=settings.top_p, seeds=seeds)
+            outs = backend.generate(
+                [prompts[eid] for eid, _ in chunk],
+                max_tokens=settings.max_tokens,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                seeds=seeds,
+            )
             for (eid, j), out in zip(chunk, outs):
                 rec = {
-                    "example_id": eid, "sample_idx": j, "prompt": prompt_text[eid],
+                    "example_id": eid,
+                    "sample_idx": j,
+                    "prompt": prompt_text[eid],
                     "question": by_id[eid].messages[-1]["content"],
-                    "answer": by_id[eid].answer, "seed": out.seed, "response": out.text,
-                    "response_tokens": out.n_tokens, "finish_reason": out.finish_reason,
+                    "answer": by_id[eid].answer,
+                    "seed": out.seed,
+                    "response": out.text,
+                    "response_tokens": out.n_tokens,
+                    "finish_reason": out.finish_reason,
                 }
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
@@ -229,26 +267,48 @@ def build_parser() -> argparse.ArgumentParser:
         "<settings>.jsonl (+ .meta.json); finished files are skipped unless --replace, interrupted ones resume.",
     )
     p.add_argument("--model", nargs="+", required=True, help="model folder(s) (HF format, with tokenizer)")
-    p.add_argument("--benchmark", nargs="+", required=True,
-                   help="benchmark file(s) (RL-schema or problem/answer parquet/jsonl) or names found in --data-dir")
+    p.add_argument(
+        "--benchmark",
+        nargs="+",
+        required=True,
+        help="benchmark file(s) (RL-schema or problem/answer parquet/jsonl) or names found in --data-dir",
+    )
     p.add_argument("--data-dir", help="local folder holding <name>.parquet/.jsonl for benchmark names (no downloads)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=d.n, help="samples per problem (default %(default)s)")
     p.add_argument("--temperature", type=float, default=d.temperature, help="default %(default)s")
     p.add_argument("--top-p", type=float, default=d.top_p, help="default %(default)s")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="max response tokens (default %(default)s)")
-    p.add_argument("--thinking", choices=["on", "off"], help="pass enable_thinking=True/False to the chat template "
-                   "(Qwen3-style); unset: the template's default")
-    p.add_argument("--template", default=d.template, help="instruction template for problem/answer files: boxed (default), "
-                   "dapo, none, or a text file with one {problem}")
+    p.add_argument(
+        "--thinking",
+        choices=["on", "off"],
+        help="pass enable_thinking=True/False to the chat template (Qwen3-style); unset: the template's default",
+    )
+    p.add_argument(
+        "--template",
+        default=d.template,
+        help="instruction template for problem/answer files: boxed (default), "
+        "dapo, none, or a text file with one {problem}",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="base seed; each sample's seed is recorded")
-    p.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
-                   help="auto: vLLM if installed and a GPU is visible, else transformers")
-    p.add_argument("--batch-size", type=int, help="samples per generation call and per append (default: 64 "
-                   "transformers, 2048 vLLM)")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "vllm", "transformers"],
+        default="auto",
+        help="auto: vLLM if installed and a GPU is visible, else transformers",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="samples per generation call and per append (default: 64 transformers, 2048 vLLM)",
+    )
     p.add_argument("--device", default="auto", help="transformers backend: cpu, cuda, cuda:1 (default auto)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU; vLLM: the model's), fp32, bf16, "
-                   "fp16 (float32, bfloat16, float16 are accepted too)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 on GPU, fp32 on CPU; vLLM: the model's), fp32, bf16, "
+        "fp16 (float32, bfloat16, float16 are accepted too)",
+    )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--max-model-len", type=int, help="vLLM only")
     p.add_argument("--limit", type=int, help="use only the first N problems of each benchmark (smoke tests)")
@@ -259,10 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name, value, ok in (("--n", args.n, args.n >= 1), ("--max-tokens", args.max_tokens, args.max_tokens >= 1),
-                            ("--temperature", args.temperature, args.temperature >= 0),
-                            ("--top-p", args.top_p, 0 < args.top_p <= 1),
-                            ("--limit", args.limit, args.limit is None or args.limit >= 1)):
+    for name, value, ok in (
+        ("--n", args.n, args.n >= 1),
+        ("--max-tokens", args.max_tokens, args.max_tokens >= 1),
+        ("--temperature", args.temperature, args.temperature >= 0),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1),
+        ("--limit", args.limit, args.limit is None or args.limit >= 1),
+    ):
         if not ok:
             print(f"opd eval gen: invalid {name} {value}", file=sys.stderr)
             return 2
@@ -275,10 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     for model_path in args.model:
         other = tags.setdefault(model_tag(model_path), model_path)
         if other != model_path:
-            print(f"opd eval gen: --model {other} and {model_path} would share the output name "
-                  f"{model_tag(model_path)!r}: evaluate them into different --out folders", file=sys.stderr)
+            print(
+                f"opd eval gen: --model {other} and {model_path} would share the output name "
+                f"{model_tag(model_path)!r}: evaluate them into different --out folders",
+                file=sys.stderr,
+            )
             return 2
-    settings = GenSettings(args.n, args.temperature, args.top_p, args.max_tokens, args.thinking, args.template, args.seed)
+    settings = GenSettings(
+        args.n, args.temperature, args.top_p, args.max_tokens, args.thinking, args.template, args.seed
+    )
     benches = []
     for spec in args.benchmark:
         b = load_benchmark(spec, args.data_dir, template=args.template)
@@ -312,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for b in todo:
             try:
-                path = generate_benchmark(backend, b, model_path, settings, out, args.batch_size,
-                                          progress=not args.no_progress)
+                path = generate_benchmark(
+                    backend, b, model_path, settings, out, args.batch_size, progress=not args.no_progress
+                )
             except ValueError as exc:
                 print(f"opd eval gen: {exc}", file=sys.stderr)
                 return 2

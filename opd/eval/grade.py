@@ -42,8 +42,9 @@ def collect_files(paths: list[str]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*.jsonl") if not f.name.startswith(".")
-                           and not f.name.endswith(DETAILS_SUFFIX))
+            found = sorted(
+                f for f in p.rglob("*.jsonl") if not f.name.startswith(".") and not f.name.endswith(DETAILS_SUFFIX)
+            )
             if not found:
                 raise DataError("folder holds no .jsonl files", file=p)
             files.extend(found)
@@ -85,8 +86,13 @@ def _settings(path: Path) -> dict:
     if meta.exists():
         m = json.loads(meta.read_text(encoding="utf-8"))
         settings = {k[len("settings_") :]: v for k, v in m.items() if k.startswith("settings_")}
-        return {"benchmark": m.get("benchmark"), "model": m.get("model"), "model_path": m.get("model_path"),
-                "complete": m.get("complete"), "settings": settings}
+        return {
+            "benchmark": m.get("benchmark"),
+            "model": m.get("model"),
+            "model_path": m.get("model_path"),
+            "complete": m.get("complete"),
+            "settings": settings,
+        }
     parts = path.stem.split("__")
     if len(parts) == 3:
         return {"benchmark": parts[0], "model": parts[1], "settings": {"tag": parts[2]}}
@@ -120,31 +126,51 @@ def _file_result(path: Path, recs: list[dict], grades: list, verdicts: list[str 
         **_settings(path),
         **file_metrics(_group(recs, [g.score for g in grades], extracted), _token_lengths(recs, tokenizer)),
         "grading_timeouts": sum(g.method == "timeout" for g in grades),
-        "truncated_rollouts": (sum(r.get("finish_reason") == "length" for r in recs)
-                               if all("finish_reason" in r for r in recs) else None),
+        "truncated_rollouts": (
+            sum(r.get("finish_reason") == "length" for r in recs) if all("finish_reason" in r for r in recs) else None
+        ),
     }
     if verdicts is not None:  # the verifier can only turn a rule failure into a success
         scores = [float(g.score == 1.0 or v == "CORRECT") for g, v in zip(grades, verdicts)]
         mv = file_metrics(_group(recs, scores, extracted))
         asked = [v for v in verdicts if v is not None]
-        res["verifier"] = {"checked": len(asked), **{v.lower(): asked.count(v) for v in VERDICTS},
-                           "mean_score": mv["mean_score"], "best_score": mv["best_score"], "maj_score": mv["maj_score"]}
+        res["verifier"] = {
+            "checked": len(asked),
+            **{v.lower(): asked.count(v) for v in VERDICTS},
+            "mean_score": mv["mean_score"],
+            "best_score": mv["best_score"],
+            "maj_score": mv["maj_score"],
+        }
     return res
 
 
 def _write_details(path: Path, recs: list[dict], grades: list, verdicts: list[str | None] | None) -> None:
     lines = []
     for i, (r, g) in enumerate(zip(recs, grades)):
-        row = {"example_id": r["example_id"], "sample_idx": r.get("sample_idx", i), "answer": r["answer"],
-               "extracted": g.extracted, "score": g.score, "method": g.method}
+        row = {
+            "example_id": r["example_id"],
+            "sample_idx": r.get("sample_idx", i),
+            "answer": r["answer"],
+            "extracted": g.extracted,
+            "score": g.score,
+            "method": g.method,
+        }
         if verdicts is not None:
             row["verifier"] = verdicts[i]
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     atomic_write_text(details_path(path), "".join(lines))
 
 
-def grade_files(files: list[Path], *, tokenizer=None, verifier=None, workers: int | None = None,
-                timeout: float = 5.0, progress: bool = True, details: bool = False) -> dict[str, dict]:
+def grade_files(
+    files: list[Path],
+    *,
+    tokenizer=None,
+    verifier=None,
+    workers: int | None = None,
+    timeout: float = 5.0,
+    progress: bool = True,
+    details: bool = False,
+) -> dict[str, dict]:
     """Grade every file; returns {file path: result object} (the content of grading_results.json).
 
     All files are graded in one batch (one pool of math-verify workers). ``details`` also writes
@@ -155,13 +181,20 @@ def grade_files(files: list[Path], *, tokenizer=None, verifier=None, workers: in
 
     per_file = [read_outputs(f) for f in files]
     flat = [r for recs in per_file for r in recs]
-    grades = grade_batch([r["response"] for r in flat], [str(r["answer"]) for r in flat], workers=workers,
-                         timeout=timeout, progress=progress)
+    grades = grade_batch(
+        [r["response"] for r in flat],
+        [str(r["answer"]) for r in flat],
+        workers=workers,
+        timeout=timeout,
+        progress=progress,
+    )
     verdicts: list[str | None] | None = None
     if verifier is not None:
         fails = [i for i, g in enumerate(grades) if g.score == 0.0]
-        items = [(str(flat[i].get("question") or flat[i].get("prompt", "")), str(flat[i]["answer"]), flat[i]["response"])
-                 for i in fails]
+        items = [
+            (str(flat[i].get("question") or flat[i].get("prompt", "")), str(flat[i]["answer"]), flat[i]["response"])
+            for i in fails
+        ]
         verdicts = [None] * len(flat)
         for i, v in zip(fails, verifier.judge(items) if items else []):
             verdicts[i] = v
@@ -210,17 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", help="output folder(s) and/or JSONL file(s)")
     p.add_argument("--output", help=f"results file (default: <first folder>/{RESULTS_NAME}, or ./{RESULTS_NAME})")
-    p.add_argument("--tokenizer", help="tokenizer folder for avg_output_length (default: the response_tokens "
-                   "recorded by `opd eval gen`)")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer folder for avg_output_length (default: the response_tokens recorded by `opd eval gen`)",
+    )
     p.add_argument("--model-verifier", help="verifier LLM folder: re-check rule failures (CORRECT/INCORRECT/INVALID)")
-    p.add_argument("--verifier-max-tokens", type=int, default=32,
-                   help="verifier output budget (default 32; raise it for a model that thinks before answering)")
-    p.add_argument("--verifier-thinking", choices=["on", "off"],
-                   help="pass enable_thinking to the verifier's chat template (Qwen3-style models); default: not passed")
+    p.add_argument(
+        "--verifier-max-tokens",
+        type=int,
+        default=32,
+        help="verifier output budget (default 32; raise it for a model that thinks before answering)",
+    )
+    p.add_argument(
+        "--verifier-thinking",
+        choices=["on", "off"],
+        help="pass enable_thinking to the verifier's chat template (Qwen3-style models); default: not passed",
+    )
     p.add_argument("--workers", type=int, help="math-verify worker processes (default: CPU count)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per symbolic check (default 5)")
-    p.add_argument("--details", action="store_true", help=f"also write <file>{DETAILS_SUFFIX} per input: extracted "
-                   "answer, verdict and method per sample")
+    p.add_argument(
+        "--details",
+        action="store_true",
+        help=f"also write <file>{DETAILS_SUFFIX} per input: extracted answer, verdict and method per sample",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -242,8 +287,15 @@ def main(argv: list[str] | None = None) -> int:
 
         kwargs = {} if args.verifier_thinking is None else {"enable_thinking": args.verifier_thinking == "on"}
         verifier = ModelVerifier(args.model_verifier, max_new_tokens=args.verifier_max_tokens, template_kwargs=kwargs)
-    results = grade_files(files, tokenizer=tokenizer, verifier=verifier, workers=args.workers, timeout=args.timeout,
-                          progress=not args.no_progress, details=args.details)
+    results = grade_files(
+        files,
+        tokenizer=tokenizer,
+        verifier=verifier,
+        workers=args.workers,
+        timeout=args.timeout,
+        progress=not args.no_progress,
+        details=args.details,
+    )
     first_dir = next((Path(p) for p in args.paths if Path(p).is_dir()), None)
     out = Path(args.output) if args.output else (first_dir or Path(".")) / RESULTS_NAME
     atomic_write_text(out, json.dumps(results, indent=2))

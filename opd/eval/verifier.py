@@ -48,13 +48,22 @@ def parse_verdict(text: str) -> str:
 class ModelVerifier:
     """A Hugging Face causal LM used as a judge (transformers, greedy, batched)."""
 
-    def __init__(self, model_path: str, *, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 32,
-                 batch_size: int = 16, template_kwargs: dict | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_new_tokens: int = 32,
+        batch_size: int = 16,
+        template_kwargs: dict | None = None,
+    ):
         from opd.sampling import TransformersSampler
 
         # keep special tokens: a thinking model's <think> block may be one, and parse_verdict must see it to skip it
-        self.sampler = TransformersSampler.load(model_path, device=device, dtype=dtype, batch_size=batch_size,
-                                                skip_special_tokens=False, progress=True)
+        self.sampler = TransformersSampler.load(
+            model_path, device=device, dtype=dtype, batch_size=batch_size, skip_special_tokens=False, progress=True
+        )
         self.max_new_tokens = max_new_tokens
         self.template_kwargs = template_kwargs or {}
 
@@ -63,7 +72,9 @@ class ModelVerifier:
         from opd.generation import render_prompt_ids
 
         tok = self.sampler.tokenizer
-        prompts = [render_prompt_ids(tok, [{"role": "user", "content": build_prompt(*it)}], **self.template_kwargs)
-                   for it in items]
+        prompts = [
+            render_prompt_ids(tok, [{"role": "user", "content": build_prompt(*it)}], **self.template_kwargs)
+            for it in items
+        ]
         outs = self.sampler.generate(prompts, max_tokens=self.max_new_tokens, temperature=0.0)
         return [parse_verdict(out.text) for out in outs]

@@ -13,8 +13,9 @@ from .score import grade_response
 __all__ = ["compute_score"]
 
 
-def compute_score(data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None,
-                  **kwargs) -> dict:
+def compute_score(
+    data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None, **kwargs
+) -> dict:
     """{"score": 1.0/0.0, "acc": same, "format_ok": 1.0 if a final answer was found}. data_source and the extra
     keywords verl passes with a reward model or reward_kwargs configured are not used."""
     res = grade_response(solution_str, str(ground_truth))

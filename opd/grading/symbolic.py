@@ -124,7 +124,9 @@ def _thread_checker() -> SymbolicChecker:
     return checker
 
 
-def symbolic_equal(pred: str, gt: str, timeout: float = DEFAULT_TIMEOUT_S, checker: SymbolicChecker | None = None) -> bool:
+def symbolic_equal(
+    pred: str, gt: str, timeout: float = DEFAULT_TIMEOUT_S, checker: SymbolicChecker | None = None
+) -> bool:
     """math-verify equivalence under a hard timeout (raises SymbolicTimeout when it runs past it)."""
     return (checker or _thread_checker()).check(pred, gt, timeout)
 

@@ -34,15 +34,20 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
     out = []
     for row, rec in enumerate(iter_records(path, columns=["messages"])):
         if "messages" not in rec:
-            raise DataError("no 'messages' column/key (expected ShareGPT records as `opd rollout` writes them)",
-                            file=path, row=row, column="messages")
+            raise DataError(
+                "no 'messages' column/key (expected ShareGPT records as `opd rollout` writes them)",
+                file=path,
+                row=row,
+                column="messages",
+            )
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise DataError("expected a non-empty list of chat messages", file=path, row=row, column="messages")
         for m in msgs:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"every message needs string 'role' and 'content'; got {m!r}",
-                                file=path, row=row, column="messages")
+                raise DataError(
+                    f"every message needs string 'role' and 'content'; got {m!r}", file=path, row=row, column="messages"
+                )
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError("no assistant message to train on", file=path, row=row, column="messages")
         out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
@@ -60,22 +65,53 @@ def build_parser() -> argparse.ArgumentParser:
         "--model is a local folder or a model id already in the Hugging Face cache.",
     )
     p.add_argument("--model", required=True, help="model folder (from_pretrained), with its tokenizer")
-    p.add_argument("--data", required=True, help="JSONL with one {'messages': [...]} per line, or parquet with a 'messages' column")
+    p.add_argument(
+        "--data", required=True, help="JSONL with one {'messages': [...]} per line, or parquet with a 'messages' column"
+    )
     p.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    p.add_argument("--epochs", type=float, default=d.epochs, help=f"passes over the data when --steps is 0 (default {d.epochs:g})")
+    p.add_argument(
+        "--epochs", type=float, default=d.epochs, help=f"passes over the data when --steps is 0 (default {d.epochs:g})"
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (overrides --epochs when > 0)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per optimiser step (default {d.batch_size})")
-    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="sequences per forward pass (gradient accumulation); 0 = batch size")
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help=f"linear warmup fraction, then cosine (default {d.warmup_ratio})")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help=f"final lr / peak lr (default {d.min_lr_ratio})")
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help=f"sequences per optimiser step (default {d.batch_size})"
+    )
+    p.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=d.micro_batch_size,
+        help="sequences per forward pass (gradient accumulation); 0 = batch size",
+    )
+    p.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=d.warmup_ratio,
+        help=f"linear warmup fraction, then cosine (default {d.warmup_ratio})",
+    )
+    p.add_argument(
+        "--min-lr-ratio", type=float, default=d.min_lr_ratio, help=f"final lr / peak lr (default {d.min_lr_ratio})"
+    )
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max grad norm; 0 = no clipping")
-    p.add_argument("--max-length", type=int, default=d.max_length, help=f"drop (and count) longer conversations (default {d.max_length}, the paper's cutoff)")
-    p.add_argument("--chat-template-kwargs", default="{}", help='JSON passed to the chat template, e.g. \'{"enable_thinking": true}\'')
-    p.add_argument("--dtype", default="fp32", help="master weight dtype: fp32 (default), bf16, fp16, auto (bf16 on "
-                   "GPU, fp32 on CPU); float32, bfloat16, float16 are accepted too")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=d.max_length,
+        help=f"drop (and count) longer conversations (default {d.max_length}, the paper's cutoff)",
+    )
+    p.add_argument(
+        "--chat-template-kwargs",
+        default="{}",
+        help="JSON passed to the chat template, e.g. '{\"enable_thinking\": true}'",
+    )
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        help="master weight dtype: fp32 (default), bf16, fp16, auto (bf16 on "
+        "GPU, fp32 on CPU); float32, bfloat16, float16 are accepted too",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (cuda when available)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every)
@@ -89,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(template_kwargs, dict):
             raise ValueError
     except ValueError:
-        print(f"opd sft: --chat-template-kwargs must be a JSON object; got {args.chat_template_kwargs!r}", file=sys.stderr)
+        print(
+            f"opd sft: --chat-template-kwargs must be a JSON object; got {args.chat_template_kwargs!r}", file=sys.stderr
+        )
         return 2
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -97,9 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = SFTConfig(
-            lr=args.lr, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-            micro_batch_size=args.micro_batch_size, warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
-            weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_length=args.max_length, seed=args.seed,
+            lr=args.lr,
+            steps=args.steps,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            micro_batch_size=args.micro_batch_size,
+            warmup_ratio=args.warmup_ratio,
+            min_lr_ratio=args.min_lr_ratio,
+            weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip,
+            max_length=args.max_length,
+            seed=args.seed,
             log_every=args.log_every,
         )
         dtype = normalize_dtype(args.dtype)
@@ -117,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     try:  # a model id that is not in the cache is an error, never a download
         policy = load_policy(args.model, dtype=dtype, device=device, trainable=True)
     except OSError as exc:
-        print(f"opd sft: --model {args.model}: cannot load a model and tokenizer from this local folder or the Hugging "
-              f"Face cache ({str(exc).splitlines()[0]})", file=sys.stderr)
+        print(
+            f"opd sft: --model {args.model}: cannot load a model and tokenizer from this local folder or the Hugging "
+            f"Face cache ({str(exc).splitlines()[0]})",
+            file=sys.stderr,
+        )
         return 2
     except ValueError as exc:
         print(f"opd sft: --model {args.model}: {exc}", file=sys.stderr)
@@ -127,15 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizer.pad_token_id is None:  # the saved tokenizer then pads as training did
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(policy.pad_id)
     data = encode_dataset(tokenizer, conversations, config.max_length, progress=True, **template_kwargs)
-    print(f"opd sft: {len(data.input_ids)} conversations ({data.n_dropped_too_long} dropped: longer than "
-          f"--max-length {config.max_length})")
+    print(
+        f"opd sft: {len(data.input_ids)} conversations ({data.n_dropped_too_long} dropped: longer than "
+        f"--max-length {config.max_length})"
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
         with open(tmp / "sft_log.jsonl", "w", encoding="utf-8") as log:
-            logs = train_sft(model, data, config, pad_token_id=policy.pad_id,
-                             on_log=lambda rec: log.write(json.dumps(rec) + "\n") or log.flush())
+            logs = train_sft(
+                model,
+                data,
+                config,
+                pad_token_id=policy.pad_id,
+                on_log=lambda rec: log.write(json.dumps(rec) + "\n") or log.flush(),
+            )
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, out)  # --overwrite: the old output stays until the new one is in place
@@ -143,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     first, last = logs[0], logs[-1]
-    print(f"opd sft: loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
-          f"saved to {out}")
+    print(
+        f"opd sft: loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
+        f"saved to {out}"
+    )
     return 0
 
 

@@ -38,7 +38,8 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class SFTConfig:
-    # defaults follow the paper's cold start (docs/workflow.md §5): lr 1e-5, 2 epochs, batch 64, warmup 0.05, cutoff 14336
+    # defaults follow the paper's cold start (docs/workflow.md §5): lr 1e-5, 2 epochs, batch 64, warmup 0.05,
+    # cutoff 14336
     lr: float = 1e-5
     steps: int = 0  # optimiser steps; 0 = derive from `epochs`
     epochs: float = 2.0
@@ -59,10 +60,17 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "lr": self.lr > 0, "steps": self.steps >= 0, "epochs": self.epochs > 0, "batch_size": self.batch_size >= 1,
-            "micro_batch_size": self.micro_batch_size >= 0, "warmup_ratio": 0 <= self.warmup_ratio < 1,
-            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1, "weight_decay": self.weight_decay >= 0,
-            "grad_clip": self.grad_clip >= 0, "max_length": self.max_length >= 2, "log_every": self.log_every >= 1,
+            "lr": self.lr > 0,
+            "steps": self.steps >= 0,
+            "epochs": self.epochs > 0,
+            "batch_size": self.batch_size >= 1,
+            "micro_batch_size": self.micro_batch_size >= 0,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "weight_decay": self.weight_decay >= 0,
+            "grad_clip": self.grad_clip >= 0,
+            "max_length": self.max_length >= 2,
+            "log_every": self.log_every >= 1,
             "eval_every": self.eval_every >= 0,
         }
         for name, ok in checks.items():
@@ -134,8 +142,14 @@ class Encoded:
     n_dropped_too_long: int = 0
 
 
-def encode_dataset(tokenizer, conversations: Sequence[Sequence[dict]], max_length: int, progress: bool = False,
-                   chunk: int = 1024, **template_kwargs) -> Encoded:
+def encode_dataset(
+    tokenizer,
+    conversations: Sequence[Sequence[dict]],
+    max_length: int,
+    progress: bool = False,
+    chunk: int = 1024,
+    **template_kwargs,
+) -> Encoded:
     """Encode every conversation (batched tokenisation); ones longer than `max_length` tokens are dropped, counted."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("SFT masking needs a fast tokenizer (character offsets); got a slow one")
@@ -144,7 +158,7 @@ def encode_dataset(tokenizer, conversations: Sequence[Sequence[dict]], max_lengt
     for lo in range(0, len(conversations), chunk):
         try:
             pairs = _encode_many(tokenizer, conversations[lo : lo + chunk], template_kwargs)
-        except ValueError as err:  # find the row for the message
+        except ValueError:  # find the row for the message
             for k in range(lo, min(lo + chunk, len(conversations))):
                 try:
                     _encode_many(tokenizer, [conversations[k]], template_kwargs)
@@ -183,7 +197,8 @@ def _has_plain_head(model) -> bool:
     computed from hidden states in chunks; models that rescale or soft-cap logits take the plain path."""
     cfg = getattr(model, "config", None)
     return (
-        getattr(model, "base_model", None) is not None and model.base_model is not model
+        getattr(model, "base_model", None) is not None
+        and model.base_model is not model
         and model.get_output_embeddings() is not None
         and getattr(cfg, "final_logit_softcapping", None) is None
         and getattr(cfg, "logit_scale", None) is None
@@ -211,8 +226,9 @@ def token_loss_sum(model, ids, mask, labels, chunk_tokens: int = 2048) -> tuple[
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for lo in range(0, n, chunk_tokens):
-        total = total + checkpoint(chunk_loss, hidden[lo : lo + chunk_tokens], y[lo : lo + chunk_tokens],
-                                   use_reentrant=False)
+        total = total + checkpoint(
+            chunk_loss, hidden[lo : lo + chunk_tokens], y[lo : lo + chunk_tokens], use_reentrant=False
+        )
     return total, n
 
 
@@ -233,10 +249,12 @@ def train_sft(
     total = config.steps or max(1, math.ceil(config.epochs * n / config.batch_size))
     micro = config.micro_batch_size or config.batch_size
     device = next(model.parameters()).device
-    opt = make_optimizer(model, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
-                         decay_1d_params=False)
-    sched = make_scheduler(opt, kind="cosine", total_steps=total, warmup_ratio=config.warmup_ratio,
-                           min_lr_ratio=config.min_lr_ratio)
+    opt = make_optimizer(
+        model, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, decay_1d_params=False
+    )
+    sched = make_scheduler(
+        opt, kind="cosine", total_steps=total, warmup_ratio=config.warmup_ratio, min_lr_ratio=config.min_lr_ratio
+    )
     rng = random.Random(config.seed)
     order: list[int] = []
     logs: list[dict] = []
@@ -270,8 +288,14 @@ def train_sft(
         if math.isfinite(grad_norm):
             opt.step()
         sched.step()
-        rec = {"step": step + 1, "loss": loss_total / n_tokens, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
-               "tokens": n_tokens, "elapsed_s": time.perf_counter() - t0}
+        rec = {
+            "step": step + 1,
+            "loss": loss_total / n_tokens,
+            "lr": opt.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "tokens": n_tokens,
+            "elapsed_s": time.perf_counter() - t0,
+        }
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         is_eval = bool(config.eval_every) and evaluate is not None and (step + 1) % config.eval_every == 0
         if is_eval:
@@ -281,7 +305,9 @@ def train_sft(
             record(rec)
         if is_eval and config.stop_threshold is not None:
             if config.stop_metric not in rec:
-                raise KeyError(f"evaluate() returned {sorted(rec)}; SFTConfig.stop_metric={config.stop_metric!r} is missing")
+                raise KeyError(
+                    f"evaluate() returned {sorted(rec)}; SFTConfig.stop_metric={config.stop_metric!r} is missing"
+                )
             if rec[config.stop_metric] >= config.stop_threshold:
                 rec["stopped_early"] = True
                 if logs[-1] is not rec:

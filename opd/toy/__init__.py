@@ -10,6 +10,16 @@ from opd.toy.task import Problem, gold_solution, make_splits, rl_rows, sample_pr
 from opd.toy.tokenizer import build_toy_tokenizer
 
 __all__ = [
-    "Problem", "build_tiny_model", "build_toy_tokenizer", "gold_solution", "load_model", "make_splits", "rl_rows",
-    "sample_problems", "save_model", "sft_messages", "tiny_config", "write_datasets",
+    "Problem",
+    "build_tiny_model",
+    "build_toy_tokenizer",
+    "gold_solution",
+    "load_model",
+    "make_splits",
+    "rl_rows",
+    "sample_problems",
+    "save_model",
+    "sft_messages",
+    "tiny_config",
+    "write_datasets",
 ]

@@ -18,14 +18,30 @@ from opd.toy.task import N_DIGITS, Problem
 MAX_NEW_TOKENS = 12 * N_DIGITS + 16
 
 
-def accuracy(model, tokenizer, problems: Sequence[Problem], *, temperature: float = 0.0, seed: int = 0,
-             batch_size: int = 250, max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, float]:
+def accuracy(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    *,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 250,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> dict[str, float]:
     """{"accuracy": fraction graded correct, "response_length": mean tokens} over `problems`."""
     prompts = [render_prompt_ids(tokenizer, p.messages()) for p in problems]
     eos_ids, pad_id = special_ids(tokenizer, model)
     gen = torch.Generator().manual_seed(seed)
-    responses = sample(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                       eos_token_ids=eos_ids, pad_token_id=pad_id, generator=gen, batch_size=batch_size)
+    responses = sample(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad_id,
+        generator=gen,
+        batch_size=batch_size,
+    )
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     scores = [score_response(t, p.answer) for t, p in zip(texts, problems)]
     return {"accuracy": sum(scores) / len(scores), "response_length": sum(map(len, responses)) / len(responses)}

@@ -2,9 +2,9 @@
 
 A size is (layers, width), with 32-wide attention heads and a SwiGLU MLP of about 8/3 the width (the usual
 parameter-matched choice). The teacher is 3 layers of width 64 (169k parameters), the student 2 layers of width 64
-(118k): on the slow 2-core host a width-96 teacher (the earlier 4-digit world's) learnt no better and cost 1.6x per step, which the
-demo's time budget could not pay. "tiny" (1 layer, width 32) is for unit tests. Embeddings are tied: at these sizes
-the vocabulary matrix would otherwise be a large share of the parameters.
+(118k): on the slow 2-core host a width-96 teacher (the earlier 4-digit world's) learnt no better and cost 1.6x per
+step, which the demo's time budget could not pay. "tiny" (1 layer, width 32) is for unit tests. Embeddings are tied: at
+these sizes the vocabulary matrix would otherwise be a large share of the parameters.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ HEAD_DIM = 32
 def dims(layers: int, width: int) -> dict[str, int]:
     """Every transformers size field derived from (layers, width)."""
     if layers < 1 or width < HEAD_DIM or width % HEAD_DIM:
-        raise ValueError(f"need layers >= 1 and a width that is a positive multiple of {HEAD_DIM}; "
-                         f"got layers={layers}, width={width}")
+        raise ValueError(
+            f"need layers >= 1 and a width that is a positive multiple of {HEAD_DIM}; "
+            f"got layers={layers}, width={width}"
+        )
     return {
         "num_hidden_layers": layers,
         "hidden_size": width,

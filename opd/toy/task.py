@@ -131,8 +131,9 @@ def write_parquet(rows: list[dict], path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def write_datasets(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 20000, n_dev: int = 200,
-                   n_test: int = 500) -> dict[str, Path]:
+def write_datasets(
+    out_dir: str | os.PathLike, seed: int = 0, n_train: int = 20000, n_dev: int = 200, n_test: int = 500
+) -> dict[str, Path]:
     """Write `{train,dev,test}.parquet` under `out_dir`; returns the paths by split."""
     splits = make_splits(seed, n_train, n_dev, n_test)
     return {s: write_parquet(rl_rows(probs, s), Path(out_dir) / f"{s}.parquet") for s, probs in splits.items()}

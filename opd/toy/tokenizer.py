@@ -30,10 +30,19 @@ VOCAB_SIZE = 384
 # works too; the SFT trainer itself finds assistant spans by rendering prefixes (works with any template).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}" + SYSTEM + "{{ message['content'] }}" + EOS +
-    "{%- elif message['role'] == 'user' -%}" + USER + "{{ message['content'] }}" + EOS +
-    "{%- elif message['role'] == 'assistant' -%}" + ASSISTANT +
-    "{% generation %}{{ message['content'] }}" + EOS + "{% endgeneration %}"
+    "{%- if message['role'] == 'system' -%}"
+    + SYSTEM
+    + "{{ message['content'] }}"
+    + EOS
+    + "{%- elif message['role'] == 'user' -%}"
+    + USER
+    + "{{ message['content'] }}"
+    + EOS
+    + "{%- elif message['role'] == 'assistant' -%}"
+    + ASSISTANT
+    + "{% generation %}{{ message['content'] }}"
+    + EOS
+    + "{% endgeneration %}"
     "{%- else -%}{{ raise_exception('toy chat template: unknown role ' + message['role']) }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -44,10 +53,12 @@ CHAT_TEMPLATE = (
 def _train_raw(vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -42,7 +42,11 @@ def test_registry_rejects_duplicates_and_unknowns():
         register_estimator("grpo", needs_token_rewards=False, needs_outcome_scores=True, needs_group_index=True)(
             lambda **kw: None
         )
-    with pytest.raises(ValueError, match=r"unknown advantage estimator 'gpro'; valid: token_reward_direct, token_reward_direct_plus_grpo, token_grpo, grpo"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown advantage estimator 'gpro'; valid: token_reward_direct, token_reward_direct_plus_grpo, "
+        r"token_grpo, grpo",
+    ):
         ADV_ESTIMATORS.get("gpro")
     assert ADV_ESTIMATORS.get("grpo").needs_outcome_scores and not ADV_ESTIMATORS.get("grpo").needs_token_rewards
     assert ADV_ESTIMATORS.get("token_reward_direct").needs_token_rewards
@@ -203,8 +207,12 @@ def test_advantages_carry_no_gradient():
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                             reason="needs CUDA")])],
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+        ),
+    ],
 )
 @pytest.mark.parametrize("estimator", ADV_ESTIMATORS.names())
 def test_estimators_on_device_match_cpu(device, estimator):
@@ -212,8 +220,12 @@ def test_estimators_on_device_match_cpu(device, estimator):
     N, T = 6, 5
     mask = ragged_mask(gen, N, T)
     rewards = torch.randn(N, T, generator=gen)
-    kw = dict(token_rewards=rewards, response_mask_NT=mask, group_index_N=torch.tensor([3, 3, 3, 8, 8, 1]),
-              outcome_scores_N=torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0]))
+    kw = dict(
+        token_rewards=rewards,
+        response_mask_NT=mask,
+        group_index_N=torch.tensor([3, 3, 3, 8, 8, 1]),
+        outcome_scores_N=torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0]),
+    )
     cfg = OPDConfig(adv_estimator=estimator, top_k=0)
     cpu = compute_advantages(cfg, **kw)
     dev = compute_advantages(cfg, **{k: v.to(device) for k, v in kw.items()})
@@ -230,7 +242,8 @@ def test_full_vocab_outcome_advantages():
     kw = dict(response_mask_NT=mask, group_index_N=groups, outcome_scores_N=scores)
     assert full_vocab_outcome_advantages(OPDConfig(top_k=-1), **kw) is None
     got = full_vocab_outcome_advantages(
-        OPDConfig(top_k=-1, adv_estimator="token_reward_direct_plus_grpo", grpo_outcome_weight=0.5), **kw)
+        OPDConfig(top_k=-1, adv_estimator="token_reward_direct_plus_grpo", grpo_outcome_weight=0.5), **kw
+    )
     want = 0.5 * np_group_adv(scores.numpy(), groups.numpy(), True)[:, None] * mask.double().numpy()
     np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="for top_k = -1"):

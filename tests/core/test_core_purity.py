@@ -43,8 +43,10 @@ def test_engines_use_only_the_core_step_api():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("opd.core"):
                 names = {alias.name for alias in node.names}
                 if node.module not in allowed_modules or not names <= allowed_names:
-                    bad.append(f"{path.relative_to(engines)}:{node.lineno} from {node.module} import "
-                               f"{', '.join(sorted(names - allowed_names) or sorted(names))}")
+                    bad.append(
+                        f"{path.relative_to(engines)}:{node.lineno} from {node.module} import "
+                        f"{', '.join(sorted(names - allowed_names) or sorted(names))}"
+                    )
             elif isinstance(node, ast.Import) and any(a.name.startswith("opd.core") for a in node.names):
                 bad.append(f"{path.relative_to(engines)}:{node.lineno} import {node.names[0].name}")
     assert not bad, "engines reach past the core's step API:\n" + "\n".join(bad)

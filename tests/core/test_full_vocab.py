@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from opd.core.config import OPDConfig
 from opd.core.full_vocab import full_vocab_pg_loss_NT, full_vocab_reverse_kl
 from opd.core.rewards import compute_rewards
-from opd.core.config import OPDConfig
 from opd.core.support import build_support
 
 
@@ -121,8 +121,13 @@ def test_full_vocab_equals_topk_with_k_equal_v():
     s, t = pair(5, (2, 3, 9))
     lp, lq = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
     S, T = lp.topk(9, -1).indices, lq.topk(9, -1).indices
-    sup = build_support("only_stu", student_topk_ids_NTK=S, teacher_topk_ids_NTK=T,
-                        student_lp_at_student_NTK=lp.gather(-1, S), teacher_lp_at_student_NTK=lq.gather(-1, S))
+    sup = build_support(
+        "only_stu",
+        student_topk_ids_NTK=S,
+        teacher_topk_ids_NTK=T,
+        student_lp_at_student_NTK=lp.gather(-1, S),
+        teacher_lp_at_student_NTK=lq.gather(-1, S),
+    )
     for mode in ("student_p", "teacher_p", "none"):
         rewards = compute_rewards(OPDConfig(top_k=9, reward_weight_mode=mode), sup)
         torch.testing.assert_close(-rewards.sum(-1), full_vocab_pg_loss_NT(s, t, mode), atol=1e-6, rtol=1e-5)
@@ -158,8 +163,9 @@ def test_strided_response_slices_match_contiguous():
     s, t = pair(6, (3, 11, 19))
     s_full = s.clone().requires_grad_(True)
     kl = full_vocab_reverse_kl(s_full[:, 2:-1], t[:, 1:-2], chunk_size=4)
-    torch.testing.assert_close(kl, full_vocab_reverse_kl(s[:, 2:-1].contiguous(), t[:, 1:-2].contiguous()),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        kl, full_vocab_reverse_kl(s[:, 2:-1].contiguous(), t[:, 1:-2].contiguous()), atol=1e-6, rtol=0
+    )
     loss = full_vocab_pg_loss_NT(s_full[:, 2:-1], t[:, 1:-2], "teacher_p", chunk_size=4)
     (loss * torch.arange(loss.numel()).reshape(loss.shape)).sum().backward()
     x = s[:, 2:-1].contiguous().requires_grad_(True)

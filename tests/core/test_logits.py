@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -45,8 +44,12 @@ def test_logit_stats_chunked_equals_unchunked_and_is_per_row():
     whole = logit_stats(logits, k=6, ids_NTJ=ids, chunk_size=10_000)
     for chunk in (1, 5, 36):
         part = logit_stats(logits, k=6, ids_NTJ=ids, chunk_size=chunk)
-        for a, b in ((whole.topk_ids_NTK, part.topk_ids_NTK), (whole.topk_lp_NTK, part.topk_lp_NTK),
-                     (whole.lp_at_ids_NTJ, part.lp_at_ids_NTJ), (whole.entropy_NT, part.entropy_NT)):
+        for a, b in (
+            (whole.topk_ids_NTK, part.topk_ids_NTK),
+            (whole.topk_lp_NTK, part.topk_lp_NTK),
+            (whole.lp_at_ids_NTJ, part.lp_at_ids_NTJ),
+            (whole.entropy_NT, part.entropy_NT),
+        ):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     # a row's result does not depend on the other rows in the batch
     one = logit_stats(logits[2:3, 4:6], k=6, ids_NTJ=ids[2:3, 4:6], chunk_size=3)
@@ -78,19 +81,24 @@ def test_logit_stats_k0_leaves_input_untouched():
     st = logit_stats(logits, k=0, temperature=0.5)
     assert st.topk_ids_NTK is None and st.topk_lp_NTK is None and st.lp_at_ids_NTJ is None
     assert torch.equal(logits, before), "the kernel must work on a copy, never in place on the caller's logits"
-    torch.testing.assert_close(logprobs_at(logits, torch.zeros(2, 3, 1, dtype=torch.long), temperature=0.5),
-                               ref_logprobs(logits, 0.5)[..., :1].float())
+    torch.testing.assert_close(
+        logprobs_at(logits, torch.zeros(2, 3, 1, dtype=torch.long), temperature=0.5),
+        ref_logprobs(logits, 0.5)[..., :1].float(),
+    )
     assert torch.equal(logits, before)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(k=14), "k=14"),
-    (dict(k=2, ids_NTJ=torch.full((2, 3, 1), 13)), r"ids in \[13, 13\]"),
-    (dict(k=2, ids_NTJ=torch.zeros(2, 4, 1, dtype=torch.long)), "leading dims"),
-    (dict(k=2, ids_NTJ=torch.zeros(2, 3, 1)), "integer"),
-    (dict(k=2, temperature=0.0), "temperature"),
-    (dict(k=2, chunk_size=0), "chunk_size"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(k=14), "k=14"),
+        (dict(k=2, ids_NTJ=torch.full((2, 3, 1), 13)), r"ids in \[13, 13\]"),
+        (dict(k=2, ids_NTJ=torch.zeros(2, 4, 1, dtype=torch.long)), "leading dims"),
+        (dict(k=2, ids_NTJ=torch.zeros(2, 3, 1)), "integer"),
+        (dict(k=2, temperature=0.0), "temperature"),
+        (dict(k=2, chunk_size=0), "chunk_size"),
+    ],
+)
 def test_logit_stats_rejects_bad_input(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         logit_stats(torch.zeros(2, 3, 13), **bad)
@@ -182,8 +190,9 @@ def test_response_slice_is_read_in_place_with_gradient():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         lp = logprobs_at(sliced, ids, temperature=0.9, chunk_size=4)
-    assert all(t.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
-               for t in saved if t.dtype == torch.bfloat16), "the logits slice was copied"
+    assert all(
+        t.untyped_storage().data_ptr() == full.untyped_storage().data_ptr() for t in saved if t.dtype == torch.bfloat16
+    ), "the logits slice was copied"
     lp.sum().backward()
     ref_in = full.detach().double().requires_grad_(True)
     torch.log_softmax(ref_in[:, 3:-1] / 0.9, -1).gather(-1, ids).sum().backward()

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from opd.core.config import OPDConfig
-from opd.core.loss import LOSS_AGG_MODES, BatchTotals
-from opd.core.loss import agg_loss, apply_format_mask, kl_loss, kl_per_position, kl_to_reference, policy_loss
+from opd.core.loss import (
+    LOSS_AGG_MODES,
+    BatchTotals,
+    agg_loss,
+    apply_format_mask,
+    kl_loss,
+    kl_per_position,
+    kl_to_reference,
+    policy_loss,
+)
 
 F64 = torch.float64
 
@@ -67,7 +75,9 @@ def test_agg_loss_micro_batches_with_global_counts_sum_to_full_batch(mode):
     full = agg_loss(values, mask, mode, BatchTotals(norm_length=10))
     tokens, seqs = mask.sum().item(), (mask.sum(-1) > 0).sum().item()
     parts = [
-        agg_loss(values[i : i + 3], mask[i : i + 3], mode, BatchTotals(norm_length=10, total_tokens=tokens, total_seqs=seqs))
+        agg_loss(
+            values[i : i + 3], mask[i : i + 3], mode, BatchTotals(norm_length=10, total_tokens=tokens, total_seqs=seqs)
+        )
         for i in range(0, N, 3)
     ]
     assert sum(p.item() for p in parts) == pytest.approx(full.item(), rel=1e-12)
@@ -402,9 +412,13 @@ def test_pipeline_from_logits_to_gradient_matches_brute_force(K):
         with torch.no_grad():
             s = logit_stats(logits.detach(), k=K)
             t = logit_stats(t_logits, k=K, ids_NTJ=s.topk_ids_NTK)
-            sup = build_support("only_stu", student_topk_ids_NTK=s.topk_ids_NTK,
-                                teacher_topk_ids_NTK=t.topk_ids_NTK, student_lp_at_student_NTK=s.topk_lp_NTK,
-                                teacher_lp_at_student_NTK=t.lp_at_ids_NTJ)
+            sup = build_support(
+                "only_stu",
+                student_topk_ids_NTK=s.topk_ids_NTK,
+                teacher_topk_ids_NTK=t.topk_ids_NTK,
+                student_lp_at_student_NTK=s.topk_lp_NTK,
+                teacher_lp_at_student_NTK=t.lp_at_ids_NTJ,
+            )
             adv = compute_advantages(cfg, token_rewards=compute_rewards(cfg, sup), response_mask_NT=mask)
         lp = slot_logprobs(logits, sup.ids_NTC, sup.valid_NTC, has_tail=sup.has_tail)
         loss, _ = policy_loss(lp, lp.detach(), adv, mask, sup.valid_NTC, cfg)

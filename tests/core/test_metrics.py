@@ -97,13 +97,23 @@ def reference(b, positions):
 @pytest.mark.parametrize("strategy,tail", [("only_stu", False), ("union", True), ("union-intersection", False)])
 def test_dynamics_metrics_match_set_based_loop(strategy, tail):
     b = make_batch(1, strategy, tail)
-    got = dynamics_metrics(DiagnosticInputs(
-        response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"], support=b["support"],
-        advantages=b["adv"], reverse_kl_NT=b["rkl"]), position_edges=EDGES)
+    got = dynamics_metrics(
+        DiagnosticInputs(
+            response_mask_NT=b["mask"],
+            student=b["student"],
+            teacher=b["teacher"],
+            support=b["support"],
+            advantages=b["adv"],
+            reverse_kl_NT=b["rkl"],
+        ),
+        position_edges=EDGES,
+    )
     valid_pos = [(n, t) for n in range(N) for t in range(T) if b["mask"][n, t] > 0]
     # the batch really has an empty and a full intersection at valid positions
-    sets = [(set(b["student"].topk_ids_NTK[n, t].tolist()), set(b["teacher"].topk_ids_NTK[n, t].tolist()))
-            for n, t in valid_pos]
+    sets = [
+        (set(b["student"].topk_ids_NTK[n, t].tolist()), set(b["teacher"].topk_ids_NTK[n, t].tolist()))
+        for n, t in valid_pos
+    ]
     assert any(not (s & t) for s, t in sets) and any(s == t for s, t in sets)
     want = reference(b, valid_pos)
     windows = {"pos/0-2/": range(0, 3), "pos/3-4/": range(3, 5), "pos/5+/": range(5, T)}
@@ -157,8 +167,9 @@ def test_sampled_token_and_grpo_inputs():
     adv_NT = torch.randn(N, T)
     adv_NT[b["mask"] == 0] = float("nan")
     no_topk = LogitStats(None, None, None, b["student"].entropy_NT)
-    got = dynamics_metrics(DiagnosticInputs(response_mask_NT=b["mask"], student=no_topk, advantages=adv_NT),
-                           position_edges=(0,))
+    got = dynamics_metrics(
+        DiagnosticInputs(response_mask_NT=b["mask"], student=no_topk, advantages=adv_NT), position_edges=(0,)
+    )
     m = b["mask"] > 0
     # float64 reference with an absolute floor: a float32 mean of values summing near 0 loses relative precision
     assert got["opd/advantage_mean"] == pytest.approx(adv_NT[m].double().mean().item(), rel=1e-6, abs=1e-7)
@@ -169,8 +180,10 @@ def test_sampled_token_and_grpo_inputs():
 
 def test_windows_beyond_every_response_are_omitted_and_bad_edges_raise():
     b = make_batch(4)
-    got = dynamics_metrics(DiagnosticInputs(response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"]),
-                           position_edges=(0, 4, 100))
+    got = dynamics_metrics(
+        DiagnosticInputs(response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"]),
+        position_edges=(0, 4, 100),
+    )
     assert "opd/pos/0-3/overlap_ratio" in got and "opd/pos/4-99/overlap_ratio" in got
     assert not any(k.startswith("opd/pos/100+") for k in got)
     with pytest.raises(ValueError, match="position_edges"):
@@ -179,9 +192,17 @@ def test_windows_beyond_every_response_are_omitted_and_bad_edges_raise():
 
 def test_per_position_profile_matches_loop_with_bins():
     b = make_batch(5, "union", tail=True)
-    prof = per_position_profile(DiagnosticInputs(
-        response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"], support=b["support"],
-        advantages=b["adv"], reverse_kl_NT=b["rkl"]), bin_size=2)
+    prof = per_position_profile(
+        DiagnosticInputs(
+            response_mask_NT=b["mask"],
+            student=b["student"],
+            teacher=b["teacher"],
+            support=b["support"],
+            advantages=b["adv"],
+            reverse_kl_NT=b["rkl"],
+        ),
+        bin_size=2,
+    )
     assert prof["position"] == [0.0, 2.0, 4.0, 6.0, 8.0]
     for i, start in enumerate(range(0, T, 2)):
         pos = [(n, t) for n in range(N) for t in range(start, min(start + 2, T)) if b["mask"][n, t] > 0]
@@ -190,15 +211,21 @@ def test_per_position_profile_matches_loop_with_bins():
         for k, v in want.items():
             assert prof[k][i] == pytest.approx(v, rel=1e-6, abs=1e-7), (k, i)
     b["mask"][:, 5:] = 0
-    prof = per_position_profile(DiagnosticInputs(response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"]))
+    prof = per_position_profile(
+        DiagnosticInputs(response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"])
+    )
     assert len(prof["overlap_ratio"]) == 5  # trimmed to the last reached position
     assert prof["tokens"] == [float((b["mask"][:, t] > 0).sum()) for t in range(5)]
 
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                             reason="needs CUDA")])],
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+        ),
+    ],
 )
 def test_metrics_on_device_match_cpu(device):
     b = make_batch(6, "union", tail=True)
@@ -210,8 +237,14 @@ def test_metrics_on_device_match_cpu(device):
             return x
         return type(x)(**{k: moved(v) for k, v in vars(x).items()})
 
-    kw = dict(response_mask_NT=b["mask"], student=b["student"], teacher=b["teacher"], support=b["support"],
-              advantages=b["adv"], reverse_kl_NT=b["rkl"])
+    kw = dict(
+        response_mask_NT=b["mask"],
+        student=b["student"],
+        teacher=b["teacher"],
+        support=b["support"],
+        advantages=b["adv"],
+        reverse_kl_NT=b["rkl"],
+    )
     cpu = dynamics_metrics(DiagnosticInputs(**kw), position_edges=EDGES)
     dev = dynamics_metrics(DiagnosticInputs(**{k: moved(v) for k, v in kw.items()}), position_edges=EDGES)
     assert dev.keys() == cpu.keys() and dev == pytest.approx(cpu, rel=1e-6)

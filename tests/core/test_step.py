@@ -12,8 +12,16 @@ import torch
 
 from opd.core.config import OPDConfig
 from opd.core.step import (
-    StepReads, build_targets, loss_totals, merge_loss_metrics, read_full_kl, read_student, read_student_at_teacher,
-    read_teacher, step_diagnostics, step_loss,
+    StepReads,
+    build_targets,
+    loss_totals,
+    merge_loss_metrics,
+    read_full_kl,
+    read_student,
+    read_student_at_teacher,
+    read_teacher,
+    step_diagnostics,
+    step_loss,
 )
 
 F64 = torch.float64
@@ -42,8 +50,9 @@ def run_step(cfg: OPDConfig, student, teacher, ids, mask, outcome, *, rows=None)
             reads.teacher = read_teacher(cfg, teacher, ids, reads.student.topk_ids_NTK)
             reads.student.lp_at_other_NTK = read_student_at_teacher(cfg, s_logits, reads.teacher.topk_ids_NTK)
             reads.full_kl_NT = read_full_kl(cfg, s_logits, teacher)
-    targets = build_targets(cfg, reads, response_ids_NT=ids, response_mask_NT=mask, group_index_N=GROUPS,
-                            outcome_scores_N=outcome)
+    targets = build_targets(
+        cfg, reads, response_ids_NT=ids, response_mask_NT=mask, group_index_N=GROUPS, outcome_scores_N=outcome
+    )
     totals = loss_totals(targets, norm_length=T)
     parts, total = [], 0.0
     for start, stop in rows or [(0, N)]:
@@ -73,9 +82,13 @@ def group_outcome(outcome):
 def candidates(strategy, lp, lq, K):
     S = sorted(range(V), key=lambda v: -lp[v].item())[:K]
     Tq = sorted(range(V), key=lambda v: -lq[v].item())[:K]
-    return {"only_stu": S, "only_tch": Tq, "intersection": [v for v in S if v in Tq],
-            "union": S + [v for v in Tq if v not in S],
-            "union-intersection": [v for v in S if v not in Tq] + [v for v in Tq if v not in S]}[strategy]
+    return {
+        "only_stu": S,
+        "only_tch": Tq,
+        "intersection": [v for v in S if v in Tq],
+        "union": S + [v for v in Tq if v not in S],
+        "union-intersection": [v for v in S if v not in Tq] + [v for v in Tq if v not in S],
+    }[strategy]
 
 
 def brute_force(cfg: OPDConfig, student, teacher, ids, mask, outcome):
@@ -103,9 +116,14 @@ def brute_force(cfg: OPDConfig, student, teacher, ids, mask, outcome):
                 normed.update(zip(keys, z.tolist()))
             adv = {(n, t): sum(normed[(n, u)] for u in range(t, T) if (n, u) in normed) for n, t in valid}
         else:
-            adv = {(n, t): {"token_reward_direct": r[(n, t)], "grpo": out_adv[n].item(),
-                            "token_reward_direct_plus_grpo": r[(n, t)] + cfg.grpo_outcome_weight * out_adv[n].item(),
-                            }[est] for n, t in valid}
+            adv = {
+                (n, t): {
+                    "token_reward_direct": r[(n, t)],
+                    "grpo": out_adv[n].item(),
+                    "token_reward_direct_plus_grpo": r[(n, t)] + cfg.grpo_outcome_weight * out_adv[n].item(),
+                }[est]
+                for n, t in valid
+            }
         for n, t in valid:
             ratio_term(n, t, lp_all[n, t, ids[n, t]], adv[(n, t)])
     elif cfg.support == "topk":
@@ -118,8 +136,10 @@ def brute_force(cfg: OPDConfig, student, teacher, ids, mask, outcome):
                 covered_p = sum(lp[v].exp() for v in cand) if cand else torch.tensor(0.0, dtype=F64)
                 covered_q = sum(lq[v].exp().item() for v in cand)
                 slots.append((torch.log1p(-covered_p), math.log1p(-covered_q)))
-            base = [{"student_p": math.exp(a.item()), "teacher_p": math.exp(b), "none": 1.0}[cfg.reward_weight_mode]
-                    for a, b in slots]
+            base = [
+                {"student_p": math.exp(a.item()), "teacher_p": math.exp(b), "none": 1.0}[cfg.reward_weight_mode]
+                for a, b in slots
+            ]
             z = sum(base) if normalise else 1.0
             for (a, b), w in zip(slots, base):
                 ratio_term(n, t, a, w / z * (b - a.item()))
@@ -232,8 +252,9 @@ def test_missing_inputs_are_named():
     fmt = OPDConfig(top_k=0, enable_format_reward=True)
     reads.teacher = read_teacher(fmt, teacher, ids, read_student(fmt, student, ids).topk_ids_NTK)
     with pytest.raises(ValueError, match="needs has_box_N"):
-        build_targets(fmt, StepReads(read_student(fmt, student, ids), reads.teacher), response_ids_NT=ids,
-                      response_mask_NT=mask)
+        build_targets(
+            fmt, StepReads(read_student(fmt, student, ids), reads.teacher), response_ids_NT=ids, response_mask_NT=mask
+        )
 
 
 def test_loss_from_precomputed_target_logprobs_equals_the_logits_path():
@@ -243,8 +264,9 @@ def test_loss_from_precomputed_target_logprobs_equals_the_logits_path():
 
     cfg = OPDConfig(top_k=3, adv_estimator="token_reward_direct_plus_grpo", use_kl=True)
     student, teacher, ids, mask, outcome = make_batch(seed=11)
-    *_, targets, _ = run_step(OPDConfig(top_k=3, adv_estimator="token_reward_direct_plus_grpo"),
-                                            student, teacher, ids, mask, outcome)
+    *_, targets, _ = run_step(
+        OPDConfig(top_k=3, adv_estimator="token_reward_direct_plus_grpo"), student, teacher, ids, mask, outcome
+    )
     targets.ref_lp_NTC = targets.old_lp_NTC - 0.2
     totals = loss_totals(targets, T)
     results = []

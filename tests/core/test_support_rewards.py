@@ -50,9 +50,12 @@ def make_inputs(s_logits, t_logits, K):
     T = lq64.topk(K, dim=-1).indices
     lp, lq = lp64.float(), lq64.float()  # what logit_stats would hand over
     kw = dict(
-        student_topk_ids_NTK=S, teacher_topk_ids_NTK=T,
-        student_lp_at_student_NTK=lp.gather(-1, S), teacher_lp_at_student_NTK=lq.gather(-1, S),
-        student_lp_at_teacher_NTK=lp.gather(-1, T), teacher_lp_at_teacher_NTK=lq.gather(-1, T),
+        student_topk_ids_NTK=S,
+        teacher_topk_ids_NTK=T,
+        student_lp_at_student_NTK=lp.gather(-1, S),
+        teacher_lp_at_student_NTK=lq.gather(-1, S),
+        student_lp_at_teacher_NTK=lp.gather(-1, T),
+        teacher_lp_at_teacher_NTK=lq.gather(-1, T),
     )
     return kw, lp.double(), lq.double()
 
@@ -146,11 +149,12 @@ def test_identical_models_give_zero_rewards(strategy, mode, tail):
     s, _ = mixed_logits(gen, 40, 6)
     kw, _, _ = make_inputs(s, s.clone(), 6)
     sup = build_support(strategy, tail_bucket=tail, **kw)
-    rewards = compute_rewards(OPDConfig(top_k=6, top_k_strategy=strategy, reward_weight_mode=mode, tail_bucket=tail),
-                              sup)
+    rewards = compute_rewards(
+        OPDConfig(top_k=6, top_k_strategy=strategy, reward_weight_mode=mode, tail_bucket=tail), sup
+    )
     assert torch.equal(rewards, torch.zeros_like(rewards))
     if strategy == "union-intersection":  # the symmetric difference is empty everywhere (tail aside)
-        assert sup.valid_NTC[..., : 12].sum() == 0
+        assert sup.valid_NTC[..., :12].sum() == 0
 
 
 def test_empty_candidate_sets_give_zero_not_nan():
@@ -170,13 +174,19 @@ def test_normalised_weights_survive_float32_underflow():
     lp = torch.tensor([[[-200.0, -201.0, -202.0]]])
     lq = torch.tensor([[[-199.0, -201.5, -203.0]]])
     ids = torch.tensor([[[3, 4, 5]]])
-    sup = build_support("only_stu", student_topk_ids_NTK=ids, teacher_topk_ids_NTK=ids,
-                        student_lp_at_student_NTK=lp, teacher_lp_at_student_NTK=lq)
+    sup = build_support(
+        "only_stu",
+        student_topk_ids_NTK=ids,
+        teacher_topk_ids_NTK=ids,
+        student_lp_at_student_NTK=lp,
+        teacher_lp_at_student_NTK=lq,
+    )
     w = candidate_weights(sup, "student_p", normalise=True)
     ref = torch.softmax(lp.double(), -1)
     torch.testing.assert_close(w.double(), ref, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(candidate_rewards(sup, "student_p", normalise=True).double(), ref * (lq - lp).double(),
-                               atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(
+        candidate_rewards(sup, "student_p", normalise=True).double(), ref * (lq - lp).double(), atol=1e-5, rtol=1e-6
+    )
 
 
 def test_k1_keeps_signal_and_none_mode_is_uniform():
@@ -260,8 +270,12 @@ def test_declared_needs_are_exact(strategy):
     gen = torch.Generator().manual_seed(19)
     kw, _, _ = make_inputs(*mixed_logits(gen, 30, 5), 5)
     full = build_support(strategy, **kw)
-    for name in ("student_lp_at_student_NTK", "teacher_lp_at_student_NTK", "student_lp_at_teacher_NTK",
-                 "teacher_lp_at_teacher_NTK"):
+    for name in (
+        "student_lp_at_student_NTK",
+        "teacher_lp_at_student_NTK",
+        "student_lp_at_teacher_NTK",
+        "teacher_lp_at_teacher_NTK",
+    ):
         if name in spec.inputs:
             with pytest.raises(ValueError, match=name):
                 build_support(strategy, **{**kw, name: None})
@@ -277,13 +291,28 @@ def test_bad_inputs_are_named():
     ids = torch.zeros(1, 2, 3, dtype=torch.long)
     lp = torch.zeros(1, 2, 3)
     with pytest.raises(ValueError, match="unknown top-k strategy 'topk'"):
-        build_support("topk", student_topk_ids_NTK=ids, teacher_topk_ids_NTK=ids, student_lp_at_student_NTK=lp,
-                      teacher_lp_at_student_NTK=lp)
+        build_support(
+            "topk",
+            student_topk_ids_NTK=ids,
+            teacher_topk_ids_NTK=ids,
+            student_lp_at_student_NTK=lp,
+            teacher_lp_at_student_NTK=lp,
+        )
     with pytest.raises(ValueError, match="teacher_lp_at_student_NTK has shape"):
-        build_support("only_stu", student_topk_ids_NTK=ids, teacher_topk_ids_NTK=ids, student_lp_at_student_NTK=lp,
-                      teacher_lp_at_student_NTK=lp[..., :2])
-    sup = build_support("only_stu", student_topk_ids_NTK=ids, teacher_topk_ids_NTK=ids,
-                        student_lp_at_student_NTK=lp, teacher_lp_at_student_NTK=lp)
+        build_support(
+            "only_stu",
+            student_topk_ids_NTK=ids,
+            teacher_topk_ids_NTK=ids,
+            student_lp_at_student_NTK=lp,
+            teacher_lp_at_student_NTK=lp[..., :2],
+        )
+    sup = build_support(
+        "only_stu",
+        student_topk_ids_NTK=ids,
+        teacher_topk_ids_NTK=ids,
+        student_lp_at_student_NTK=lp,
+        teacher_lp_at_student_NTK=lp,
+    )
     with pytest.raises(ValueError, match="expects 6"):
         compute_rewards(OPDConfig(top_k=3, top_k_strategy="union"), sup)
     with pytest.raises(ValueError, match="full vocabulary"):

@@ -38,8 +38,9 @@ def test_overlap_masses_match_sets_and_are_side_independent():
     assert P[0, 0] == 0 and Q[0, 0] == 0  # disjoint
     assert P[0, 1].item() == pytest.approx(lp[0, 1].topk(5).values.exp().sum().item(), abs=1e-6)  # identical
     assert 0 < P.mean() < 1
-    torch.testing.assert_close(shared_mass_NT(S, T, lp.gather(-1, S).float(), lq.gather(-1, S).float()),
-                               torch.minimum(P, Q))
+    torch.testing.assert_close(
+        shared_mass_NT(S, T, lp.gather(-1, S).float(), lq.gather(-1, S).float()), torch.minimum(P, Q)
+    )
 
 
 def test_mask_and_weight_modes():
@@ -55,19 +56,24 @@ def test_gating_rewards_end_to_end():
     """Gated rewards vanish at low-overlap positions, shrink linearly in weight mode, and are untouched elsewhere."""
     lp, lq, S, T = topk_inputs(1)
     slp, tlp = lp.gather(-1, S).float(), lq.gather(-1, S).float()
-    sup = build_support("only_stu", student_topk_ids_NTK=S, teacher_topk_ids_NTK=T, student_lp_at_student_NTK=slp,
-                        teacher_lp_at_student_NTK=tlp)
+    sup = build_support(
+        "only_stu",
+        student_topk_ids_NTK=S,
+        teacher_topk_ids_NTK=T,
+        student_lp_at_student_NTK=slp,
+        teacher_lp_at_student_NTK=tlp,
+    )
     rewards = compute_rewards(OPDConfig(top_k=5, teachability="mask"), sup)
     mass = shared_mass_NT(S, T, slp, tlp)
     low = mass < 0.3
     assert low.any() and (~low).any()  # both kinds of position present
-    inputs = dict(student_topk_ids_NTK=S, teacher_topk_ids_NTK=T, student_topk_lp_NTK=slp,
-                  teacher_lp_at_student_NTK=tlp)
+    inputs = dict(
+        student_topk_ids_NTK=S, teacher_topk_ids_NTK=T, student_topk_lp_NTK=slp, teacher_lp_at_student_NTK=tlp
+    )
     masked, w = gate_rewards(rewards, OPDConfig(top_k=5, teachability="mask", teachability_threshold=0.3), **inputs)
     assert (masked[low] == 0).all() and torch.equal(masked[~low], rewards[~low])
     assert torch.equal(w, low.logical_not().float())
-    weighted, _ = gate_rewards(rewards, OPDConfig(top_k=5, teachability="weight", teachability_threshold=0.3),
-                               **inputs)
+    weighted, _ = gate_rewards(rewards, OPDConfig(top_k=5, teachability="weight", teachability_threshold=0.3), **inputs)
     torch.testing.assert_close(weighted[low], rewards[low] * (mass[low] / 0.3)[:, None])
     assert torch.equal(weighted[~low], rewards[~low])
     untouched, none = gate_rewards(rewards, OPDConfig(top_k=5), **inputs)  # off by default

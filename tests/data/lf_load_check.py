@@ -27,8 +27,15 @@ from llamafactory.model import load_tokenizer
 def main(yaml_path: str, tokenizer_dir: str, output_dir: str) -> None:
     cfg = yaml.safe_load(open(yaml_path, encoding="utf-8"))
     cfg.pop("deepspeed", None)
-    cfg.update(model_name_or_path=tokenizer_dir, bf16=False, preprocessing_num_workers=None,
-               dataloader_num_workers=0, output_dir=output_dir, cutoff_len=512, overwrite_output_dir=True)
+    cfg.update(
+        model_name_or_path=tokenizer_dir,
+        bf16=False,
+        preprocessing_num_workers=None,
+        dataloader_num_workers=0,
+        output_dir=output_dir,
+        cutoff_len=512,
+        overwrite_output_dir=True,
+    )
     model_args, data_args, training_args, _, _ = get_train_args(cfg)
     tm = load_tokenizer(model_args)
     template = get_template_and_fix_tokenizer(tm["tokenizer"], data_args)
@@ -37,8 +44,13 @@ def main(yaml_path: str, tokenizer_dir: str, output_dir: str) -> None:
     rows = []
     for split in ("train_dataset", "eval_dataset"):
         for ex in dm[split]:
-            rows.append({"split": split, "input": tok.decode(ex["input_ids"]),
-                         "target": tok.decode([t for t in ex["labels"] if t != -100])})
+            rows.append(
+                {
+                    "split": split,
+                    "input": tok.decode(ex["input_ids"]),
+                    "target": tok.decode([t for t in ex["labels"] if t != -100]),
+                }
+            )
     print("LF_RESULT " + json.dumps(rows))
 
 

@@ -25,17 +25,30 @@ AGAINST = [
     "A rectangle has perimeter 20 and area 21. Find the length of its longer side.",
 ]
 EXACT = [AGAINST[3], "How many   positive divisors\ndoes $72$ have?"]  # same text, other whitespace/template
-PARAPHRASES = ["Compute the sum of the first ten odd positive integers.",
-               "Find the limit of sin(3x)/x as x approaches 0."]
-DISTINCT = ["How many ways can 5 distinct books be arranged on a shelf?",
-            "Find the area of a circle with radius 3.",
-            "Solve for $y$: $2y - 7 = 11$."]
+PARAPHRASES = [
+    "Compute the sum of the first ten odd positive integers.",
+    "Find the limit of sin(3x)/x as x approaches 0.",
+]
+DISTINCT = [
+    "How many ways can 5 distinct books be arranged on a shelf?",
+    "Find the area of a circle with radius 3.",
+    "Solve for $y$: $2y - 7 = 11$.",
+]
 
 
 def rows_without_question(questions, template, source):
     """Rows as a foreign RL file would have them: only the templated prompt, no raw question in extra_info."""
-    rows = [make_rl_row(data_source=source, prompt_text=apply_template(template, q), ground_truth="1", index=i,
-                        split="train", question=q) for i, q in enumerate(questions)]
+    rows = [
+        make_rl_row(
+            data_source=source,
+            prompt_text=apply_template(template, q),
+            ground_truth="1",
+            index=i,
+            split="train",
+            question=q,
+        )
+        for i, q in enumerate(questions)
+    ]
     for r in rows:
         del r["extra_info"]["question"]
     return rows
@@ -92,8 +105,19 @@ def test_cli_writes_filtered_parquet_and_report(tmp_path, capsys):
     write_rl_parquet(src_rows, tmp_path / "s.parquet")
     write_rl_parquet(rows_without_question(AGAINST, DAPO, "a"), tmp_path / "a.parquet")
     out, report = tmp_path / "kept.parquet", tmp_path / "report.json"
-    rc = dd.main(["--source", str(tmp_path / "s.parquet"), "--against", str(tmp_path / "a.parquet"),
-                  "--output", str(out), "--report", str(report), "--no-progress"])
+    rc = dd.main(
+        [
+            "--source",
+            str(tmp_path / "s.parquet"),
+            "--against",
+            str(tmp_path / "a.parquet"),
+            "--output",
+            str(out),
+            "--report",
+            str(report),
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0
     kept = read_rl_parquet(out)
@@ -106,7 +130,17 @@ def test_cli_writes_filtered_parquet_and_report(tmp_path, capsys):
 
 def test_cli_bad_model_path_is_a_clear_error(tmp_path, capsys):
     write_rl_parquet(rows_without_question(AGAINST, DAPO, "a"), tmp_path / "a.parquet")
-    rc = dd.main(["--source", str(tmp_path / "a.parquet"), "--against", str(tmp_path / "a.parquet"),
-                  "--output", str(tmp_path / "o.parquet"), "--model", str(tmp_path / "nope")])
+    rc = dd.main(
+        [
+            "--source",
+            str(tmp_path / "a.parquet"),
+            "--against",
+            str(tmp_path / "a.parquet"),
+            "--output",
+            str(tmp_path / "o.parquet"),
+            "--model",
+            str(tmp_path / "nope"),
+        ]
+    )
     assert rc == 1 and "nope" in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()

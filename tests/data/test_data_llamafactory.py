@@ -20,9 +20,17 @@ HERE = Path(__file__).parent
 def write_rollouts(path, n=20):
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": f"What is {i}+{i}? Put the answer in \\boxed{{}}."},
-                {"role": "assistant", "content": f"{i}+{i}={2 * i}, so \\boxed{{{2 * i}}}."}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is {i}+{i}? Put the answer in \\boxed{{}}."},
+                            {"role": "assistant", "content": f"{i}+{i}={2 * i}, so \\boxed{{{2 * i}}}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -42,12 +50,18 @@ def test_export_registers_name_matching_file(tmp_path):
     assert target.read_bytes() == (tmp_path / "qwen3_4b_answers.jsonl").read_bytes()
 
 
-@pytest.mark.parametrize("bad,msg", [
-    ({"messages": [{"role": "assistant", "content": "x"}]}, "turn 0 should be a user"),
-    ({"messages": [{"role": "user", "content": "q"}]}, "end with a non-empty assistant"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, "non-empty assistant"),
-    ({"conversations": []}, "'messages' list"),
-])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        ({"messages": [{"role": "assistant", "content": "x"}]}, "turn 0 should be a user"),
+        ({"messages": [{"role": "user", "content": "q"}]}, "end with a non-empty assistant"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+            "non-empty assistant",
+        ),
+        ({"conversations": []}, "'messages' list"),
+    ],
+)
 def test_bad_line_is_named(tmp_path, bad, msg):
     path = write_rollouts(tmp_path / "r.jsonl", 3)
     with open(path, "a") as f:
@@ -71,8 +85,18 @@ def test_shipped_yaml_has_paper_settings():
 
 def export_with_yaml(tmp_path):
     rollouts = write_rollouts(tmp_path / "cold_start.jsonl")
-    rc = lf.main(["--rollouts", str(rollouts), "--dataset-dir", str(tmp_path / "ds"), "--yaml-out",
-                  str(tmp_path / "sft.yaml"), "--output-dir", str(tmp_path / "ckpt")])
+    rc = lf.main(
+        [
+            "--rollouts",
+            str(rollouts),
+            "--dataset-dir",
+            str(tmp_path / "ds"),
+            "--yaml-out",
+            str(tmp_path / "sft.yaml"),
+            "--output-dir",
+            str(tmp_path / "ckpt"),
+        ]
+    )
     assert rc == 0
     return yaml.safe_load((tmp_path / "sft.yaml").read_text())
 
@@ -96,20 +120,26 @@ def _llamafactory_python() -> list[str] | None:
 def test_llamafactory_loader_reads_export(tmp_path):
     python = _llamafactory_python()
     if python is None:
-        pytest.skip("no LlamaFactory environment: scripts/test.sh builds .venv-llamafactory (see "
-                    ".venv-llamafactory.log if it failed), or set OPD_LLAMAFACTORY_PYTHON to the python of one")
+        pytest.skip(
+            "no LlamaFactory environment: scripts/test.sh builds .venv-llamafactory (see "
+            ".venv-llamafactory.log if it failed), or set OPD_LLAMAFACTORY_PYTHON to the python of one"
+        )
     from opd.toy.models import build_tiny_model, save_model
     from opd.toy.tokenizer import build_toy_tokenizer
 
     export_with_yaml(tmp_path)
     tok = build_toy_tokenizer()
     model_dir = save_model(build_tiny_model(tok, arch="qwen2"), tok, tmp_path / "student")
-    proc = subprocess.run([*python, str(HERE / "lf_load_check.py"), str(tmp_path / "sft.yaml"), model_dir,
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [*python, str(HERE / "lf_load_check.py"), str(tmp_path / "sft.yaml"), model_dir, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("LF_RESULT ")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    rows = json.loads(line[0][len("LF_RESULT "):])
+    rows = json.loads(line[0][len("LF_RESULT ") :])
     assert sum(r["split"] == "train_dataset" for r in rows) == 19 and len(rows) == 20  # 5% validation split
     for r in rows:
         i = int(r["input"].split("What is ")[1].split("+")[0])

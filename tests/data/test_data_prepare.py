@@ -18,16 +18,46 @@ FIX = Path(__file__).parents[1] / "fixtures" / "data"
 
 # fixture -> (layout, kept, dropped, first question, first answer, data_source)
 EXPECTED = {
-    "dapo_mini.jsonl": ("dapo", 4, {"repeated question": 1}, "What is the sum of the first 10 positive odd integers?",
-                        "100", "DAPO-Math-17k"),
-    "deepmath_mini.jsonl": ("deepmath", 3, {"empty answer": 1},
-                            "Evaluate the limit $\\lim_{x\\to 0} \\frac{\\sin 3x}{x}$.", "3", "DeepMath-103K"),
-    "openthoughts_mini.jsonl": ("openthoughts", 2, {"domain is not math": 1, "no \\boxed answer in the assistant turn": 1},
-                                "Find the remainder when $7^{100}$ is divided by $5$.", "1", "OpenThoughts3-math"),
-    "math500_mini.jsonl": ("benchmark", 2, {}, "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates.",
-                           "\\left( 3, \\frac{\\pi}{2} \\right)", "math500_mini"),
-    "aime_mini.json": ("benchmark", 2, {}, "Find the number of ordered pairs $(a,b)$ of positive integers with $a+b=10$.",
-                       "9", "aime_mini"),
+    "dapo_mini.jsonl": (
+        "dapo",
+        4,
+        {"repeated question": 1},
+        "What is the sum of the first 10 positive odd integers?",
+        "100",
+        "DAPO-Math-17k",
+    ),
+    "deepmath_mini.jsonl": (
+        "deepmath",
+        3,
+        {"empty answer": 1},
+        "Evaluate the limit $\\lim_{x\\to 0} \\frac{\\sin 3x}{x}$.",
+        "3",
+        "DeepMath-103K",
+    ),
+    "openthoughts_mini.jsonl": (
+        "openthoughts",
+        2,
+        {"domain is not math": 1, "no \\boxed answer in the assistant turn": 1},
+        "Find the remainder when $7^{100}$ is divided by $5$.",
+        "1",
+        "OpenThoughts3-math",
+    ),
+    "math500_mini.jsonl": (
+        "benchmark",
+        2,
+        {},
+        "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates.",
+        "\\left( 3, \\frac{\\pi}{2} \\right)",
+        "math500_mini",
+    ),
+    "aime_mini.json": (
+        "benchmark",
+        2,
+        {},
+        "Find the number of ordered pairs $(a,b)$ of positive integers with $a+b=10$.",
+        "9",
+        "aime_mini",
+    ),
     "amc_mini.jsonl": ("benchmark", 2, {}, None, "8", "amc_mini"),
 }
 
@@ -88,8 +118,13 @@ def test_parquet_input_equals_json_input(name, tmp_path):
 
 def test_dapo_template_is_stripped_exactly(tmp_path):
     q = "Let $a_1 = 1$ and\n$a_{n+1} = 2a_n$.\n\nFind $a_5$."
-    rec = {"data_source": "math_dapo", "prompt": [{"role": "user", "content": apply_template(DAPO, q)}],
-           "ability": "MATH", "reward_model": {"ground_truth": "16", "style": "rule"}, "extra_info": {"index": "u-1"}}
+    rec = {
+        "data_source": "math_dapo",
+        "prompt": [{"role": "user", "content": apply_template(DAPO, q)}],
+        "ability": "MATH",
+        "reward_model": {"ground_truth": "16", "style": "rule"},
+        "extra_info": {"index": "u-1"},
+    }
     pq.write_table(pa.Table.from_pylist([rec]), tmp_path / "dapo.parquet")
     for name, template in TEMPLATES.items():
         row = convert([tmp_path / "dapo.parquet"], template=template).rows[0]
@@ -117,14 +152,22 @@ def _write_jsonl(path, recs):
     return path
 
 
-@pytest.mark.parametrize("fmt,recs,row,column", [
-    ("deepmath", [{"question": "q", "final_answer": "1"}, {"question": ["not", "text"], "final_answer": "2"}], 1, "question"),
-    ("deepmath", [{"question": "q", "final_answer": "1"}, {"question": "q2"}], 1, "final_answer"),
-    ("benchmark", [{"problem": "p", "answer": {"value": 3}}], 0, "answer"),
-    ("openthoughts", [{"domain": "math", "conversations": "hello"}], 0, "conversations"),
-    ("dapo", [{"prompt": [{"role": "user", "content": "q"}], "reward_model": "7"}], 0, "reward_model"),
-    ("dapo", [{"prompt": "q", "reward_model": {"ground_truth": "7"}}], 0, "prompt"),
-])
+@pytest.mark.parametrize(
+    "fmt,recs,row,column",
+    [
+        (
+            "deepmath",
+            [{"question": "q", "final_answer": "1"}, {"question": ["not", "text"], "final_answer": "2"}],
+            1,
+            "question",
+        ),
+        ("deepmath", [{"question": "q", "final_answer": "1"}, {"question": "q2"}], 1, "final_answer"),
+        ("benchmark", [{"problem": "p", "answer": {"value": 3}}], 0, "answer"),
+        ("openthoughts", [{"domain": "math", "conversations": "hello"}], 0, "conversations"),
+        ("dapo", [{"prompt": [{"role": "user", "content": "q"}], "reward_model": "7"}], 0, "reward_model"),
+        ("dapo", [{"prompt": "q", "reward_model": {"ground_truth": "7"}}], 0, "prompt"),
+    ],
+)
 def test_malformed_input_names_file_row_column(tmp_path, fmt, recs, row, column):
     path = _write_jsonl(tmp_path / "bad.jsonl", recs)
     with pytest.raises(DataError) as e:
@@ -172,7 +215,9 @@ def test_cli_error_leaves_no_output(tmp_path, capsys):
     rc = pr.main(["--input", str(bad), "--output", str(out), "--format", "deepmath", "--no-progress"])
     assert rc == 1 and not out.exists()
     assert "row 0" in capsys.readouterr().err
-    rc = pr.main(["--input", str(FIX / "deepmath_mini.jsonl"), "--output", str(out), "--template", "dapo", "--no-progress"])
+    rc = pr.main(
+        ["--input", str(FIX / "deepmath_mini.jsonl"), "--output", str(out), "--template", "dapo", "--no-progress"]
+    )
     assert rc == 0 and len(read_rl_parquet(out)) == 3
     report = json.loads(capsys.readouterr().out)
     assert report["kept"] == 3 and report["dropped"] == {"empty answer": 1}
@@ -205,8 +250,10 @@ def test_strip_template_round_trip_random():
 
 
 def test_schema_validator_names_row_and_column(tmp_path):
-    rows = [make_rl_row(data_source="s", prompt_text=f"q{i}", ground_truth="1", index=i, split="train",
-                        question=f"q{i}") for i in range(3)]
+    rows = [
+        make_rl_row(data_source="s", prompt_text=f"q{i}", ground_truth="1", index=i, split="train", question=f"q{i}")
+        for i in range(3)
+    ]
     rows[2]["reward_model"] = {"ground_truth": "", "style": "rule"}
     with pytest.raises(DataError, match=r"row 2, column 'reward_model'"):
         write_rl_parquet(rows, tmp_path / "x.parquet")

@@ -18,8 +18,17 @@ LOOP_LINE = "\n".join(["This is a long repeated line of reasoning."] * 6) + "\n\
 
 
 def write_prompts(path, n):
-    rows = [make_rl_row(data_source="t", prompt_text=f"Q{i}: what is {i}+{i}?", ground_truth=str(2 * i), index=i,
-                        split="train", question=f"what is {i}+{i}?") for i in range(n)]
+    rows = [
+        make_rl_row(
+            data_source="t",
+            prompt_text=f"Q{i}: what is {i}+{i}?",
+            ground_truth=str(2 * i),
+            index=i,
+            split="train",
+            question=f"what is {i}+{i}?",
+        )
+        for i in range(n)
+    ]
     write_rl_parquet(rows, path)
     return rows
 
@@ -132,11 +141,18 @@ def test_changed_settings_refuse_to_resume(tmp_path):
     out = tmp_path / "o.jsonl"
     rollout(tmp_path / "p.parquet", out, RolloutSettings(model="fake", n=1), Scripted(), progress=False)
     with pytest.raises(ValueError, match="temperature"):
-        rollout(tmp_path / "p.parquet", out, RolloutSettings(model="fake", n=1, temperature=0.7), Scripted(),
-                progress=False)
+        rollout(
+            tmp_path / "p.parquet", out, RolloutSettings(model="fake", n=1, temperature=0.7), Scripted(), progress=False
+        )
     gen = Scripted()
-    rollout(tmp_path / "p.parquet", out, RolloutSettings(model="fake", n=1, temperature=0.7), gen, progress=False,
-            overwrite=True)
+    rollout(
+        tmp_path / "p.parquet",
+        out,
+        RolloutSettings(model="fake", n=1, temperature=0.7),
+        gen,
+        progress=False,
+        overwrite=True,
+    )
     assert sum(gen.requests.values()) == 2
 
 
@@ -163,16 +179,48 @@ def test_transformers_backend_with_tiny_model(tmp_path):
     model_dir = save_model(build_tiny_model(tok, seed=0), tok, tmp_path / "teacher")
     write_prompts(tmp_path / "p.parquet", 3)
     out = tmp_path / "o.jsonl"
-    rc = main(["--input", str(tmp_path / "p.parquet"), "--model", model_dir, "--output", str(out), "--n", "2",
-               "--max-tokens", "8", "--backend", "transformers", "--no-progress", "--seed", "3"])
+    rc = main(
+        [
+            "--input",
+            str(tmp_path / "p.parquet"),
+            "--model",
+            model_dir,
+            "--output",
+            str(out),
+            "--n",
+            "2",
+            "--max-tokens",
+            "8",
+            "--backend",
+            "transformers",
+            "--no-progress",
+            "--seed",
+            "3",
+        ]
+    )
     assert rc == 0
     lines = read_jsonl(out)
     assert len(lines) == 6
     assert [int(ln["messages"][0]["content"][1]) for ln in lines] == [0, 0, 1, 1, 2, 2]
     # a random tiny model never writes \boxed: with rejection sampling every slot is abandoned after 2 attempts
-    rc = main(["--input", str(tmp_path / "p.parquet"), "--model", model_dir, "--output", str(tmp_path / "r.jsonl"),
-               "--max-tokens", "8", "--backend", "transformers", "--no-progress", "--enable-rejection-sampling",
-               "--max-attempts-per-rollout", "2"])
+    rc = main(
+        [
+            "--input",
+            str(tmp_path / "p.parquet"),
+            "--model",
+            model_dir,
+            "--output",
+            str(tmp_path / "r.jsonl"),
+            "--max-tokens",
+            "8",
+            "--backend",
+            "transformers",
+            "--no-progress",
+            "--enable-rejection-sampling",
+            "--max-attempts-per-rollout",
+            "2",
+        ]
+    )
     summary = json.loads(summary_path(tmp_path / "r.jsonl").read_text())
     assert rc == 0 and summary["accepted"] == 0 and summary["abandoned_slots"] == 3
     assert summary["rejections"]["no_boxed"] == 6 and summary["attempts"] == 6
@@ -211,7 +259,8 @@ def test_part_record_without_prompt_index_is_a_data_error(tmp_path):
     from opd.data.rollout import read_parts
     from opd.data.schema import DataError
 
-    (tmp_path / "worker-0.jsonl").write_text('{"prompt_index": 0, "responses": []}\n{"responses": []}\n'
-                                             '{"prompt_index": 2, "responses": []}\n')
+    (tmp_path / "worker-0.jsonl").write_text(
+        '{"prompt_index": 0, "responses": []}\n{"responses": []}\n{"prompt_index": 2, "responses": []}\n'
+    )
     with pytest.raises(DataError, match="worker-0.jsonl.*corrupt record on line 2"):
         read_parts(tmp_path)

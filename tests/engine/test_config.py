@@ -6,7 +6,13 @@ import pytest
 
 from opd.engines.local import cli
 from opd.engines.local.config import (
-    TrainConfig, env_overrides, from_env, from_yaml, load_config, resolve, run_name_from,
+    TrainConfig,
+    env_overrides,
+    from_env,
+    from_yaml,
+    load_config,
+    resolve,
+    run_name_from,
 )
 
 
@@ -92,11 +98,29 @@ def test_grpo_needs_no_teacher_and_sampled_token():
 
 
 def test_run_name_encodes_the_settings():
-    cfg = resolve(None, {"actor_model_path": "/m/Qwen3-1.7B", "reward_model_path": "/m/Qwen3-4B/",
-                         "train_dataset": "/d/dapo.parquet", "algo.top_k": 8, "n_responses": 2, "lr": 2e-6})
+    cfg = resolve(
+        None,
+        {
+            "actor_model_path": "/m/Qwen3-1.7B",
+            "reward_model_path": "/m/Qwen3-4B/",
+            "train_dataset": "/d/dapo.parquet",
+            "algo.top_k": 8,
+            "n_responses": 2,
+            "lr": 2e-6,
+        },
+    )
     name = run_name_from(cfg)
-    for part in ("token_reward_direct", "dapo", "stu-Qwen3-1.7B", "tch-Qwen3-4B", "n2-b64", "k8-only_stu-student_p",
-                 "lr2e-06", "p1024-r7168", "t1-tt1"):
+    for part in (
+        "token_reward_direct",
+        "dapo",
+        "stu-Qwen3-1.7B",
+        "tch-Qwen3-4B",
+        "n2-b64",
+        "k8-only_stu-student_p",
+        "lr2e-06",
+        "p1024-r7168",
+        "t1-tt1",
+    ):
         assert part in name
     assert "/" not in name
     assert run_name_from(cfg.replace(**{"algo.top_k": 4})) != name

@@ -77,15 +77,16 @@ def _clean_env(**extra) -> dict[str, str]:
 
 
 def _print_config(script: Path, env: dict[str, str], *args: str) -> dict:
-    proc = subprocess.run(["bash", str(script), *args, "--print-config"], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        ["bash", str(script), *args, "--print-config"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return yaml.safe_load(proc.stdout)
 
 
 def _get(resolved: dict, key: str):
     if key.startswith("algo."):
-        return resolved["algo"][key[len("algo."):]]
+        return resolved["algo"][key[len("algo.") :]]
     return resolved[key]
 
 
@@ -212,6 +213,11 @@ def test_yaml_beats_launcher_defaults_and_caller_variables_beat_the_yaml(tmp_pat
     # a YAML naming a preset: through the launcher exactly as `opd train --config`
     toy = ROOT / "configs/local/toy_opd.yaml"
     assert _print_config(OPD_SH, _clean_env(), "--config", str(toy)) == from_yaml(toy).to_dict()
-    proc = subprocess.run(["bash", str(GRPO_SH), "--config", str(toy), "--print-config"], env=_clean_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(GRPO_SH), "--config", str(toy), "--print-config"],
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "names preset 'toy_opd', but --preset grpo was given" in proc.stderr

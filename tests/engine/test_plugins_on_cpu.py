@@ -61,7 +61,9 @@ def test_unknown_plugin_module_and_unregistered_name_are_named(monkeypatch):
     with pytest.raises(PluginError, match="OPD_PLUGINS: cannot import 'no_such_opd_plugin_module'"):
         load_plugins()
     monkeypatch.delenv("OPD_PLUGINS")
-    with pytest.raises(ValueError, match=r"OPDConfig.policy_loss='triple' is not valid; allowed: ppo, "
-                                         r"importance_sampling"):
+    with pytest.raises(
+        ValueError,
+        match=r"OPDConfig.policy_loss='triple' is not valid; allowed: ppo, "
+        r"importance_sampling",
+    ):
         OPDConfig(policy_loss="triple")
-

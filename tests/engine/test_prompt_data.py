@@ -35,8 +35,10 @@ def test_overlong_prompts_are_dropped_and_counted(tmp_path, tok):
     from opd.data.schema import make_rl_row, write_rl_parquet
 
     texts = ["1+1", "12+12+12+12", "123+123+123+123+123+123+123+123"]
-    rows = [make_rl_row(data_source="s", prompt_text=t, ground_truth="0", index=i, split="train", question=t)
-            for i, t in enumerate(texts)]
+    rows = [
+        make_rl_row(data_source="s", prompt_text=t, ground_truth="0", index=i, split="train", question=t)
+        for i, t in enumerate(texts)
+    ]
     path = tmp_path / "lengths.parquet"
     write_rl_parquet(rows, path)
     full = load_prompt_set(str(path), tok, max_prompt_length=1024, template_kwargs={})
@@ -84,7 +86,8 @@ def test_an_aime_file_opd_eval_gen_reads_is_a_test_file(tiny_cfg, tok, tmp_path,
     problems = s.val_sets[0].problems
     assert [p.ground_truth for p in problems] == [e.answer for e in bench.examples] == ["9", "24"]
     assert [tok.decode(p.prompt_ids) for p in problems] == [
-        tok.apply_chat_template(e.messages, add_generation_prompt=True, tokenize=False) for e in bench.examples]
+        tok.apply_chat_template(e.messages, add_generation_prompt=True, tokenize=False) for e in bench.examples
+    ]
     assert {p.data_source for p in problems} == {"aime24"}
     assert set(trainer.run_validation(s, 0)) >= {"val/aime24/mean@2", "val/aime24/maj@2"}
 

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
+from opd.core.step import build_targets
 from opd.engines.local import trainer
 from opd.engines.local.checkpoint import latest_checkpoint
 from opd.engines.local.data import PromptSchedule
 from opd.engines.local.logging import read_metrics
 from opd.engines.local.rollout import micro_batch_bounds
-from opd.core.step import build_targets
 from opd.engines.local.scoring import score
 from opd.engines.local.update import loss_and_backward
 from opd.engines.local.validation import summarise
@@ -25,8 +25,15 @@ def _without_timings(rows: list[dict]) -> list[dict]:
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch, capsys):
-    settings = dict(total_steps=4, save_freq=2, test_freq=2, val_before_train=True, lr_scheduler="cosine",
-                    warmup_ratio=0.25, **{"algo.top_k": 4})
+    settings = dict(
+        total_steps=4,
+        save_freq=2,
+        test_freq=2,
+        val_before_train=True,
+        lr_scheduler="cosine",
+        warmup_ratio=0.25,
+        **{"algo.top_k": 4},
+    )
     straight = trainer.train(tiny_cfg(output_dir=str(tmp_path / "a"), **settings))
 
     # the same run, killed in the middle of step 3 (after its rollouts consumed random numbers), then resumed
@@ -52,12 +59,27 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
     assert _without_timings(a) == _without_timings(b)
     assert "val/mean@2" in a[-1] and "actor/lr" in a[-1]
-    spec_keys = ["opd/overlap_ratio", "opd/overlap_mass_student", "opd/overlap_mass_teacher", "opd/top1_agreement",
-                 "opd/overlap_token_advantage", "opd/student_only_advantage", "opd/entropy/student",
-                 "opd/entropy/teacher",
-                 "opd/entropy/gap", "opd/max_adv/A", "opd/max_adv/p_minus_q", "opd/min_adv/q", "opd/reverse_kl",
-                 "opd/candidates/overlap", "opd/pos/0-255/overlap_ratio", "actor/grad_norm", "actor/loss",
-                 "train/true_reward", "train/response_length"]
+    spec_keys = [
+        "opd/overlap_ratio",
+        "opd/overlap_mass_student",
+        "opd/overlap_mass_teacher",
+        "opd/top1_agreement",
+        "opd/overlap_token_advantage",
+        "opd/student_only_advantage",
+        "opd/entropy/student",
+        "opd/entropy/teacher",
+        "opd/entropy/gap",
+        "opd/max_adv/A",
+        "opd/max_adv/p_minus_q",
+        "opd/min_adv/q",
+        "opd/reverse_kl",
+        "opd/candidates/overlap",
+        "opd/pos/0-255/overlap_ratio",
+        "actor/grad_norm",
+        "actor/loss",
+        "train/true_reward",
+        "train/response_length",
+    ]
     assert [k for k in spec_keys if k not in a[1]] == []
     assert not any(k.startswith("val") for k in a[1])  # training diagnostics never carry a val prefix
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
@@ -98,27 +120,46 @@ def _grads(model) -> list[torch.Tensor]:
     ],
 )
 def test_micro_batching_does_not_change_the_gradient(tiny_cfg, agg, top_k, estimator):
-    cfg = tiny_cfg(**{"algo.top_k": top_k, "algo.loss_agg_mode": agg, "algo.use_kl": True,
-                      "algo.adv_estimator": estimator})
+    cfg = tiny_cfg(
+        **{"algo.top_k": top_k, "algo.loss_agg_mode": agg, "algo.use_kl": True, "algo.adv_estimator": estimator}
+    )
     s = trainer.setup(cfg)
     problems = [s.train_set.problems[i] for i in s.schedule.batch(1)]
-    rollouts = trainer.generate(s.student, s.tokenizer, [p.prompt_ids for p in problems],
-                                [p.ground_truth for p in problems], n=2, max_new_tokens=12, temperature=1.0,
-                                top_p=1.0, repetition_penalty=1.0, generator=s.generator, batch_size=64,
-                                eos_ids=s.eos_ids, pad_id=s.pad_id)
+    rollouts = trainer.generate(
+        s.student,
+        s.tokenizer,
+        [p.prompt_ids for p in problems],
+        [p.ground_truth for p in problems],
+        n=2,
+        max_new_tokens=12,
+        temperature=1.0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        generator=s.generator,
+        batch_size=64,
+        eos_ids=s.eos_ids,
+        pad_id=s.pad_id,
+    )
     batch = rollouts.batch
     reads = score(s.student, s.teacher, batch, cfg.algo, token_budget=10**6)
     outcome = (torch.arange(batch.n_rows) % 3 == 0).float()  # mixed rule rewards within groups
-    targets = build_targets(cfg.algo, reads, response_ids_NT=batch.response_ids_NT,
-                            response_mask_NT=batch.response_mask_NT, group_index_N=batch.group_index_N,
-                            outcome_scores_N=outcome, has_box_N=torch.ones(batch.n_rows, dtype=torch.bool))
+    targets = build_targets(
+        cfg.algo,
+        reads,
+        response_ids_NT=batch.response_ids_NT,
+        response_mask_NT=batch.response_mask_NT,
+        group_index_N=batch.group_index_N,
+        outcome_scores_N=outcome,
+        has_box_N=torch.ones(batch.n_rows, dtype=torch.bool),
+    )
     targets.ref_lp_NTC = targets.old_lp_NTC - 0.1  # any constant reference exercises the KL term
     grads = {}
     for budget in (10**6, 1):  # whole batch in one pass vs one row per micro-batch
         assert len(micro_batch_bounds(batch, budget)) == (1 if budget > 1 else batch.n_rows)
         s.student.zero_grad(set_to_none=True)
-        out = loss_and_backward(s.student, batch, targets, cfg.algo, token_budget=budget, norm_length=12,
-                                teacher=s.teacher)
+        out = loss_and_backward(
+            s.student, batch, targets, cfg.algo, token_budget=budget, norm_length=12, teacher=s.teacher
+        )
         grads[budget] = (out["actor/loss"], _grads(s.student))
     assert sum(float(g.abs().sum()) for g in grads[1][1]) > 1e-6  # a non-trivial gradient is compared
     assert grads[1][0] == pytest.approx(grads[10**6][0], rel=1e-5, abs=1e-7)
@@ -224,13 +265,29 @@ def test_resaving_a_step_replaces_it_whole(tmp_path):
     from opd.toy import build_toy_tokenizer
 
     tok = build_toy_tokenizer()
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gen = torch.Generator().manual_seed(0)
     for position in ({"epoch": 0, "index": 1}, {"epoch": 0, "index": 2}):
-        path = save_checkpoint(tmp_path, 1, model=model, tokenizer=tok, optimizer=opt, scheduler=sched,
-                               generator=gen, data_position=position)
+        path = save_checkpoint(
+            tmp_path,
+            1,
+            model=model,
+            tokenizer=tok,
+            optimizer=opt,
+            scheduler=sched,
+            generator=gen,
+            data_position=position,
+        )
     assert json.loads((path / "trainer_state.json").read_text())["data_position"] == {"epoch": 0, "index": 2}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]

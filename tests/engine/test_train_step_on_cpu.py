@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from opd.engines.local import trainer
-from opd.models import VocabularyMismatchError
 from opd.engines.local.rollout import collate
 from opd.engines.local.scoring import response_logits
+from opd.models import VocabularyMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,7 @@ def _masked_mean(x_NT, mask_NT):
 )
 def test_opd_step_raises_student_logprob_of_teacher_argmax(sharp_pair, tiny_cfg, monkeypatch, settings):
     student_dir, teacher_dir = sharp_pair
-    cfg = tiny_cfg(actor_model_path=student_dir, reward_model_path=teacher_dir, lr=3e-3, weight_decay=0.0,
-                   **settings)
+    cfg = tiny_cfg(actor_model_path=student_dir, reward_model_path=teacher_dir, lr=3e-3, weight_decay=0.0, **settings)
     s, rollouts, before, metrics = one_step(cfg, monkeypatch)
     batch = rollouts.batch
     with torch.no_grad():
@@ -119,10 +118,13 @@ def test_grpo_step_favours_rewarded_samples(tiny_cfg, monkeypatch):
     assert 0 < float(scores.mean()) < 1 and metrics["train/true_reward"] == pytest.approx(float(scores.mean()))
     ids = batch.response_ids_NT[..., None]
     with torch.no_grad():
-        seq_before = (torch.log_softmax(response_logits(before, batch), -1).gather(-1, ids)[..., 0]
-                      * batch.response_mask_NT).sum(-1)
-        seq_after = (torch.log_softmax(response_logits(s.student.eval(), batch), -1).gather(-1, ids)[..., 0]
-                     * batch.response_mask_NT).sum(-1)
+        seq_before = (
+            torch.log_softmax(response_logits(before, batch), -1).gather(-1, ids)[..., 0] * batch.response_mask_NT
+        ).sum(-1)
+        seq_after = (
+            torch.log_softmax(response_logits(s.student.eval(), batch), -1).gather(-1, ids)[..., 0]
+            * batch.response_mask_NT
+        ).sum(-1)
     delta = seq_after - seq_before
     assert float(delta[scores == 1].mean()) > float(delta[scores == 0].mean())
 

@@ -30,9 +30,29 @@ def bench_dir(tmp_path_factory):
 
 
 def _gen(model_dir, bench_dir, out, *extra):
-    return gen.main(["--model", str(model_dir), "--benchmark", "toyrl", "plain", "--data-dir", str(bench_dir),
-                     "--out", str(out), "--n", "4", "--max-tokens", "24", "--seed", "3", "--batch-size", "5",
-                     "--no-progress", *extra])
+    return gen.main(
+        [
+            "--model",
+            str(model_dir),
+            "--benchmark",
+            "toyrl",
+            "plain",
+            "--data-dir",
+            str(bench_dir),
+            "--out",
+            str(out),
+            "--n",
+            "4",
+            "--max-tokens",
+            "24",
+            "--seed",
+            "3",
+            "--batch-size",
+            "5",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def _lines(path: Path) -> list[dict]:
@@ -65,13 +85,16 @@ def _hand_metrics(recs: list[dict]) -> dict:
         if grams:
             ratios.append(len(set(grams)) / len(grams))
     return {
-        "mean_score": mean, "best_score": best, "maj_score": sum(maj) / len(maj),
+        "mean_score": mean,
+        "best_score": best,
+        "maj_score": sum(maj) / len(maj),
         "solve_none": sum(max(s for _, s, _, _ in v) == 0 for v in by_ex.values()),
         "solve_all": sum(min(s for _, s, _, _ in v) == 1 for v in by_ex.values()),
         "format_error_rollouts": sum(a is None for v in by_ex.values() for a, _, _, _ in v),
         "avg_output_length": sum(t for v in by_ex.values() for _, _, _, t in v) / len(recs),
         "distinct_4gram": sum(ratios) / len(ratios) if ratios else None,
-        "n_examples": len(by_ex), "n_rollouts": len(recs),
+        "n_examples": len(by_ex),
+        "n_rollouts": len(recs),
     }
 
 
@@ -101,8 +124,9 @@ def test_gen_then_grade_matches_hand_computation(parrot_model_dir, bench_dir, tm
         for key, value in want.items():
             assert got[key] == pytest.approx(value), (f.name, key)
         assert got["settings"]["n"] == 4 and got["benchmark"] == f.name.split("__")[0]
-        assert got["truncated_rollouts"] == sum(r["response_tokens"] == 24 and r["finish_reason"] == "length"
-                                                for r in _lines(f))
+        assert got["truncated_rollouts"] == sum(
+            r["response_tokens"] == 24 and r["finish_reason"] == "length" for r in _lines(f)
+        )
         mixed += 0 < got["mean_score"] < 1
         assert f"{100 * got['mean_score']:.1f} / {100 * got['best_score']:.1f}" in table
     assert mixed >= 1, "the parrot model should give a mix of right and wrong answers"
@@ -114,8 +138,12 @@ def test_grade_tokenizer_flag_counts_tokens(parrot_model_dir, bench_dir, tmp_pat
 
     out = tmp_path / "out"
     _gen(parrot_model_dir, bench_dir, out, "--limit", "1")
-    assert grade.main([str(out), "--tokenizer", str(parrot_model_dir), "--no-progress",
-                       "--output", str(tmp_path / "r.json")]) == 0
+    assert (
+        grade.main(
+            [str(out), "--tokenizer", str(parrot_model_dir), "--no-progress", "--output", str(tmp_path / "r.json")]
+        )
+        == 0
+    )
     tok = AutoTokenizer.from_pretrained(parrot_model_dir)
     results = json.loads((tmp_path / "r.json").read_text())
     for path, res in results.items():
@@ -164,9 +192,30 @@ def test_read_done_cuts_a_corrupt_tail(tmp_path):
 
 
 def _gen_other(other, bench_dir, out, *extra):
-    return gen.main(["--model", str(other), "--benchmark", "toyrl", "--data-dir", str(bench_dir), "--out", str(out),
-                     "--n", "4", "--max-tokens", "24", "--seed", "3", "--batch-size", "5", "--limit", "1",
-                     "--no-progress", *extra])
+    return gen.main(
+        [
+            "--model",
+            str(other),
+            "--benchmark",
+            "toyrl",
+            "--data-dir",
+            str(bench_dir),
+            "--out",
+            str(out),
+            "--n",
+            "4",
+            "--max-tokens",
+            "24",
+            "--seed",
+            "3",
+            "--batch-size",
+            "5",
+            "--limit",
+            "1",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("first_run", ["interrupted", "complete"])
@@ -212,8 +261,10 @@ def test_thinking_switch_reaches_the_chat_template():
     from opd.toy import build_toy_tokenizer
 
     tok = build_toy_tokenizer()
-    tok.chat_template = ("{% if enable_thinking is defined %}{{ 'T' if enable_thinking else 'F' }}{% else %}D{% endif %}"
-                         "{{ messages[0]['content'] }}")
+    tok.chat_template = (
+        "{% if enable_thinking is defined %}{{ 'T' if enable_thinking else 'F' }}{% else %}D{% endif %}"
+        "{{ messages[0]['content'] }}"
+    )
     msgs = [{"role": "user", "content": "1+1"}]
     rendered = {}
     for thinking in ("on", "off", None):

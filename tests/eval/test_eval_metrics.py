@@ -125,10 +125,17 @@ def test_verifier_sees_only_rule_failures_and_can_only_raise_scores(tmp_path):
 
 @pytest.mark.parametrize(
     "text,verdict",
-    [("CORRECT", "CORRECT"), ("incorrect.", "INCORRECT"), ("The answer is INVALID", "INVALID"),
-     ("Verdict: Correct, because", "CORRECT"), ("INCORRECTLY", "INVALID"), ("", "INVALID"),
-     ("Not correct: 5 != 6", "INCORRECT"), ("<think>Is it correct? Hmm.</think>\nINCORRECT", "INCORRECT"),
-     ("<think>correct so far... (cut off)", "INVALID")],
+    [
+        ("CORRECT", "CORRECT"),
+        ("incorrect.", "INCORRECT"),
+        ("The answer is INVALID", "INVALID"),
+        ("Verdict: Correct, because", "CORRECT"),
+        ("INCORRECTLY", "INVALID"),
+        ("", "INVALID"),
+        ("Not correct: 5 != 6", "INCORRECT"),
+        ("<think>Is it correct? Hmm.</think>\nINCORRECT", "INCORRECT"),
+        ("<think>correct so far... (cut off)", "INVALID"),
+    ],
 )
 def test_parse_verdict(text, verdict):
     assert parse_verdict(text) == verdict
@@ -141,8 +148,14 @@ def test_verifier_prompt_keeps_the_end_of_long_responses():
 
 def test_format_table_rows_are_benchmarks_and_columns_models():
     def r(b, m, mean, best):
-        return {"benchmark": b, "model": m, "settings": {"n": 4}, "mean_score": mean, "best_score": best,
-                "samples_per_example": {"min": 4, "max": 4}}
+        return {
+            "benchmark": b,
+            "model": m,
+            "settings": {"n": 4},
+            "mean_score": mean,
+            "best_score": best,
+            "samples_per_example": {"min": 4, "max": 4},
+        }
 
     t = grade.format_table(
         {"1": r("aime", "base", 0.1, 0.3), "2": r("aime", "opd", 0.2, 0.5), "3": r("amc", "opd", 0.25, 0.5)}
@@ -166,7 +179,9 @@ def test_benchmark_names_resolve_only_in_the_data_dir(tmp_path):
 
 def test_benchmark_bad_rows_are_named(tmp_path):
     f = tmp_path / "b.jsonl"
-    f.write_text(json.dumps({"problem": "p", "answer": "1"}) + "\n" + json.dumps({"problem": "q", "answer": " "}) + "\n")
+    f.write_text(
+        json.dumps({"problem": "p", "answer": "1"}) + "\n" + json.dumps({"problem": "q", "answer": " "}) + "\n"
+    )
     with pytest.raises(DataError, match=r"b.jsonl', row 1, column 'answer'"):
         load_benchmark(str(f))
     f.write_text(json.dumps({"text": "p"}) + "\n")
@@ -180,8 +195,12 @@ def test_model_verifier_end_to_end(tmp_path, yes_verifier_dir):
     recs = [dict(r, question="What is 1 + 1?") for r in HAND]
     _write(f, recs)
     out = tmp_path / "res.json"
-    assert grade.main([str(f), "--model-verifier", str(yes_verifier_dir), "--output", str(out), "--no-progress",
-                       "--workers", "1"]) == 0
+    assert (
+        grade.main(
+            [str(f), "--model-verifier", str(yes_verifier_dir), "--output", str(out), "--no-progress", "--workers", "1"]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())[str(f)]
     assert res["mean_score"] == pytest.approx((2 / 3 + 0 + 1) / 3)
     assert res["verifier"]["checked"] == 3 and res["verifier"]["correct"] == 3

@@ -25,8 +25,20 @@ from grader_cases import CASES  # noqa: E402
 def test_case_table_is_large_and_covers_the_required_kinds():
     assert len(CASES) >= 60
     kinds = {c[0] for c in CASES}
-    for needed in ("fraction", "radical", "interval", "set", "tuple", "unit", "text", "latex", "no_box",
-                   "nested", "several_boxes", "answer_line"):
+    for needed in (
+        "fraction",
+        "radical",
+        "interval",
+        "set",
+        "tuple",
+        "unit",
+        "text",
+        "latex",
+        "no_box",
+        "nested",
+        "several_boxes",
+        "answer_line",
+    ):
         assert needed in kinds, needed
     # both verdicts appear in every kind with a wrong-answer case, so a grader that always says 1 fails
     assert sum(c[3] == 0.0 for c in CASES) >= 20

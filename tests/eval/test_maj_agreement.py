@@ -24,8 +24,12 @@ def test_training_validation_and_grading_file_agree_on_maj(tmp_path):
 
     # the grading file: the same samples as an `opd eval gen` output
     gen_file = tmp_path / "toy__m__t.jsonl"
-    gen_file.write_text("".join(json.dumps({"example_id": 0, "sample_idx": i, "answer": GT, "response": r}) + "\n"
-                                for i, r in enumerate(RESPONSES)))
+    gen_file.write_text(
+        "".join(
+            json.dumps({"example_id": 0, "sample_idx": i, "answer": GT, "response": r}) + "\n"
+            for i, r in enumerate(RESPONSES)
+        )
+    )
     assert grade.main([str(gen_file), "--output", str(tmp_path / "res.json"), "--workers", "1", "--no-progress"]) == 0
     maj_score = json.loads((tmp_path / "res.json").read_text())[str(gen_file)]["maj_score"]
 

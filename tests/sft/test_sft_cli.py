@@ -28,9 +28,29 @@ def test_opd_sft_trains_and_saves(model_dir, tmp_path):
 
     data = _write_jsonl(tmp_path / "rollouts.jsonl", sft_messages(sample_problems(64, 0)))
     out = tmp_path / "out"
-    rc = opd_main(["sft", "--model", str(model_dir), "--data", str(data), "--output", str(out), "--steps", "12",
-                   "--batch-size", "16", "--micro-batch-size", "8", "--lr", "1e-2", "--log-every", "4",
-                   "--max-length", "100"])
+    rc = opd_main(
+        [
+            "sft",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--steps",
+            "12",
+            "--batch-size",
+            "16",
+            "--micro-batch-size",
+            "8",
+            "--lr",
+            "1e-2",
+            "--log-every",
+            "4",
+            "--max-length",
+            "100",
+        ]
+    )
     assert rc == 0
     log = [json.loads(line) for line in (out / "sft_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [4, 8, 12] and log[-1]["loss"] < log[0]["loss"]
@@ -74,8 +94,9 @@ def test_cli_errors_are_one_line_and_leave_no_output(model_dir, tmp_path, capsys
     out = tmp_path / "out"
     assert opd_main(["sft", "--model", str(model_dir), "--data", str(bad), "--output", str(out)]) == 2
     assert "bad.jsonl', row 0, column 'messages': no assistant" in capsys.readouterr().err
-    assert opd_main(["sft", "--model", str(model_dir), "--data", str(tmp_path / "nope.jsonl"), "--output",
-                     str(out)]) == 2
+    assert (
+        opd_main(["sft", "--model", str(model_dir), "--data", str(tmp_path / "nope.jsonl"), "--output", str(out)]) == 2
+    )
     assert "nope.jsonl: no such file" in capsys.readouterr().err
     good = _write_jsonl(tmp_path / "good.jsonl", sft_messages(sample_problems(2, 0)))
     assert opd_main(["sft", "--model", str(model_dir), "--data", str(good), "--output", str(out), "--lr", "-1"]) == 2

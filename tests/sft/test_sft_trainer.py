@@ -41,8 +41,12 @@ def test_masking_matches_the_templates_generation_marks(tok):
     kept = tok.decode([lab for lab in labels if lab != IGNORE])
     assert kept == _multi_turn()[2]["content"] + tok.eos_token + _multi_turn()[4]["content"] + tok.eos_token
     # the prompt (user turns, system, markers) is never trained on
-    n_prompt = len(tok(tok.apply_chat_template(_multi_turn()[:2], tokenize=False, add_generation_prompt=True),
-                       add_special_tokens=False)["input_ids"])
+    n_prompt = len(
+        tok(
+            tok.apply_chat_template(_multi_turn()[:2], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
+    )
     assert set(labels[:n_prompt]) == {IGNORE}
 
 
@@ -51,12 +55,14 @@ def test_bad_conversations_and_templates_raise(tok):
         encode_dataset(tok, [Problem(1, 2).messages(True), Problem(1, 2).messages()], max_length=100)
     weird = copy.deepcopy(tok)
     # the generation prompt differs from how an assistant turn starts: masking cannot be located
-    weird.chat_template = tok.chat_template.replace("{%- if add_generation_prompt -%}<|assistant|>",
-                                                    "{%- if add_generation_prompt -%}<|assistant|>Sure:")
+    weird.chat_template = tok.chat_template.replace(
+        "{%- if add_generation_prompt -%}<|assistant|>", "{%- if add_generation_prompt -%}<|assistant|>Sure:"
+    )
     with pytest.raises(ValueError, match="prefix"):
         encode_conversation(weird, Problem(1, 2).messages(True))
-    enc = encode_dataset(tok, [m["messages"] for m in sft_messages(sample_problems(5, 0))] + [_multi_turn()],
-                         max_length=70)
+    enc = encode_dataset(
+        tok, [m["messages"] for m in sft_messages(sample_problems(5, 0))] + [_multi_turn()], max_length=70
+    )
     assert len(enc.input_ids) == 5 and enc.n_dropped_too_long == 1
 
 
@@ -153,8 +159,12 @@ def test_micro_batching_equals_one_big_batch(tok):
     data = _mixed_data(tok, 8)
     models = [build_tiny_model(tok, "tiny", seed=3) for _ in range(2)]
     for model, micro in zip(models, (1, 8)):
-        train_sft(model, data, SFTConfig(lr=1e-2, steps=2, batch_size=8, micro_batch_size=micro, warmup_ratio=0,
-                                         progress=False), pad_token_id=tok.pad_token_id)
+        train_sft(
+            model,
+            data,
+            SFTConfig(lr=1e-2, steps=2, batch_size=8, micro_batch_size=micro, warmup_ratio=0, progress=False),
+            pad_token_id=tok.pad_token_id,
+        )
     for p1, p8 in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(p1, p8, rtol=1e-4, atol=1e-5)
     assert not torch.equal(next(models[0].parameters()), next(build_tiny_model(tok, "tiny", seed=3).parameters()))
@@ -168,13 +178,20 @@ def test_sft_lowers_heldout_loss_on_toy_data(tok):
 
     def held_loss(m):
         with torch.no_grad():
-            s, n = token_loss_sum(m, *collate(held.input_ids, held.labels, tok.pad_token_id)[:2],
-                                  collate(held.input_ids, held.labels, tok.pad_token_id)[2])
+            s, n = token_loss_sum(
+                m,
+                *collate(held.input_ids, held.labels, tok.pad_token_id)[:2],
+                collate(held.input_ids, held.labels, tok.pad_token_id)[2],
+            )
         return float(s) / n
 
     before = held_loss(model)
-    logs = train_sft(model, train, SFTConfig(lr=1e-2, steps=40, batch_size=32, log_every=10, progress=False),
-                     pad_token_id=tok.pad_token_id)
+    logs = train_sft(
+        model,
+        train,
+        SFTConfig(lr=1e-2, steps=40, batch_size=32, log_every=10, progress=False),
+        pad_token_id=tok.pad_token_id,
+    )
     after = held_loss(model)
     assert before > 4.0  # ~log(vocab) at init
     assert after < 0.5 * before
@@ -199,8 +216,13 @@ def test_early_stop_when_metric_reaches_threshold(tok):
         m.eval()
         return orig(m, step)
 
-    logs = train_sft(model, data, SFTConfig(lr=1e-3, steps=50, batch_size=4, eval_every=2, stop_threshold=0.55,
-                                            progress=False), pad_token_id=tok.pad_token_id, evaluate=evaluate_checked)
+    logs = train_sft(
+        model,
+        data,
+        SFTConfig(lr=1e-3, steps=50, batch_size=4, eval_every=2, stop_threshold=0.55, progress=False),
+        pad_token_id=tok.pad_token_id,
+        evaluate=evaluate_checked,
+    )
     assert calls == [2, 4, 6] and logs[-1]["step"] == 6 and logs[-1]["stopped_early"]
     assert logs[-1]["accuracy"] == pytest.approx(0.6)
     with pytest.raises(ValueError, match="stop_threshold needs eval_every"):

@@ -65,8 +65,10 @@ def test_gold_answers_pass_the_rule_grader():
     probs = sample_problems(40, seed=3)
     assert all(grading.score_response(p.solution, p.answer) == 1.0 for p in probs)
     # and a wrong sum is rejected (the grader really reads the box)
-    assert all(grading.score_response(gold_solution(p.a, p.b).replace(p.answer, str(int(p.answer) + 1)), p.answer)
-               == 0.0 for p in probs[:10])
+    assert all(
+        grading.score_response(gold_solution(p.a, p.b).replace(p.answer, str(int(p.answer) + 1)), p.answer) == 0.0
+        for p in probs[:10]
+    )
 
 
 def test_splits_deterministic_disjoint_and_fixed_length():
@@ -119,8 +121,9 @@ def test_chat_template_generation_prompt_and_assistant_mask(tok):
     prompt = tok.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False)
     full = tok.apply_chat_template(p.messages(with_answer=True), tokenize=False)
     assert prompt.endswith(ASSISTANT) and full == prompt + p.solution + EOS
-    out = tok.apply_chat_template(p.messages(with_answer=True), tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
+    out = tok.apply_chat_template(
+        p.messages(with_answer=True), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, mask = out["input_ids"], out["assistant_masks"]
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert mask == [0] * n_prompt + [1] * (len(ids) - n_prompt)
@@ -130,8 +133,13 @@ def test_chat_template_generation_prompt_and_assistant_mask(tok):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tiny_models_sizes_seed_and_save_reload(tok, tmp_path, arch):
-    assert dims(3, 96) == {"num_hidden_layers": 3, "hidden_size": 96, "num_attention_heads": 3,
-                           "num_key_value_heads": 3, "intermediate_size": 256}
+    assert dims(3, 96) == {
+        "num_hidden_layers": 3,
+        "hidden_size": 96,
+        "num_attention_heads": 3,
+        "num_key_value_heads": 3,
+        "intermediate_size": 256,
+    }
     with pytest.raises(ValueError, match="width=48"):
         dims(2, 48)
     t, s = build_tiny_model(tok, "teacher", 0, arch), build_tiny_model(tok, "student", 0, arch)

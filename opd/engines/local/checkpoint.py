@@ -55,8 +55,9 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["sampler"])
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, generator: torch.Generator,
-                    data_position: dict) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, generator: torch.Generator, data_position: dict
+) -> Path:
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".tmp-{final.name}"
     if tmp.exists():

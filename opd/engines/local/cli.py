@@ -23,9 +23,14 @@ def _parser() -> argparse.ArgumentParser:
 
     variables = "\n".join(f"  {var:<22} -> {key}" for var, key in ENV_VARS.items())
     presets = "\n".join(
-        textwrap.fill(" ".join(f"{k}={v}" for k, v in settings.items()) or "(the defaults)", width=118,
-                      initial_indent=f"  {name:<9}", subsequent_indent=" " * 11)
-        for name, settings in PRESETS.items())
+        textwrap.fill(
+            " ".join(f"{k}={v}" for k, v in settings.items()) or "(the defaults)",
+            width=118,
+            initial_indent=f"  {name:<9}",
+            subsequent_indent=" " * 11,
+        )
+        for name, settings in PRESETS.items()
+    )
     parser = argparse.ArgumentParser(
         prog="opd train",
         description="Train a student by on-policy distillation (or GRPO) with the local engine: one process, CPU "
@@ -37,13 +42,22 @@ def _parser() -> argparse.ArgumentParser:
         "launcher variables (read with --from-env):\n" + variables,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", choices=list(PRESETS),
-                        help="named recipe under the YAML and everything else (default: the TrainConfig defaults)")
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="named recipe under the YAML and everything else (default: the TrainConfig defaults)",
+    )
     parser.add_argument("--config", help="YAML file of settings (flat keys; algorithm knobs under `algo:`)")
-    parser.add_argument("--from-env", action="store_true",
-                        help="read the launcher variables (ADV_ESTIMATOR, LR, ...) from the environment")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration as YAML (with the run folder) and exit")
+    parser.add_argument(
+        "--from-env",
+        action="store_true",
+        help="read the launcher variables (ADV_ESTIMATOR, LR, ...) from the environment",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration as YAML (with the run folder) and exit",
+    )
     parser.add_argument("settings", nargs="*", metavar="key=value", help="overrides, applied last")
     return parser
 

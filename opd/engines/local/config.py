@@ -73,6 +73,7 @@ ENV_VARS: dict[str, str] = {
     "GRADIENT_CHECKPOINTING": "gradient_checkpointing",
 }
 
+
 @dataclass
 class TrainConfig:
     # --- models ---
@@ -145,8 +146,17 @@ class TrainConfig:
             raise bad("teacher_dtype", " | ".join(DTYPES) + " or unset")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise bad("lr_scheduler", " | ".join(LR_SCHEDULERS))
-        for name in ("max_prompt_length", "max_resp_length", "max_val_resp_length", "n_responses", "mini_batch_size",
-                     "rollout_batch_size", "val_n", "micro_batch_tokens", "total_epochs"):
+        for name in (
+            "max_prompt_length",
+            "max_resp_length",
+            "max_val_resp_length",
+            "n_responses",
+            "mini_batch_size",
+            "rollout_batch_size",
+            "val_n",
+            "micro_batch_tokens",
+            "total_epochs",
+        ):
             if not getattr(self, name) >= 1:
                 raise bad(name, "an integer >= 1")
         if self.total_steps is not None and self.total_steps < 1:
@@ -238,7 +248,7 @@ def _typed(key: str, value) -> tuple[str, object]:
     key = ENV_VARS.get(key, key)
     train_hints, algo_hints = typing.get_type_hints(TrainConfig), typing.get_type_hints(OPDConfig)
     if key.startswith("algo."):
-        sub = key[len("algo."):]
+        sub = key[len("algo.") :]
         if sub not in algo_hints:
             raise ValueError(f"unknown setting {key!r}; valid algorithm keys: {', '.join(sorted(algo_hints))}")
         return key, _coerce("OPDConfig", sub, algo_hints[sub], value)
@@ -278,7 +288,7 @@ def merge(layers, base: TrainConfig | None = None) -> TrainConfig:
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
             flat[name], origin[name] = typed, where
-    algo = {k[len("algo."):]: flat.pop(k) for k in list(flat) if k.startswith("algo.")}
+    algo = {k[len("algo.") :]: flat.pop(k) for k in list(flat) if k.startswith("algo.")}
     try:
         return TrainConfig(**flat, algo=OPDConfig.from_dict(algo))
     except ValueError as exc:
@@ -299,8 +309,9 @@ def read_yaml(path: str | Path) -> dict:
         raise FileNotFoundError(f"config file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: expected a mapping of settings at the top level, "
-                         f"got {type(data).__name__}")
+        raise ValueError(
+            f"config file {path}: expected a mapping of settings at the top level, got {type(data).__name__}"
+        )
     return data
 
 
@@ -333,8 +344,12 @@ def from_env(base: TrainConfig | None = None, environ: dict[str, str] | None = N
     return merge([(_launcher_label, env_overrides(environ))], base)
 
 
-def load_config(preset_name: str | None = None, config: str | Path | None = None,
-                environ: dict[str, str] | None = None, settings: dict | None = None) -> TrainConfig:
+def load_config(
+    preset_name: str | None = None,
+    config: str | Path | None = None,
+    environ: dict[str, str] | None = None,
+    settings: dict | None = None,
+) -> TrainConfig:
     """The one merge behind `opd train`: defaults < preset < YAML < launcher variables < key=value, validated once.
 
     The preset is `preset_name` (`--preset`, which the launchers pass from PRESET) or the one the YAML names. A
@@ -401,6 +416,14 @@ def config_yaml(cfg: TrainConfig) -> str:
 
 
 __all__ = [
-    "ENV_VARS", "TrainConfig", "resolve", "merge", "load_config", "from_yaml", "from_env", "env_overrides",
-    "run_name_from", "config_yaml",
+    "ENV_VARS",
+    "TrainConfig",
+    "resolve",
+    "merge",
+    "load_config",
+    "from_yaml",
+    "from_env",
+    "env_overrides",
+    "run_name_from",
+    "config_yaml",
 ]

@@ -39,7 +39,12 @@ def _read_rows(path: Path) -> list[dict]:
     """[{messages, ground_truth, data_source}] from an RL file or a problem/answer file; clear errors otherwise."""
     from opd.data.io import iter_records
     from opd.data.schema import (
-        PROBLEM_LAYOUT, DataError, cell_text, read_rl_parquet, resolve_problem_columns, validate_rl_rows,
+        PROBLEM_LAYOUT,
+        DataError,
+        cell_text,
+        read_rl_parquet,
+        resolve_problem_columns,
+        validate_rl_rows,
     )
 
     rows = None
@@ -59,15 +64,20 @@ def _read_rows(path: Path) -> list[dict]:
         else:
             validate_rl_rows(rows, path)
         return [
-            {"messages": [dict(m) for m in row["prompt"]], "ground_truth": row["reward_model"]["ground_truth"],
-             "data_source": row["data_source"]}
+            {
+                "messages": [dict(m) for m in row["prompt"]],
+                "ground_truth": row["reward_model"]["ground_truth"],
+                "data_source": row["data_source"],
+            }
             for row in rows
         ]
     question_col, answer_col = resolve_problem_columns(cols)
     if question_col is None or answer_col is None:
         raise DataError(
             f"expected the RL schema (columns prompt, reward_model, ...; docs/workflow.md §1) or problem/answer "
-            f"columns ({PROBLEM_LAYOUT}); found {sorted(cols)}", file=path)
+            f"columns ({PROBLEM_LAYOUT}); found {sorted(cols)}",
+            file=path,
+        )
     out = []
     for i, row in enumerate(rows if rows is not None else iter_records(path)):
         cells = {}
@@ -78,13 +88,19 @@ def _read_rows(path: Path) -> list[dict]:
                 raise DataError(str(exc), file=path, row=i, column=col) from None
             if cells[role] is None:
                 raise DataError(f"empty {role}", file=path, row=i, column=col)
-        out.append({"messages": [{"role": "user", "content": cells["question"]}], "ground_truth": cells["answer"],
-                    "data_source": str(row.get("data_source") or path.stem)})
+        out.append(
+            {
+                "messages": [{"role": "user", "content": cells["question"]}],
+                "ground_truth": cells["answer"],
+                "data_source": str(row.get("data_source") or path.stem),
+            }
+        )
     return out
 
 
-def load_prompt_set(path: str, tokenizer, *, max_prompt_length: int, template_kwargs: dict,
-                    limit: int | None = None) -> PromptSet:
+def load_prompt_set(
+    path: str, tokenizer, *, max_prompt_length: int, template_kwargs: dict, limit: int | None = None
+) -> PromptSet:
     """Read and tokenise one prompt file once (rendered with the student's chat template)."""
     file = Path(path)
     if not file.is_file():

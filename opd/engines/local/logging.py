@@ -31,8 +31,9 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"),
-                                     purge_step=start_step + 1 if start_step > 0 else None)
+            self._tb = SummaryWriter(
+                str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step > 0 else None
+            )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: json_safe(float(v)) for k, v in metrics.items()}}

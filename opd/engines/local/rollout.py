@@ -54,8 +54,13 @@ class RolloutBatch:
         )
 
     def to(self, device) -> "RolloutBatch":
-        return RolloutBatch(**{f.name: (v.to(device) if torch.is_tensor(v) else v)
-                               for f in fields(self) for v in [getattr(self, f.name)]})
+        return RolloutBatch(
+            **{
+                f.name: (v.to(device) if torch.is_tensor(v) else v)
+                for f in fields(self)
+                for v in [getattr(self, f.name)]
+            }
+        )
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]], group_index: list[int], pad_id: int) -> RolloutBatch:
@@ -105,16 +110,37 @@ class Rollouts:
     truncated: list[bool]  # hit the length limit without EOS
 
 
-def generate(model, tokenizer, prompts: list[tuple[int, ...]], ground_truths: list[str], *, n: int,
-             max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float,
-             generator: torch.Generator, batch_size: int, eos_ids: list[int], pad_id: int,
-             progress: bool = False) -> Rollouts:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[tuple[int, ...]],
+    ground_truths: list[str],
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    repetition_penalty: float,
+    generator: torch.Generator,
+    batch_size: int,
+    eos_ids: list[int],
+    pad_id: int,
+    progress: bool = False,
+) -> Rollouts:
     """n samples per prompt (rows grouped by prompt: prompt i owns rows i*n .. i*n+n-1), graded by the rule reward."""
     repeated = [list(p) for p in prompts for _ in range(n)]
     responses = sample(
-        model, repeated, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids, pad_token_id=pad_id,
-        temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator,
-        batch_size=batch_size, progress=progress,
+        model,
+        repeated,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad_id,
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        generator=generator,
+        batch_size=batch_size,
+        progress=progress,
     )
     group = [i for i in range(len(prompts)) for _ in range(n)]
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)

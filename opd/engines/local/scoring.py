@@ -15,7 +15,13 @@ import torch
 
 from opd.core.config import OPDConfig
 from opd.core.step import (
-    StepReads, Targets, read_full_kl, read_student, read_student_at_teacher, read_teacher, target_logprobs,
+    StepReads,
+    Targets,
+    read_full_kl,
+    read_student,
+    read_student_at_teacher,
+    read_teacher,
+    target_logprobs,
 )
 from opd.engines.local.rollout import RolloutBatch, micro_batch_bounds
 
@@ -23,8 +29,13 @@ from opd.engines.local.rollout import RolloutBatch, micro_batch_bounds
 def response_logits(model, mb: RolloutBatch, vocab_size: int | None = None) -> torch.Tensor:
     """Logits predicting each response token, [n, T, V]: one forward, logits kept only for the response columns."""
     position_ids = (mb.attention_mask_NL.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=mb.input_ids_NL, attention_mask=mb.attention_mask_NL, position_ids=position_ids,
-                use_cache=False, logits_to_keep=mb.resp_width + 1)
+    out = model(
+        input_ids=mb.input_ids_NL,
+        attention_mask=mb.attention_mask_NL,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=mb.resp_width + 1,
+    )
     logits = out.logits[:, :-1]
     return logits if vocab_size is None else logits[..., :vocab_size]
 
@@ -35,8 +46,16 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def score(student, teacher, batch: RolloutBatch, cfg: OPDConfig, *, token_budget: int,
-          vocab_size: int | None = None, timings: dict[str, float] | None = None) -> StepReads:
+def score(
+    student,
+    teacher,
+    batch: RolloutBatch,
+    cfg: OPDConfig,
+    *,
+    token_budget: int,
+    vocab_size: int | None = None,
+    timings: dict[str, float] | None = None,
+) -> StepReads:
     """Student (and teacher) no-grad passes over the batch, micro-batched by `token_budget`.
 
     `timings`, when given, accumulates the seconds spent in each model's pass ("student", "teacher").
@@ -84,8 +103,15 @@ def _pad_cat(parts, N: int, T: int):
 
 
 @torch.no_grad()
-def reference_logprobs(reference, batch: RolloutBatch, targets: Targets, cfg: OPDConfig, *, token_budget: int,
-                       vocab_size: int | None = None) -> torch.Tensor:
+def reference_logprobs(
+    reference,
+    batch: RolloutBatch,
+    targets: Targets,
+    cfg: OPDConfig,
+    *,
+    token_budget: int,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
     """USE_KL: the frozen reference policy's log-probs at the target slots, [N, T, C]."""
     N, T = batch.response_ids_NT.shape
     chunks = []

@@ -42,14 +42,13 @@ from opd.engines.local.checkpoint import latest_checkpoint, load_checkpoint, sav
 from opd.engines.local.config import TrainConfig, config_yaml, run_name_from
 from opd.engines.local.data import PromptSchedule, PromptSet, load_prompt_set
 from opd.engines.local.logging import RunLogger
-from opd.models import load_causal_lm, load_pair, open_pair, resolve_device
 from opd.engines.local.rollout import Rollouts, generate
 from opd.engines.local.scoring import reference_logprobs, score
 from opd.engines.local.update import loss_and_backward, optimizer_step
 from opd.engines.local.validation import validate
 from opd.io import atomic_write_text
+from opd.models import load_causal_lm, load_pair, open_pair, resolve_device
 from opd.optim import make_optimizer, make_scheduler
-
 
 PROFILE_BINS = 128  # per-position profiles are binned to about this many points (profiles.jsonl stays small)
 
@@ -88,8 +87,14 @@ def train(cfg: TrainConfig) -> Path:
     try:
         if s.start_step == 0 and cfg.val_before_train and s.val_sets:
             logger.log(0, run_validation(s, step=0))
-        bar = tqdm(range(s.start_step + 1, total + 1), initial=s.start_step, total=total, desc="opd train",
-                   unit="step", disable=not cfg.progress)
+        bar = tqdm(
+            range(s.start_step + 1, total + 1),
+            initial=s.start_step,
+            total=total,
+            desc="opd train",
+            unit="step",
+            disable=not cfg.progress,
+        )
         for step in bar:
             metrics = train_step(s, step)
             if s.val_sets and cfg.test_freq > 0 and (step % cfg.test_freq == 0 or step == total):
@@ -100,9 +105,16 @@ def train(cfg: TrainConfig) -> Path:
             if step in (1, total) or (cfg.profile_freq > 0 and step % cfg.profile_freq == 0):
                 logger.log_profile(step, s.last_profile)
             if cfg.save_freq > 0 and (step % cfg.save_freq == 0 or step == total):
-                save_checkpoint(s.run_dir, step, model=s.student, tokenizer=s.tokenizer, optimizer=s.optimizer,
-                                scheduler=s.scheduler, generator=s.generator,
-                                data_position=s.schedule.position(step + 1))
+                save_checkpoint(
+                    s.run_dir,
+                    step,
+                    model=s.student,
+                    tokenizer=s.tokenizer,
+                    optimizer=s.optimizer,
+                    scheduler=s.scheduler,
+                    generator=s.generator,
+                    data_position=s.schedule.position(step + 1),
+                )
             shown = {"loss": f"{metrics['actor/loss']:.4f}"}
             if "opd/overlap_ratio" in metrics:  # absent without a teacher (GRPO)
                 shown["overlap"] = f"{metrics['opd/overlap_ratio']:.3f}"
@@ -116,24 +128,38 @@ def train(cfg: TrainConfig) -> Path:
 def setup(cfg: TrainConfig) -> Session:
     algo = cfg.algo
     # 1. the models' folders and vocabularies first: a mismatch must fail before any compute
-    folders = open_pair(cfg.actor_model_path, cfg.reward_model_path, names=("ACTOR_MODEL_PATH", "REWARD_MODEL_PATH"),
-                        with_teacher=algo.needs_teacher)
+    folders = open_pair(
+        cfg.actor_model_path,
+        cfg.reward_model_path,
+        names=("ACTOR_MODEL_PATH", "REWARD_MODEL_PATH"),
+        with_teacher=algo.needs_teacher,
+    )
     tokenizer, vocab_width = folders.tokenizer, folders.vocab_width
     run_dir = Path(cfg.output_dir) / (cfg.run_name or run_name_from(cfg))
 
     # 2. prompts, tokenised once with the student's chat template
     template_kwargs = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
-    train_set = load_prompt_set(cfg.train_dataset, tokenizer, max_prompt_length=cfg.max_prompt_length,
-                                template_kwargs=template_kwargs)
-    val_sets = [load_prompt_set(path, tokenizer, max_prompt_length=cfg.max_prompt_length,
-                                template_kwargs=template_kwargs, limit=cfg.val_max_prompts)
-                for path in cfg.test_files]
+    train_set = load_prompt_set(
+        cfg.train_dataset, tokenizer, max_prompt_length=cfg.max_prompt_length, template_kwargs=template_kwargs
+    )
+    val_sets = [
+        load_prompt_set(
+            path,
+            tokenizer,
+            max_prompt_length=cfg.max_prompt_length,
+            template_kwargs=template_kwargs,
+            limit=cfg.val_max_prompts,
+        )
+        for path in cfg.test_files
+    ]
     for prompt_set in [train_set, *val_sets]:
         if prompt_set.dropped_too_long:
-            print(f"opd train: {prompt_set.path}: dropped {prompt_set.dropped_too_long} prompts longer than "
-                  f"MAX_PROMPT_LENGTH={cfg.max_prompt_length} tokens; kept {len(prompt_set.problems)}", file=sys.stderr)
-    schedule = PromptSchedule(len(train_set.problems), cfg.mini_batch_size, cfg.seed, cfg.total_epochs,
-                              cfg.total_steps)
+            print(
+                f"opd train: {prompt_set.path}: dropped {prompt_set.dropped_too_long} prompts longer than "
+                f"MAX_PROMPT_LENGTH={cfg.max_prompt_length} tokens; kept {len(prompt_set.problems)}",
+                file=sys.stderr,
+            )
+    schedule = PromptSchedule(len(train_set.problems), cfg.mini_batch_size, cfg.seed, cfg.total_epochs, cfg.total_steps)
 
     # 3. models, optimiser, random state
     random.seed(cfg.seed)
@@ -141,18 +167,27 @@ def setup(cfg: TrainConfig) -> Session:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     frozen_dtype = cfg.teacher_dtype or cfg.model_dtype
-    pair = load_pair(folders, device=device, dtype=cfg.model_dtype, teacher_dtype=frozen_dtype, trainable=True,
-                     top_k=algo.top_k, top_k_name="LOG_PROB_TOP_K")
+    pair = load_pair(
+        folders,
+        device=device,
+        dtype=cfg.model_dtype,
+        teacher_dtype=frozen_dtype,
+        trainable=True,
+        top_k=algo.top_k,
+        top_k_name="LOG_PROB_TOP_K",
+    )
     student, teacher, eos_ids, pad_id = pair.student, pair.teacher, pair.eos_ids, pair.pad_id
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     reference = None  # KL-to-reference: the initial student
     if algo.use_kl:
         reference = load_causal_lm(folders.student, dtype=frozen_dtype, device=device, trainable=False)
-    optimizer = make_optimizer(student, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                               weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, kind=cfg.lr_scheduler, total_steps=schedule.total_steps,
-                               warmup_ratio=cfg.warmup_ratio)
+    optimizer = make_optimizer(
+        student, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+    )
+    scheduler = make_scheduler(
+        optimizer, kind=cfg.lr_scheduler, total_steps=schedule.total_steps, warmup_ratio=cfg.warmup_ratio
+    )
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     # 4. resume
@@ -163,74 +198,142 @@ def setup(cfg: TrainConfig) -> Session:
     elif cfg.resume != "off":
         checkpoint = Path(cfg.resume)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=student, optimizer=optimizer, scheduler=scheduler,
-                                generator=generator)
+        state = load_checkpoint(
+            checkpoint, model=student, optimizer=optimizer, scheduler=scheduler, generator=generator
+        )
         start_step = int(state["step"])
         _warn_if_config_changed(run_dir / "config.yaml", cfg)
         if state["data_position"] != schedule.position(start_step + 1):
-            raise ValueError(f"checkpoint {checkpoint} data position {state['data_position']} does not match this "
-                             f"configuration's schedule {schedule.position(start_step + 1)} (MINI_BATCH_SIZE changed?)")
+            raise ValueError(
+                f"checkpoint {checkpoint} data position {state['data_position']} does not match this "
+                f"configuration's schedule {schedule.position(start_step + 1)} (MINI_BATCH_SIZE changed?)"
+            )
     elif (earlier := latest_checkpoint(run_dir)) is not None:
         # starting over beside an earlier run's checkpoints would let a later RESUME=auto mix the two runs
-        raise ValueError(f"{run_dir} holds checkpoints of an earlier run ({earlier.name}) and "
-                         f"RESUME={cfg.resume}: continue it with RESUME=auto, pick another RUN_NAME/OUTPUT_DIR, or "
-                         f"delete {run_dir / 'checkpoints'}")
+        raise ValueError(
+            f"{run_dir} holds checkpoints of an earlier run ({earlier.name}) and "
+            f"RESUME={cfg.resume}: continue it with RESUME=auto, pick another RUN_NAME/OUTPUT_DIR, or "
+            f"delete {run_dir / 'checkpoints'}"
+        )
     elif (run_dir / "metrics.jsonl").exists():
-        print(f"opd train: {run_dir} holds an earlier run without a checkpoint to resume (RESUME={cfg.resume}); "
-              f"starting over and replacing its metrics and TensorBoard events", file=sys.stderr)
+        print(
+            f"opd train: {run_dir} holds an earlier run without a checkpoint to resume (RESUME={cfg.resume}); "
+            f"starting over and replacing its metrics and TensorBoard events",
+            file=sys.stderr,
+        )
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", config_yaml(cfg))
-    return Session(cfg, run_dir, tokenizer, vocab_width, student, teacher, reference, optimizer, scheduler,
-                   generator, train_set, val_sets, schedule, eos_ids, pad_id, start_step)
+    return Session(
+        cfg,
+        run_dir,
+        tokenizer,
+        vocab_width,
+        student,
+        teacher,
+        reference,
+        optimizer,
+        scheduler,
+        generator,
+        train_set,
+        val_sets,
+        schedule,
+        eos_ids,
+        pad_id,
+        start_step,
+    )
 
 
 def train_step(s: Session, step: int) -> dict[str, float]:
     cfg, algo = s.cfg, s.cfg.algo
     t0 = time.perf_counter()
     problems = [s.train_set.problems[i] for i in s.schedule.batch(step)]
-    rollouts = generate(s.student, s.tokenizer, [p.prompt_ids for p in problems], [p.ground_truth for p in problems],
-                        n=cfg.n_responses, max_new_tokens=cfg.max_resp_length, temperature=algo.temperature,
-                        top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, generator=s.generator,
-                        batch_size=cfg.rollout_batch_size, eos_ids=s.eos_ids, pad_id=s.pad_id)
+    rollouts = generate(
+        s.student,
+        s.tokenizer,
+        [p.prompt_ids for p in problems],
+        [p.ground_truth for p in problems],
+        n=cfg.n_responses,
+        max_new_tokens=cfg.max_resp_length,
+        temperature=algo.temperature,
+        top_p=cfg.top_p,
+        repetition_penalty=cfg.repetition_penalty,
+        generator=s.generator,
+        batch_size=cfg.rollout_batch_size,
+        eos_ids=s.eos_ids,
+        pad_id=s.pad_id,
+    )
     device = next(s.student.parameters()).device
     batch = rollouts.batch.to(device)
     t1 = time.perf_counter()
 
     s.student.eval()
     passes: dict[str, float] = {}
-    reads = score(s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width,
-                  timings=passes)
+    reads = score(
+        s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width, timings=passes
+    )
     outcome_N = torch.tensor(rollouts.scores, dtype=torch.float32, device=device)
     has_box_N = torch.tensor(["\\boxed" in text for text in rollouts.texts], device=device)
-    targets = build_targets(algo, reads, response_ids_NT=batch.response_ids_NT, response_mask_NT=batch.response_mask_NT,
-                            group_index_N=batch.group_index_N, outcome_scores_N=outcome_N, has_box_N=has_box_N)
+    targets = build_targets(
+        algo,
+        reads,
+        response_ids_NT=batch.response_ids_NT,
+        response_mask_NT=batch.response_mask_NT,
+        group_index_N=batch.group_index_N,
+        outcome_scores_N=outcome_N,
+        has_box_N=has_box_N,
+    )
     if s.reference is not None:
-        targets.ref_lp_NTC = reference_logprobs(s.reference, batch, targets, algo, token_budget=cfg.micro_batch_tokens,
-                                                vocab_size=s.vocab_width)
+        targets.ref_lp_NTC = reference_logprobs(
+            s.reference, batch, targets, algo, token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width
+        )
     t2 = time.perf_counter()
 
     s.student.train()
-    metrics = loss_and_backward(s.student, batch, targets, algo, token_budget=cfg.micro_batch_tokens,
-                                norm_length=cfg.max_resp_length, teacher=s.teacher, vocab_size=s.vocab_width)
+    metrics = loss_and_backward(
+        s.student,
+        batch,
+        targets,
+        algo,
+        token_budget=cfg.micro_batch_tokens,
+        norm_length=cfg.max_resp_length,
+        teacher=s.teacher,
+        vocab_size=s.vocab_width,
+    )
     metrics.update(optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip))
     t3 = time.perf_counter()
 
     metrics.update(rollout_metrics(rollouts))
     keep = range(min(cfg.log_samples, len(rollouts.texts)))
     groups = batch.group_index_N.tolist()
-    s.last_samples = [{"prompt": s.tokenizer.decode(problems[groups[i]].prompt_ids), "response": rollouts.texts[i],
-                       "score": rollouts.scores[i], "ground_truth": problems[groups[i]].ground_truth} for i in keep]
+    s.last_samples = [
+        {
+            "prompt": s.tokenizer.decode(problems[groups[i]].prompt_ids),
+            "response": rollouts.texts[i],
+            "score": rollouts.scores[i],
+            "ground_truth": problems[groups[i]].ground_truth,
+        }
+        for i in keep
+    ]
     metrics.update(step_diagnostics(reads, batch.response_mask_NT, targets))
-    s.last_profile = step_profile(reads, batch.response_mask_NT, targets,
-                                  bin_size=max(1, cfg.max_resp_length // PROFILE_BINS))
+    s.last_profile = step_profile(
+        reads, batch.response_mask_NT, targets, bin_size=max(1, cfg.max_resp_length // PROFILE_BINS)
+    )
     tokens = float(batch.attention_mask_NL.sum())
-    metrics.update({"perf/time_rollout_s": t1 - t0, "perf/time_score_s": t2 - t1, "perf/time_update_s": t3 - t2,
-                    "perf/time_student_pass_s": passes["student"], "perf/time_teacher_pass_s": passes["teacher"],
-                    "data/train_prompts": float(len(s.train_set.problems)),
-                    "data/train_prompts_dropped_too_long": float(s.train_set.dropped_too_long),
-                    "perf/time_step_s": t3 - t0, "perf/tokens_per_s": tokens / max(t3 - t0, 1e-9),
-                    "train/epoch": float(s.schedule.position(step)["epoch"])})
+    metrics.update(
+        {
+            "perf/time_rollout_s": t1 - t0,
+            "perf/time_score_s": t2 - t1,
+            "perf/time_update_s": t3 - t2,
+            "perf/time_student_pass_s": passes["student"],
+            "perf/time_teacher_pass_s": passes["teacher"],
+            "data/train_prompts": float(len(s.train_set.problems)),
+            "data/train_prompts_dropped_too_long": float(s.train_set.dropped_too_long),
+            "perf/time_step_s": t3 - t0,
+            "perf/tokens_per_s": tokens / max(t3 - t0, 1e-9),
+            "train/epoch": float(s.schedule.position(step)["epoch"]),
+        }
+    )
     return metrics
 
 
@@ -240,11 +343,15 @@ def sampling_bias_warnings(cfg: TrainConfig) -> list[str]:
     distribution, so the policy gradient is biased. Allowed (some recipes want it), never silent."""
     out = []
     if cfg.top_p < 1:
-        out.append(f"TOP_P={cfg.top_p} < 1: rollouts are sampled from the top-p truncated distribution but scored "
-                   f"under the full tempered softmax, so the gradient is biased; use TOP_P=1 for unbiased OPD")
+        out.append(
+            f"TOP_P={cfg.top_p} < 1: rollouts are sampled from the top-p truncated distribution but scored "
+            f"under the full tempered softmax, so the gradient is biased; use TOP_P=1 for unbiased OPD"
+        )
     if cfg.repetition_penalty != 1:
-        out.append(f"REPETITION_PENALTY={cfg.repetition_penalty} != 1: rollouts are sampled from the penalised "
-                   f"distribution but scored without the penalty, so the gradient is biased; use 1 for unbiased OPD")
+        out.append(
+            f"REPETITION_PENALTY={cfg.repetition_penalty} != 1: rollouts are sampled from the penalised "
+            f"distribution but scored without the penalty, so the gradient is biased; use 1 for unbiased OPD"
+        )
     return out
 
 
@@ -262,10 +369,22 @@ def rollout_metrics(rollouts: Rollouts) -> dict[str, float]:
 def run_validation(s: Session, step: int) -> dict[str, float]:
     cfg = s.cfg
     t0 = time.perf_counter()
-    out = validate(s.student, s.tokenizer, s.val_sets, n=cfg.val_n, temperature=cfg.val_temperature,
-                   top_p=cfg.val_top_p, max_new_tokens=cfg.max_val_resp_length,
-                   repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, step=step,
-                   batch_size=cfg.rollout_batch_size, eos_ids=s.eos_ids, pad_id=s.pad_id, progress=cfg.progress)
+    out = validate(
+        s.student,
+        s.tokenizer,
+        s.val_sets,
+        n=cfg.val_n,
+        temperature=cfg.val_temperature,
+        top_p=cfg.val_top_p,
+        max_new_tokens=cfg.max_val_resp_length,
+        repetition_penalty=cfg.repetition_penalty,
+        seed=cfg.seed,
+        step=step,
+        batch_size=cfg.rollout_batch_size,
+        eos_ids=s.eos_ids,
+        pad_id=s.pad_id,
+        progress=cfg.progress,
+    )
     out["perf/time_validation_s"] = time.perf_counter() - t0
     return out
 
@@ -276,8 +395,10 @@ def _warn_if_config_changed(saved_path: Path, cfg: TrainConfig) -> None:
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
     now = cfg.to_dict()
-    flat = lambda d: {**{k: v for k, v in d.items() if k != "algo"},  # noqa: E731
-                      **{f"algo.{k}": v for k, v in d.get("algo", {}).items()}}
+
+    def flat(d: dict) -> dict:
+        return {**{k: v for k, v in d.items() if k != "algo"}, **{f"algo.{k}": v for k, v in d.get("algo", {}).items()}}
+
     before, after = flat(saved), flat(now)
     changed = sorted(k for k in set(before) | set(after) if k != "resume" and before.get(k) != after.get(k))
     if changed:

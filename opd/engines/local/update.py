@@ -21,8 +21,17 @@ from opd.engines.local.rollout import RolloutBatch, micro_batch_bounds
 from opd.engines.local.scoring import response_logits
 
 
-def loss_and_backward(student, batch: RolloutBatch, targets: Targets, cfg: OPDConfig, *, token_budget: int,
-                      norm_length: int, teacher=None, vocab_size: int | None = None) -> dict[str, float]:
+def loss_and_backward(
+    student,
+    batch: RolloutBatch,
+    targets: Targets,
+    cfg: OPDConfig,
+    *,
+    token_budget: int,
+    norm_length: int,
+    teacher=None,
+    vocab_size: int | None = None,
+) -> dict[str, float]:
     """Accumulate the gradient of the full-batch loss over micro-batches; returns loss metrics."""
     totals = loss_totals(targets, norm_length)
     parts = []

@@ -35,18 +35,44 @@ def summarise(n: int, per_problem: list[tuple[str, list[float], list[str | None]
 
 
 @torch.no_grad()
-def validate(model, tokenizer, val_sets: list[PromptSet], *, n: int, temperature: float, top_p: float,
-             max_new_tokens: int, repetition_penalty: float, seed: int, step: int, batch_size: int,
-             eos_ids: list[int], pad_id: int, progress: bool = False) -> dict[str, float]:
+def validate(
+    model,
+    tokenizer,
+    val_sets: list[PromptSet],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    repetition_penalty: float,
+    seed: int,
+    step: int,
+    batch_size: int,
+    eos_ids: list[int],
+    pad_id: int,
+    progress: bool = False,
+) -> dict[str, float]:
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
     per_problem = []
     for val_set in val_sets:
         problems = val_set.problems
-        rollouts = generate(model, tokenizer, [p.prompt_ids for p in problems], [p.ground_truth for p in problems],
-                            n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            repetition_penalty=repetition_penalty, generator=generator, batch_size=batch_size,
-                            eos_ids=eos_ids, pad_id=pad_id, progress=progress)
+        rollouts = generate(
+            model,
+            tokenizer,
+            [p.prompt_ids for p in problems],
+            [p.ground_truth for p in problems],
+            n=n,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            generator=generator,
+            batch_size=batch_size,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            progress=progress,
+        )
         lengths = rollouts.batch.response_mask_NT.sum(-1).long().tolist()
         for i, problem in enumerate(problems):
             rows = slice(i * n, (i + 1) * n)
