@@ -12,7 +12,6 @@ rewards, for the direct estimator), the dynamics metrics, the loss and its gradi
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch

@@ -26,11 +26,23 @@ import torch
 
 from opd.core import OPDConfig
 from opd.core.step import (
-    BatchTotals, Targets, read_student, read_student_at_teacher, read_teacher, step_loss, target_logprobs,
+    BatchTotals,
+    Targets,
+    read_student,
+    read_student_at_teacher,
+    read_teacher,
+    step_loss,
+    target_logprobs,
 )
 from opd.engines.verl import fields as F
 from opd.engines.verl.tensors import (
-    PackedLayout, from_nested, join_slots, packed_next_tokens, packed_to_response, response_to_packed, split_slots,
+    PackedLayout,
+    from_nested,
+    join_slots,
+    packed_next_tokens,
+    packed_to_response,
+    response_to_packed,
+    split_slots,
 )
 
 LOSS_METRICS_SUMMED = ("actor/pg_loss", "actor/kl_loss")  # micro-batch shares of the mini-batch loss: they add up

@@ -16,9 +16,7 @@ import torch
 from opd.core.step import ModelStats, StepReads, Targets, build_targets
 from opd.engines.verl import fields as F
 from opd.engines.verl.settings import OPDSettings
-from opd.engines.verl.tensors import (
-    PackedLayout, from_nested, full_sequence_to_response, slot_names, to_nested,
-)
+from opd.engines.verl.tensors import PackedLayout, from_nested, full_sequence_to_response, slot_names, to_nested
 
 
 def read_field_names(settings: OPDSettings) -> list[str]:

@@ -112,14 +112,3 @@ def from_nested(nested: torch.Tensor, width: int | None = None, fill=0) -> torch
     for i, p in enumerate(parts):
         out[i, : p.shape[0]] = p
     return out
-
-
-def ids_to_float(ids: torch.Tensor) -> torch.Tensor:
-    """Token ids travel as float32 (a hook output is float); exact below 2^24, which every vocabulary is."""
-    if ids.numel() and int(ids.max()) >= 1 << 24:
-        raise ValueError("token ids >= 2^24 cannot travel exactly as float32")
-    return ids.float()
-
-
-def float_to_ids(x: torch.Tensor) -> torch.Tensor:
-    return x.round().long()

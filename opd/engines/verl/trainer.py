@@ -17,10 +17,12 @@ under ``trainer.v1.sync``). Timings of the added passes: ``timing_s/opd_teacher`
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
+import torch
 import transfer_queue as tq
 from tensordict import TensorDict
 from transfer_queue import KVBatchMeta
@@ -88,8 +90,6 @@ class OPDTrainer(PPOTrainerSync):
     """verl's sync trainer with OPD's reads, targets and K-dimensional update (see the module docstring)."""
 
     def __init__(self, config):
-        import dataclasses
-
         settings = read_settings(config)  # fail before any worker starts
         self.settings = dataclasses.replace(settings, vocab_width=_vocab_width(config, settings))
         self.hook_spec = HookSpec(algo=self.settings.hook_algo(), reads_k=self.settings.reads_k,
@@ -172,8 +172,6 @@ class OPDTrainer(PPOTrainerSync):
         """ENABLE_FORMAT_REWARD: which responses hold a \\boxed answer (decoded as the local engine does)."""
         if not self.settings.algo.enable_format_reward:
             return None
-        import torch
-
         texts = [self.tokenizer.decode(ids.tolist(), skip_special_tokens=True) for ids in data["responses"].unbind()]
         return torch.tensor(["\\boxed" in text for text in texts])
 
