@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On-policy distillation (OPD): the student samples answers to math prompts, the teacher scores every token of them
-# (top-k reverse KL by default), and the student is updated on its own samples. Runs `opd train` on the local engine
-# (one process, CPU or one GPU); ENGINE=verl is reserved for the scale-out plugin (not available yet).
+# (top-k reverse KL by default), and the student is updated on its own samples. ENGINE=local runs `opd train` (one
+# process, CPU or one GPU); ENGINE=verl runs verl's own trainer (Ray, FSDP, vLLM; the `opd` trainer mode) with the
+# same variables, plus the cluster knobs below, and extra arguments as Hydra overrides (docs/verl.md).
 #
 #   ACTOR_MODEL_PATH=/models/student REWARD_MODEL_PATH=/models/teacher bash on_policy_distillation.sh [key=value ...]
 #
@@ -37,6 +38,8 @@
 # SEED                 everything random (sampling, data order)
 # MICRO_BATCH_TOKENS   token budget of one forward/backward   ROLLOUT_BATCH_SIZE  sequences per sampler call
 # DEVICE               auto | cpu | cuda | cuda:N        PYTHON          interpreter (default: .venv next to this file)
+# ENGINE=verl only:    NNODES (1), N_GPUS_PER_NODE (actor GPUs per node; default: all visible minus the teacher's),
+#                      TEACHER_N_GPUS (1), ROLLOUT_BACKEND (vllm | sglang; opd_hf on CPU), RAY_ADDRESS (join a cluster)
 set -euo pipefail
 
 ENGINE="${ENGINE:-local}"
@@ -122,8 +125,8 @@ case "$ENGINE" in
     exec "$PYTHON" -m opd.cli train --from-env ${PRESET:+--preset "$PRESET"} "$@"
     ;;
   verl)
-    echo "$(basename "$0"): ENGINE=verl is not available yet: the verl plugin is a separate issue. Use ENGINE=local." >&2
-    exit 2
+    # verl's own main_ppo, built from the same variables (opd/engines/verl/launch.py maps each to its verl key)
+    exec "$PYTHON" -m opd.engines.verl.launch ${PRESET:+--preset "$PRESET"} "$@"
     ;;
   *)
     echo "$(basename "$0"): ENGINE=$ENGINE is not valid; expected local or verl" >&2

@@ -176,6 +176,13 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+def _flat_row(row: dict) -> dict:
+    """verl's file logger (ENGINE=verl) nests a step's metrics under "data"; the local engine writes them flat."""
+    if set(row) == {"step", "data"} and isinstance(row["data"], dict):
+        return {"step": row["step"], **row["data"]}
+    return row
+
+
 def write_report(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
@@ -187,7 +194,7 @@ def write_report(
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path}: not found (is {run_dir} a run folder written by `opd train`?)")
-    rows = read_jsonl(metrics_path)
+    rows = [_flat_row(row) for row in read_jsonl(metrics_path)]
     if not rows:
         raise ValueError(f"{metrics_path}: no rows")
     for i, row in enumerate(rows, 1):

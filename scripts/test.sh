@@ -18,4 +18,7 @@ fi
 # Two shared cores: one thread per test process is faster and steadier than two.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# lint and format (ruff, 120 columns; configuration in pyproject.toml), then the tests
+ruff check .
+ruff format --check .
 python -m pytest -q "$@"

@@ -50,6 +50,7 @@ __all__ = [
     "build_targets",
     "loss_totals",
     "merge_loss_metrics",
+    "needs_student_at_teacher",
     "read_full_kl",
     "read_student",
     "read_student_at_teacher",
@@ -92,21 +93,28 @@ def reads_width(cfg: OPDConfig, vocab_size: int) -> int:
     return min(cfg.top_k if cfg.support == "topk" else DIAGNOSTIC_K, vocab_size)
 
 
-@torch.no_grad()
-def read_student(cfg: OPDConfig, logits_NTV: torch.Tensor, response_ids_NT: torch.Tensor) -> ModelStats:
-    stats = logit_stats(
-        logits_NTV,
-        k=reads_width(cfg, logits_NTV.shape[-1]),
-        ids_NTJ=response_ids_NT[..., None],
-        temperature=cfg.temperature,
-        chunk_size=cfg.chunk_size,
-    )
+def needs_student_at_teacher(cfg: OPDConfig) -> bool:
+    """Whether the support's slots include the teacher's top-k ids, so the student must be read there too (an engine
+    whose models live apart runs one more student pass exactly then)."""
+    return cfg.support == "topk" and STRATEGIES.get(cfg.top_k_strategy).needs_student_lp_at_teacher
+
+
+def _read(cfg: OPDConfig, logits_NTV: torch.Tensor, ids_NTJ: torch.Tensor, k: int, temperature: float) -> ModelStats:
+    """One model's reads: column 0 of `ids_NTJ` is the sampled token, the others (if any) the other model's top-k."""
+    stats = logit_stats(logits_NTV, k=k, ids_NTJ=ids_NTJ, temperature=temperature, chunk_size=cfg.chunk_size)
+    other = stats.lp_at_ids_NTJ[..., 1:] if ids_NTJ.shape[-1] > 1 else None
     return ModelStats(
         lp_NT=stats.lp_at_ids_NTJ[..., 0],
         entropy_NT=stats.entropy_NT,
         topk_ids_NTK=stats.topk_ids_NTK,
         topk_lp_NTK=stats.topk_lp_NTK,
+        lp_at_other_NTK=other,
     )
+
+
+@torch.no_grad()
+def read_student(cfg: OPDConfig, logits_NTV: torch.Tensor, response_ids_NT: torch.Tensor) -> ModelStats:
+    return _read(cfg, logits_NTV, response_ids_NT[..., None], reads_width(cfg, logits_NTV.shape[-1]), cfg.temperature)
 
 
 @torch.no_grad()
@@ -115,20 +123,7 @@ def read_teacher(
 ) -> ModelStats:
     """The teacher scores the student's exact ids: the sampled token and the student's top-k."""
     ids_NTJ = torch.cat([response_ids_NT[..., None], student_topk_ids_NTK], -1)
-    stats = logit_stats(
-        logits_NTV,
-        k=student_topk_ids_NTK.shape[-1],
-        ids_NTJ=ids_NTJ,
-        temperature=cfg.teacher_temperature,
-        chunk_size=cfg.chunk_size,
-    )
-    return ModelStats(
-        lp_NT=stats.lp_at_ids_NTJ[..., 0],
-        entropy_NT=stats.entropy_NT,
-        topk_ids_NTK=stats.topk_ids_NTK,
-        topk_lp_NTK=stats.topk_lp_NTK,
-        lp_at_other_NTK=stats.lp_at_ids_NTJ[..., 1:],
-    )
+    return _read(cfg, logits_NTV, ids_NTJ, student_topk_ids_NTK.shape[-1], cfg.teacher_temperature)
 
 
 @torch.no_grad()
@@ -136,7 +131,7 @@ def read_student_at_teacher(
     cfg: OPDConfig, student_logits_NTV: torch.Tensor, teacher_topk_ids_NTK: torch.Tensor
 ) -> torch.Tensor | None:
     """log p at the teacher's top-k ids, for strategies whose slots include them (only_tch, union, ...); else None."""
-    if cfg.support != "topk" or not STRATEGIES.get(cfg.top_k_strategy).needs_student_lp_at_teacher:
+    if not needs_student_at_teacher(cfg):
         return None
     return logprobs_at(student_logits_NTV, teacher_topk_ids_NTK, temperature=cfg.temperature, chunk_size=cfg.chunk_size)
 

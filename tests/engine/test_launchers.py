@@ -166,12 +166,49 @@ def test_extra_arguments_pass_through_and_beat_the_environment():
     assert resolved["lr"] == 0.5 and resolved["algo"]["tail_bucket"] is True
 
 
-@pytest.mark.parametrize("script", [OPD_SH, GRPO_SH])
-def test_engine_verl_fails_clearly(script):
-    proc = subprocess.run(["bash", str(script)], env=_clean_env(ENGINE="verl"), capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "ENGINE=verl is not available yet" in proc.stderr
-    bad = subprocess.run(["bash", str(script)], env=_clean_env(ENGINE="ray"), capture_output=True, text=True)
+def _verl_command(script, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(script), "--print-command", "trainer.total_training_steps=3"],
+        env=_clean_env(ENGINE="verl", **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_engine_verl_builds_main_ppo_from_the_same_variables():
+    """ENGINE=verl maps the launcher's variables to verl's keys (the OPD trainer mode for OPD, verl's own trainer for
+    GRPO); extra arguments are Hydra overrides, appended last; what verl cannot honour is refused in one line."""
+    models = dict(ACTOR_MODEL_PATH="/m/student", REWARD_MODEL_PATH="/m/teacher", OUTPUT_DIR="/tmp/o", RUN_NAME="r")
+    opd = _verl_command(OPD_SH, **models, LOG_PROB_TOP_K="8", TOP_K_STRATEGY="union", N_RESPONSES="3")
+    assert opd.returncode == 0, opd.stderr
+    args = opd.stdout.split()
+    for expected in (
+        "verl.trainer.main_ppo",
+        "trainer.v1.trainer_mode=opd",
+        "+opd.top_k=8",
+        "+opd.top_k_strategy=union",
+        "+opd.teacher.path=/m/teacher",
+        "actor_rollout_ref.rollout.n=3",
+        "actor_rollout_ref.model.path=/m/student",
+        "data.train_batch_size=64",
+        "trainer.default_local_dir=/tmp/o/r/checkpoints",
+        "OPD_VERL=1",
+        "VERL_FILE_LOGGER_PATH=/tmp/o/r/metrics.jsonl",
+    ):
+        assert expected in args, expected
+    assert args.index("trainer.total_training_steps=3") > args.index("trainer.v1.trainer_mode=opd")  # last: wins
+    grpo = _verl_command(GRPO_SH, **models)
+    assert grpo.returncode == 0, grpo.stderr
+    args = grpo.stdout.split()
+    assert "trainer.v1.trainer_mode=opd" not in args and not any(a.startswith("+opd.") for a in args)
+    assert "algorithm.adv_estimator=grpo" in args and "actor_rollout_ref.rollout.n=8" in args
+    refused = _verl_command(OPD_SH, **models, REPETITION_PENALTY="1.2")
+    assert refused.returncode == 2
+    assert "REPETITION_PENALTY=1.2: verl's rollout has no repetition penalty" in refused.stderr
+    unset = _verl_command(OPD_SH)
+    assert unset.returncode == 2 and "ACTOR_MODEL_PATH is not set" in unset.stderr
+    bad = subprocess.run(["bash", str(OPD_SH)], env=_clean_env(ENGINE="ray"), capture_output=True, text=True)
     assert bad.returncode == 2 and "expected local or verl" in bad.stderr
 
 

@@ -177,7 +177,7 @@ def test_response_logits_match_an_unpadded_forward(toy_world):
 
 
 def test_processed_sampling_is_flagged_as_biased(tiny_cfg, capsys):
-    from opd.engines.local.trainer import sampling_bias_warnings
+    from opd.engines.local.config import sampling_bias_warnings
 
     assert sampling_bias_warnings(tiny_cfg()) == []
     warnings = sampling_bias_warnings(tiny_cfg(TOP_P="0.9", REPETITION_PENALTY="1.1"))

@@ -25,13 +25,19 @@ from opd.core.advantages import compute_advantages  # noqa: E402
 def ours(token_level_rewards, response_mask, uids, by_std):
     index = torch.as_tensor(np.unique(uids, return_inverse=True)[1])
     cfg = OPDConfig(top_k=0, adv_estimator="grpo", norm_adv_by_std=by_std)
-    return compute_advantages(cfg, token_rewards=None, response_mask_NT=response_mask, group_index_N=index,
-                              outcome_scores_N=token_level_rewards.sum(-1))
+    return compute_advantages(
+        cfg,
+        token_rewards=None,
+        response_mask_NT=response_mask,
+        group_index_N=index,
+        outcome_scores_N=token_level_rewards.sum(-1),
+    )
 
 
 def verls(token_level_rewards, response_mask, uids, by_std):
-    adv, returns = core_algos.compute_grpo_outcome_advantage(token_level_rewards, response_mask, uids,
-                                                             norm_adv_by_std_in_grpo=by_std)
+    adv, returns = core_algos.compute_grpo_outcome_advantage(
+        token_level_rewards, response_mask, uids, norm_adv_by_std_in_grpo=by_std
+    )
     assert torch.equal(adv, returns)
     return adv
 

@@ -81,8 +81,11 @@ ROLLOUT_CONFIG = SimpleNamespace(max_model_len=None, prompt_length=48, response_
 
 def test_verl_sampling_params_map_to_the_full_distribution():
     """What verl's agent loop sends: top_k=-1 (vLLM's "off") must become 0 (HF's "off"), never HF's default 50."""
-    s = sampling_from_verl(ROLLOUT_CONFIG, {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
-                                            "logprobs": True}, prompt_len=30)
+    s = sampling_from_verl(
+        ROLLOUT_CONFIG,
+        {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True},
+        prompt_len=30,
+    )
     assert s == Sampling(max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=True)
     assert sampling_from_verl(ROLLOUT_CONFIG, {"top_k": None}, 30).top_k == 0
     assert sampling_from_verl(ROLLOUT_CONFIG, {"top_k": 20}, 30).top_k == 20

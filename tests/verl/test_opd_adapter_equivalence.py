@@ -115,8 +115,17 @@ def verl_update(spec, student, store, micro_batches, temperature, extra, dp_size
     all_rows = list(range(n_rows)) if n_rows else [i for rows in micro_batches for i in rows]
     batch_tokens = float(sum(store[F.LOSS_MASK][i].sum() for i in all_rows))
     for rows in micro_batches:
-        td = micro_batch(store, rows, **{F.PHASE: F.UPDATE, "dp_size": dp_size, "batch_num_tokens": batch_tokens,
-                                         "global_batch_size": len(all_rows)}, **extra)
+        td = micro_batch(
+            store,
+            rows,
+            **{
+                F.PHASE: F.UPDATE,
+                "dp_size": dp_size,
+                "batch_num_tokens": batch_tokens,
+                "global_batch_size": len(all_rows),
+            },
+            **extra,
+        )
         hook_out = actor_loss(spec, student_logits=packed_logits(student, td, temperature, grad=True), data=td)
         offsets = td["input_ids"].offsets()
         model_output = {k: torch.nested.nested_tensor_from_jagged(v, offsets) for k, v in hook_out.items()}
@@ -130,8 +139,9 @@ CASES = {
     "only_stu": dict(top_k=4),
     "only_tch-teacher_p": dict(top_k=4, top_k_strategy="only_tch", reward_weight_mode="teacher_p"),
     "union-tail": dict(top_k=4, top_k_strategy="union", tail_bucket=True),
-    "intersection-none-seq_norm": dict(top_k=4, top_k_strategy="intersection", reward_weight_mode="none",
-                                       loss_agg_mode="seq-mean-token-sum-norm"),
+    "intersection-none-seq_norm": dict(
+        top_k=4, top_k_strategy="intersection", reward_weight_mode="none", loss_agg_mode="seq-mean-token-sum-norm"
+    ),
     "plus_grpo": dict(top_k=4, adv_estimator="token_reward_direct_plus_grpo", grpo_outcome_weight=0.5),
     "sampled_token": dict(top_k=0),
     "grpo": dict(top_k=0, adv_estimator="grpo"),
@@ -149,12 +159,18 @@ def test_verl_path_equals_local_engine(models, rollouts, overrides):
     # --- local engine
     batch = collate(prompts, responses, groups, pad_id=0)
     reads_local = score(student, teacher if with_teacher else None, batch, cfg, token_budget=1 << 20)
-    targets_local = build_targets(cfg, reads_local, response_ids_NT=batch.response_ids_NT,
-                                  response_mask_NT=batch.response_mask_NT, group_index_N=batch.group_index_N,
-                                  outcome_scores_N=torch.tensor(scores))
+    targets_local = build_targets(
+        cfg,
+        reads_local,
+        response_ids_NT=batch.response_ids_NT,
+        response_mask_NT=batch.response_mask_NT,
+        group_index_N=batch.group_index_N,
+        outcome_scores_N=torch.tensor(scores),
+    )
     student_local = copy.deepcopy(student)
-    loss_local, _ = step_loss(cfg, targets_local, response_logits(student_local, batch), totals=loss_totals(
-        targets_local, MAX_RESP))
+    loss_local, _ = step_loss(
+        cfg, targets_local, response_logits(student_local, batch), totals=loss_totals(targets_local, MAX_RESP)
+    )
     loss_local.backward()
 
     # --- verl adapter
@@ -202,8 +218,10 @@ def test_verl_path_equals_local_engine(models, rollouts, overrides):
         torch.testing.assert_close(p_verl.grad, p_local.grad, atol=1e-5, rtol=1e-4, msg=name)
 
     student_dp = copy.deepcopy(student)
-    rank_losses = [verl_update(spec, student_dp, store, [rows], cfg.temperature, extra, dp_size=2,
-                               n_rows=len(prompts)) for rows in ([0, 1, 2], [3, 4, 5])]
+    rank_losses = [
+        verl_update(spec, student_dp, store, [rows], cfg.temperature, extra, dp_size=2, n_rows=len(prompts))
+        for rows in ([0, 1, 2], [3, 4, 5])
+    ]
     assert sum(rank_losses) / 2 == pytest.approx(float(loss_local), abs=1e-5)  # verl logs the dp mean of rank sums
     for (name, p_local), p_dp in zip(student_local.named_parameters(), student_dp.parameters()):
         torch.testing.assert_close(p_dp.grad / 2, p_local.grad, atol=1e-5, rtol=1e-4, msg=name)

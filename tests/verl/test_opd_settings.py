@@ -24,9 +24,15 @@ def verl_config(*overrides: str):
 
 
 def test_opd_keys_become_the_core_config():
-    cfg = verl_config("+opd.top_k=8", "+opd.top_k_strategy=union", "+opd.tail_bucket=true",
-                      "+opd.grpo_outcome_weight=1", "actor_rollout_ref.rollout.temperature=0.7",
-                      "data.max_response_length=64", "+opd.teacher.param_offload=true")
+    cfg = verl_config(
+        "+opd.top_k=8",
+        "+opd.top_k_strategy=union",
+        "+opd.tail_bucket=true",
+        "+opd.grpo_outcome_weight=1",
+        "actor_rollout_ref.rollout.temperature=0.7",
+        "data.max_response_length=64",
+        "+opd.teacher.param_offload=true",
+    )
     s = read_settings(cfg)
     assert (s.algo.top_k, s.algo.top_k_strategy, s.algo.tail_bucket) == (8, "union", True)
     assert s.algo.grpo_outcome_weight == 1.0 and s.algo.temperature == 0.7  # the rollout's temperature
@@ -42,17 +48,20 @@ def test_defaults_are_the_core_defaults():
     assert s.algo == OPDConfig(temperature=s.algo.temperature)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["+opd.top_k_strategy=nope"], "opd.top_k_strategy='nope' is not valid; allowed:"),
-    (["+opd.topk=4"], "unknown OPDConfig field(s) ['topk']"),
-    (["+opd.teacher.offload=true"], "unknown opd.teacher key(s) ['offload']"),
-    (["+opd.top_k=-1"], "opd.top_k=-1 (full vocabulary) is not supported by the verl trainer mode"),
-    (["+opd.use_kl=true"], "opd.use_kl=True (USE_KL) is not supported"),
-    (["+opd.temperature=0.5"], "differs from actor_rollout_ref.rollout.temperature"),
-    (["algorithm.adv_estimator=gae"], "a critic (algorithm.adv_estimator=gae"),
-    (["actor_rollout_ref.actor.use_kl_loss=true"], "actor_rollout_ref.actor.use_kl_loss=True is not supported"),
-    (["~opd.teacher.path"], "needs a teacher: set +opd.teacher.path=DIR"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+opd.top_k_strategy=nope"], "opd.top_k_strategy='nope' is not valid; allowed:"),
+        (["+opd.topk=4"], "unknown OPDConfig field(s) ['topk']"),
+        (["+opd.teacher.offload=true"], "unknown opd.teacher key(s) ['offload']"),
+        (["+opd.top_k=-1"], "opd.top_k=-1 (full vocabulary) is not supported by the verl trainer mode"),
+        (["+opd.use_kl=true"], "opd.use_kl=True (USE_KL) is not supported"),
+        (["+opd.temperature=0.5"], "differs from actor_rollout_ref.rollout.temperature"),
+        (["algorithm.adv_estimator=gae"], "a critic (algorithm.adv_estimator=gae"),
+        (["actor_rollout_ref.actor.use_kl_loss=true"], "actor_rollout_ref.actor.use_kl_loss=True is not supported"),
+        (["~opd.teacher.path"], "needs a teacher: set +opd.teacher.path=DIR"),
+    ],
+)
 def test_refusals_name_the_setting(overrides, message):
     cfg = verl_config(*overrides)
     with pytest.raises(SettingsError) as err:

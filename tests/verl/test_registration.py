@@ -21,8 +21,13 @@ pytestmark = pytest.mark.slow  # each subprocess imports verl: ~15 s on a shared
 
 def python(code: str, **env) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in ("OPD_VERL", "VERL_PLATFORM", "VERL_ENGINE_DEVICE")}
-    return subprocess.run([sys.executable, "-c", code], env={**clean, "OMP_NUM_THREADS": "1", **env},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**clean, "OMP_NUM_THREADS": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_import_verl_alone_registers_rollout_and_platform():
@@ -39,7 +44,9 @@ def test_import_verl_alone_registers_rollout_and_platform():
         "print('engine_device', os.environ.get('VERL_ENGINE_DEVICE'))\n"
         "from opd.engines.verl import registration_status; s = registration_status()\n"
         "print('status', s['verl'], s['rollout'], s['platform'])\n",
-        OPD_VERL="1", VERL_PLATFORM="cpu")
+        OPD_VERL="1",
+        VERL_PLATFORM="cpu",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
     assert lines["by_verl"] == "True"
@@ -55,19 +62,33 @@ def test_inert_without_switches_and_selfcheck_says_why():
         "from verl.plugin.platform import PlatformRegistry\n"
         "print('by_verl', 'opd.engines.verl' in sys.modules)\n"
         "print('rollout_code', 'verl.workers.rollout.replica' in sys.modules)\n"
-        "print('cpu', PlatformRegistry.get('cpu'))\n")
+        "print('cpu', PlatformRegistry.get('cpu'))\n"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["by_verl", "True", "rollout_code", "False", "cpu", "None"]
-    check = subprocess.run([sys.executable, "-m", "opd.engines.verl.selfcheck", "--rollout"], capture_output=True,
-                           text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "OPD_VERL"})
+    check = subprocess.run(
+        [sys.executable, "-m", "opd.engines.verl.selfcheck", "--rollout"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "OPD_VERL"},
+    )
     assert check.returncode == 1
-    assert check.stderr.strip().splitlines()[-1].startswith("opd verl plugin: NOT OK: rollout 'opd_hf' is not "
-                                                            "registered because OPD_VERL is not set")
+    assert (
+        check.stderr.strip()
+        .splitlines()[-1]
+        .startswith("opd verl plugin: NOT OK: rollout 'opd_hf' is not registered because OPD_VERL is not set")
+    )
 
 
 def test_plugin_disabled_by_verl_policy_is_reported():
-    out = subprocess.run([sys.executable, "-m", "opd.engines.verl.selfcheck"], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OPD_VERL": "1", "VERL_USE_EXTERNAL_PLUGINS": "none"})
+    out = subprocess.run(
+        [sys.executable, "-m", "opd.engines.verl.selfcheck"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OPD_VERL": "1", "VERL_USE_EXTERNAL_PLUGINS": "none"},
+    )
     assert out.returncode == 1 and "VERL_USE_EXTERNAL_PLUGINS='none'" in out.stderr
 
 

@@ -192,6 +192,24 @@ class TrainConfig:
         return resolve(self, changes)
 
 
+def sampling_bias_warnings(cfg: TrainConfig) -> list[str]:
+    """Rollouts drawn from a processed distribution (top-p truncation, repetition penalty) are scored and updated
+    under the plain tempered softmax: the importance ratio is taken as 1 although the sampler was another
+    distribution, so the policy gradient is biased. Allowed (some recipes want it), never silent."""
+    out = []
+    if cfg.top_p < 1:
+        out.append(
+            f"TOP_P={cfg.top_p} < 1: rollouts are sampled from the top-p truncated distribution but scored "
+            f"under the full tempered softmax, so the gradient is biased; use TOP_P=1 for unbiased OPD"
+        )
+    if cfg.repetition_penalty != 1:
+        out.append(
+            f"REPETITION_PENALTY={cfg.repetition_penalty} != 1: rollouts are sampled from the penalised "
+            f"distribution but scored without the penalty, so the gradient is biased; use 1 for unbiased OPD"
+        )
+    return out
+
+
 def split_list(text: str) -> list[str]:
     return [part.strip() for part in re.split(r"[,\s]+", text) if part.strip()]
 

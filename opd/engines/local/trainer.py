@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from opd.core.step import build_targets, step_diagnostics, step_profile
 from opd.engines.local.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from opd.engines.local.config import TrainConfig, config_yaml, run_name_from
+from opd.engines.local.config import TrainConfig, config_yaml, run_name_from, sampling_bias_warnings
 from opd.engines.local.data import PromptSchedule, PromptSet, load_prompt_set
 from opd.engines.local.logging import RunLogger
 from opd.engines.local.rollout import Rollouts, generate
@@ -335,24 +335,6 @@ def train_step(s: Session, step: int) -> dict[str, float]:
         }
     )
     return metrics
-
-
-def sampling_bias_warnings(cfg: TrainConfig) -> list[str]:
-    """Rollouts drawn from a processed distribution (top-p truncation, repetition penalty) are scored and updated
-    under the plain tempered softmax: the importance ratio is taken as 1 although the sampler was another
-    distribution, so the policy gradient is biased. Allowed (some recipes want it), never silent."""
-    out = []
-    if cfg.top_p < 1:
-        out.append(
-            f"TOP_P={cfg.top_p} < 1: rollouts are sampled from the top-p truncated distribution but scored "
-            f"under the full tempered softmax, so the gradient is biased; use TOP_P=1 for unbiased OPD"
-        )
-    if cfg.repetition_penalty != 1:
-        out.append(
-            f"REPETITION_PENALTY={cfg.repetition_penalty} != 1: rollouts are sampled from the penalised "
-            f"distribution but scored without the penalty, so the gradient is biased; use 1 for unbiased OPD"
-        )
-    return out
 
 
 def rollout_metrics(rollouts: Rollouts) -> dict[str, float]:

@@ -64,8 +64,9 @@ class CPUDeviceModule:
     def __getattr__(self, name):
         if hasattr(torch.cpu, name):  # streams, events, StreamContext: torch.cpu has CPU versions of these
             return getattr(torch.cpu, name)
-        raise AttributeError(f"OPD's CPU platform has no device function {name!r} (verl asked for "
-                             f"get_torch_device().{name})")
+        raise AttributeError(
+            f"OPD's CPU platform has no device function {name!r} (verl asked for get_torch_device().{name})"
+        )
 
 
 _DEVICE_MODULE = CPUDeviceModule()

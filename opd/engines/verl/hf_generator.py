@@ -33,8 +33,17 @@ class Sampling:
 
 
 # sampling_params keys verl's agent loop and clients send; any other key would be silently ignored, so it raises
-_VERL_SAMPLING_KEYS = {"temperature", "top_p", "top_k", "repetition_penalty", "logprobs", "max_tokens",
-                       "max_new_tokens", "ignore_eos", "detokenize"}
+_VERL_SAMPLING_KEYS = {
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "logprobs",
+    "max_tokens",
+    "max_new_tokens",
+    "ignore_eos",
+    "detokenize",
+}
 
 
 def _max_new_tokens(config, sampling_params: dict, prompt_len: int) -> int:
@@ -98,21 +107,30 @@ class HFGenerator:
         from transformers import GenerationConfig
 
         if not self.has_weights:
-            raise RuntimeError("the rollout model was built with random weights (load_format=dummy) and has not "
-                               "received the actor's weights yet")
+            raise RuntimeError(
+                "the rollout model was built with random weights (load_format=dummy) and has not "
+                "received the actor's weights yet"
+            )
         if not prompt_ids:
             raise ValueError("empty prompt (0 tokens) cannot be sampled from")
         greedy = sampling.temperature <= 0
-        gen = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=0, do_sample=not greedy,
-                   repetition_penalty=sampling.repetition_penalty, pad_token_id=self.pad_id,
-                   eos_token_id=None if sampling.ignore_eos else list(self.eos_ids),
-                   output_scores=sampling.logprobs, return_dict_in_generate=True)
+        gen = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=0,
+            do_sample=not greedy,
+            repetition_penalty=sampling.repetition_penalty,
+            pad_token_id=self.pad_id,
+            eos_token_id=None if sampling.ignore_eos else list(self.eos_ids),
+            output_scores=sampling.logprobs,
+            return_dict_in_generate=True,
+        )
         if not greedy:
             gen.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=max(sampling.top_k, 0))
         input_ids = torch.tensor([prompt_ids], dtype=torch.long)
-        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                  generation_config=GenerationConfig(**gen))
-        tokens = out.sequences[0, len(prompt_ids):].tolist()
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=GenerationConfig(**gen)
+        )
+        tokens = out.sequences[0, len(prompt_ids) :].tolist()
         finish = "length"
         if not sampling.ignore_eos:
             for i, tok in enumerate(tokens):

@@ -37,24 +37,30 @@ class HFRolloutServer:
         """`config`: verl's RolloutConfig (dtype, seed, lengths, load_format)."""
         self.config = config
         random_init = "dummy" in (config.load_format or "")
-        self.generator = HFGenerator(model_path, dtype=config.dtype, random_init=random_init,
-                                     seed=int(config.seed) + replica_rank)
+        self.generator = HFGenerator(
+            model_path, dtype=config.dtype, random_init=random_init, seed=int(config.seed) + replica_rank
+        )
         self.global_steps = None
         self.lock = asyncio.Lock()
 
     async def ready(self) -> bool:
         return True
 
-    async def generate(self, prompt_ids, sampling_params: dict, request_id: str, image_data=None, video_data=None,
-                       **kwargs) -> TokenOutput:
+    async def generate(
+        self, prompt_ids, sampling_params: dict, request_id: str, image_data=None, video_data=None, **kwargs
+    ) -> TokenOutput:
         if image_data is not None or video_data is not None or kwargs.get("audio_data") is not None:
             raise NotImplementedError(f"the {ROLLOUT_NAME} rollout is text-only")
         prompt_ids = [int(t) for t in prompt_ids]
         sampling = sampling_from_verl(self.config, dict(sampling_params), len(prompt_ids))
         async with self.lock:
             tokens, log_probs, _finish = await asyncio.to_thread(self.generator.generate, prompt_ids, sampling)
-        return TokenOutput(token_ids=tokens, log_probs=log_probs, stop_reason="completed",
-                           extra_fields={"global_steps": self.global_steps})
+        return TokenOutput(
+            token_ids=tokens,
+            log_probs=log_probs,
+            stop_reason="completed",
+            extra_fields={"global_steps": self.global_steps},
+        )
 
     async def load_weights(self, named: dict, global_steps=None) -> int:
         async with self.lock:
@@ -105,17 +111,23 @@ class HFReplica(RolloutReplica):
 
     async def launch_servers(self):
         if self.rollout_mode != RolloutMode.HYBRID:
-            raise NotImplementedError(f"the {ROLLOUT_NAME} rollout supports only the hybrid mode (rollout colocated "
-                                      f"with the actor), not {self.rollout_mode}")
+            raise NotImplementedError(
+                f"the {ROLLOUT_NAME} rollout supports only the hybrid mode (rollout colocated "
+                f"with the actor), not {self.rollout_mode}"
+            )
         node_id = await self.workers[0].__ray_call__.remote(lambda worker: ray.get_runtime_context().get_node_id())
         name = server_actor_name(self.replica_rank, self.name_suffix)
-        server = ray.remote(HFRolloutServer).options(
-            name=name,
-            num_cpus=0,
-            num_gpus=0,
-            max_concurrency=self.max_concurrency,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-        ).remote(config=self.config, model_path=_model_path(self.model_config), replica_rank=self.replica_rank)
+        server = (
+            ray.remote(HFRolloutServer)
+            .options(
+                name=name,
+                num_cpus=0,
+                num_gpus=0,
+                max_concurrency=self.max_concurrency,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+            )
+            .remote(config=self.config, model_path=_model_path(self.model_config), replica_rank=self.replica_rank)
+        )
         await server.ready.remote()  # a model that fails to load fails here, not at the first request
         self.servers = [server]
         self._server_handle = server
@@ -128,8 +140,11 @@ class HFServerAdapter(BaseRollout):
     def __init__(self, config, model_config, device_mesh, *args, replica_rank: int = -1, **kwargs):
         super().__init__(config, model_config, device_mesh)
         rank = int(os.environ.get("RANK", 0))
-        per_replica = (self.config.tensor_model_parallel_size * self.config.data_parallel_size
-                       * self.config.pipeline_model_parallel_size)
+        per_replica = (
+            self.config.tensor_model_parallel_size
+            * self.config.data_parallel_size
+            * self.config.pipeline_model_parallel_size
+        )
         self.replica_rank = rank // per_replica if replica_rank == -1 else replica_rank
         self.is_leader = rank % per_replica == 0
         self._server = None  # looked up on first use: the adapter is built before verl launches the servers
@@ -150,13 +165,18 @@ class HFServerAdapter(BaseRollout):
         if wire_format != "named_tensors":
             raise NotImplementedError(f"the {ROLLOUT_NAME} rollout takes full named tensors, not {wire_format!r}")
         if kwargs.get("peft_config") is not None:
-            raise NotImplementedError(f"the {ROLLOUT_NAME} rollout does not take LoRA adapters; set "
-                                      f"actor_rollout_ref.model.lora.merge=True")
+            raise NotImplementedError(
+                f"the {ROLLOUT_NAME} rollout does not take LoRA adapters; set actor_rollout_ref.model.lora.merge=True"
+            )
         named = {}
         for name, tensor in weights:
             if self.is_leader:
                 named[name] = tensor.detach().to("cpu", copy=True)
         if self.is_leader:
             n = await self._server_handle().load_weights.remote(named, kwargs.get("global_steps"))
-            logger.info("synced %d tensors into %s (global_steps=%s)", n, server_actor_name(self.replica_rank),
-                        kwargs.get("global_steps"))
+            logger.info(
+                "synced %d tensors into %s (global_steps=%s)",
+                n,
+                server_actor_name(self.replica_rank),
+                kwargs.get("global_steps"),
+            )

@@ -68,8 +68,10 @@ def _rows(spec: HookSpec, student_logits: torch.Tensor, data) -> torch.Tensor:
     """The hook's logits as the core's [1, L, V]: one sequence of packed rows, cut to the shared vocabulary."""
     n_rows = data["input_ids"].values().shape[0]
     if student_logits.dim() != 3 or student_logits.shape[:2] != (1, n_rows):
-        raise ValueError(f"OPD logits hook got logits of shape {tuple(student_logits.shape)} for {n_rows} packed rows:"
-                         f" sequence parallelism and packed-length padding (pad_to_length) are not supported")
+        raise ValueError(
+            f"OPD logits hook got logits of shape {tuple(student_logits.shape)} for {n_rows} packed rows:"
+            f" sequence parallelism and packed-length padding (pad_to_length) are not supported"
+        )
     return student_logits if spec.vocab_width is None else student_logits[..., : spec.vocab_width]
 
 
@@ -98,8 +100,10 @@ def _read_student_at_teacher(spec: HookSpec, logits: torch.Tensor, data) -> dict
     teacher_ids = _slots(data, F.TEACHER_TOPK_IDS, spec.reads_k, torch.long).to(logits.device)
     lp = read_student_at_teacher(spec.algo, logits, teacher_ids)
     if lp is None:
-        raise ValueError(f"top_k_strategy={spec.algo.top_k_strategy!r} reads no student log-probs at the teacher's "
-                         f"ids: the {F.READ_STUDENT_AT_TEACHER} pass should not run")
+        raise ValueError(
+            f"top_k_strategy={spec.algo.top_k_strategy!r} reads no student log-probs at the teacher's "
+            f"ids: the {F.READ_STUDENT_AT_TEACHER} pass should not run"
+        )
     return split_slots(lp[0], F.STUDENT_AT_TEACHER)
 
 
@@ -118,9 +122,11 @@ def _read_teacher(spec: HookSpec, logits: torch.Tensor, data) -> dict[str, torch
 def _slot_layout(data) -> tuple[int, bool, bool]:
     from verl.utils import tensordict_utils as tu
 
-    return (int(tu.get_non_tensor_data(data=data, key=F.N_SLOTS, default=0)),
-            bool(tu.get_non_tensor_data(data=data, key=F.HAS_TAIL, default=False)),
-            bool(tu.get_non_tensor_data(data=data, key=F.EXTRA_SLOT, default=False)))
+    return (
+        int(tu.get_non_tensor_data(data=data, key=F.N_SLOTS, default=0)),
+        bool(tu.get_non_tensor_data(data=data, key=F.HAS_TAIL, default=False)),
+        bool(tu.get_non_tensor_data(data=data, key=F.EXTRA_SLOT, default=False)),
+    )
 
 
 def _targets(data, layout: PackedLayout, *, packed: bool, with_values: bool) -> Targets:
@@ -140,8 +146,17 @@ def _targets(data, layout: PackedLayout, *, packed: bool, with_values: bool) -> 
     old = field(F.TARGET_OLD_LP, torch.float32) if with_values else torch.zeros(ids.shape)
     adv = field(F.TARGET_ADV, torch.float32) if with_values else None
     # `support` is read only by the diagnostics, which run on the driver
-    return Targets(ids_NTC=ids, valid_NTC=valid, old_lp_NTC=old, adv_NTC=adv, response_mask_NT=mask, support=None,
-                   has_tail=has_tail, extra_sampled_slot=extra, full_vocab=False)
+    return Targets(
+        ids_NTC=ids,
+        valid_NTC=valid,
+        old_lp_NTC=old,
+        adv_NTC=adv,
+        response_mask_NT=mask,
+        support=None,
+        has_tail=has_tail,
+        extra_sampled_slot=extra,
+        full_vocab=False,
+    )
 
 
 def _update_rows(spec: HookSpec, logits: torch.Tensor, data) -> dict[str, torch.Tensor]:
@@ -152,10 +167,17 @@ def _update_rows(spec: HookSpec, logits: torch.Tensor, data) -> dict[str, torch.
     out = split_slots(target_logprobs(spec.algo, logits, targets)[0], F.UPDATE_LP)
     if F.TEACHER_TOP1 in data.keys():  # the probe: log p at the teacher's argmax, no gradient
         top1 = response_to_packed(from_nested(data[F.TEACHER_TOP1], layout.width).long(), layout)
-        probe = Targets(ids_NTC=top1[None, :, None].to(logits.device),
-                        valid_NTC=torch.ones(1, layout.n_rows, 1, dtype=torch.bool, device=logits.device),
-                        old_lp_NTC=None, adv_NTC=None, response_mask_NT=None, support=None, has_tail=False,
-                        extra_sampled_slot=False, full_vocab=False)
+        probe = Targets(
+            ids_NTC=top1[None, :, None].to(logits.device),
+            valid_NTC=torch.ones(1, layout.n_rows, 1, dtype=torch.bool, device=logits.device),
+            old_lp_NTC=None,
+            adv_NTC=None,
+            response_mask_NT=None,
+            support=None,
+            has_tail=False,
+            extra_sampled_slot=False,
+            full_vocab=False,
+        )
         with torch.no_grad():
             out[F.PROBE_LP] = target_logprobs(spec.algo, logits, probe)[0, :, 0]
     return out
@@ -171,8 +193,12 @@ def _update_loss(spec: HookSpec, model_output, data):
     device = model_output[f"{F.UPDATE_LP}_0"].values().device
     for name in ("ids_NTC", "valid_NTC", "old_lp_NTC", "adv_NTC", "response_mask_NT"):
         setattr(targets, name, getattr(targets, name).to(device))
-    lp = join_slots(model_output, F.UPDATE_LP, targets.ids_NTC.shape[-1],
-                    convert=lambda nested: packed_to_response(nested.values(), layout))
+    lp = join_slots(
+        model_output,
+        F.UPDATE_LP,
+        targets.ids_NTC.shape[-1],
+        convert=lambda nested: packed_to_response(nested.values(), layout),
+    )
     dp_size = int(tu.get_non_tensor_data(data=data, key="dp_size", default=1))
     batch_tokens = tu.get_non_tensor_data(data=data, key="batch_num_tokens", default=None)
     batch_seqs = tu.get_non_tensor_data(data=data, key="global_batch_size", default=None)
@@ -180,8 +206,11 @@ def _update_loss(spec: HookSpec, model_output, data):
         batch_tokens = float(targets.response_mask_NT.sum())
     if batch_seqs is None:
         batch_seqs = float(layout.response_lengths.numel())
-    totals = BatchTotals(norm_length=float(spec.norm_length), total_tokens=float(batch_tokens) / dp_size,
-                         total_seqs=float(batch_seqs) / dp_size)
+    totals = BatchTotals(
+        norm_length=float(spec.norm_length),
+        total_tokens=float(batch_tokens) / dp_size,
+        total_seqs=float(batch_seqs) / dp_size,
+    )
     loss, core_metrics = step_loss(spec.algo, targets, None, lp_NTC=lp, totals=totals)
     metrics = {}
     for key, value in core_metrics.items():
@@ -212,9 +241,11 @@ def actor_loss(spec: HookSpec, student_logits=None, data=None, model_output=None
         return _zero_loss(data)
     elif phase == F.UPDATE:
         return _update_loss(spec, model_output, data)
-    raise ValueError(f"the OPD actor loss was called with {F.PHASE}={phase!r} "
-                     f"({'logits hook' if student_logits is not None else 'loss'} call): only the OPD trainer mode's "
-                     f"passes set it")
+    raise ValueError(
+        f"the OPD actor loss was called with {F.PHASE}={phase!r} "
+        f"({'logits hook' if student_logits is not None else 'loss'} call): only the OPD trainer mode's "
+        f"passes set it"
+    )
 
 
 def teacher_loss(spec: HookSpec, student_logits=None, data=None, model_output=None, dp_group=None):

@@ -52,11 +52,15 @@ def check_verl_version() -> str:
     try:
         installed = version("verl")
     except PackageNotFoundError:
-        raise RegistrationError(f"verl is not installed; OPD's verl plugin supports verl{SUPPORTED_VERL}: "
-                                f"pip install -c constraints.txt '.[verl]'") from None
+        raise RegistrationError(
+            f"verl is not installed; OPD's verl plugin supports verl{SUPPORTED_VERL}: "
+            f"pip install -c constraints.txt '.[verl]'"
+        ) from None
     if Version(installed) not in SpecifierSet(SUPPORTED_VERL):
-        raise RegistrationError(f"verl {installed} is installed but OPD's verl plugin supports verl{SUPPORTED_VERL}: "
-                                f"pip install -c constraints.txt '.[verl]'")
+        raise RegistrationError(
+            f"verl {installed} is installed but OPD's verl plugin supports verl{SUPPORTED_VERL}: "
+            f"pip install -c constraints.txt '.[verl]'"
+        )
     return installed
 
 
@@ -102,8 +106,7 @@ def on_plugin_load() -> None:
 def _entry_point_installed() -> bool:
     from importlib.metadata import entry_points
 
-    return any(ep.name == ENTRY_POINT and ep.value == "opd.engines.verl"
-               for ep in entry_points(group="verl.plugins"))
+    return any(ep.name == ENTRY_POINT and ep.value == "opd.engines.verl" for ep in entry_points(group="verl.plugins"))
 
 
 def _plugins_allowed() -> bool:
@@ -121,11 +124,15 @@ def registration_status(rollout: bool | None = None, platform: bool | None = Non
     want_platform = platform_requested() if platform is None else platform
     installed = check_verl_version()
     if not _entry_point_installed():
-        raise RegistrationError(f"the 'verl.plugins' entry point {ENTRY_POINT!r} is not installed (opd was installed "
-                                f"before it existed?): pip install -e . again")
+        raise RegistrationError(
+            f"the 'verl.plugins' entry point {ENTRY_POINT!r} is not installed (opd was installed "
+            f"before it existed?): pip install -e . again"
+        )
     if not _plugins_allowed():
-        raise RegistrationError(f"VERL_USE_EXTERNAL_PLUGINS={os.environ['VERL_USE_EXTERNAL_PLUGINS']!r} keeps verl "
-                                f"from loading the {ENTRY_POINT!r} plugin; unset it or add {ENTRY_POINT!r}")
+        raise RegistrationError(
+            f"VERL_USE_EXTERNAL_PLUGINS={os.environ['VERL_USE_EXTERNAL_PLUGINS']!r} keeps verl "
+            f"from loading the {ENTRY_POINT!r} plugin; unset it or add {ENTRY_POINT!r}"
+        )
     import verl  # noqa: F401  (loads the entry points, hence this package's on_plugin_load)
 
     if _load_error is not None:
@@ -147,8 +154,10 @@ def _check_rollout() -> None:
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
     if not rollout_requested() and ROLLOUT_NAME not in RolloutReplicaRegistry._registry:
-        raise RegistrationError(f"rollout {ROLLOUT_NAME!r} is not registered because OPD_VERL is not set: export "
-                                f"OPD_VERL=1 before starting verl (it must reach every Ray worker)")
+        raise RegistrationError(
+            f"rollout {ROLLOUT_NAME!r} is not registered because OPD_VERL is not set: export "
+            f"OPD_VERL=1 before starting verl (it must reach every Ray worker)"
+        )
     try:
         replica_cls = RolloutReplicaRegistry.get(ROLLOUT_NAME)
     except ValueError as exc:
@@ -156,16 +165,20 @@ def _check_rollout() -> None:
     if replica_cls is not _load_replica_class():
         raise RegistrationError(f"verl's rollout {ROLLOUT_NAME!r} resolves to {replica_cls!r}, not OPD's HFReplica")
     if _ROLLOUT_REGISTRY.get((ROLLOUT_NAME, "async")) != _ADAPTER_FQN:
-        raise RegistrationError(f"verl's _ROLLOUT_REGISTRY[({ROLLOUT_NAME!r}, 'async')] is "
-                                f"{_ROLLOUT_REGISTRY.get((ROLLOUT_NAME, 'async'))!r}, not {_ADAPTER_FQN!r}")
+        raise RegistrationError(
+            f"verl's _ROLLOUT_REGISTRY[({ROLLOUT_NAME!r}, 'async')] is "
+            f"{_ROLLOUT_REGISTRY.get((ROLLOUT_NAME, 'async'))!r}, not {_ADAPTER_FQN!r}"
+        )
 
 
 def _check_trainer() -> None:
     from opd.engines.verl.trainer_registration import trainer_registered
 
     if not trainer_registered():
-        raise RegistrationError(f"verl's trainer mode {TRAINER_MODE!r} does not resolve to OPD's trainer: export "
-                                f"OPD_VERL=1 before starting verl (it must reach every Ray worker)")
+        raise RegistrationError(
+            f"verl's trainer mode {TRAINER_MODE!r} does not resolve to OPD's trainer: export "
+            f"OPD_VERL=1 before starting verl (it must reach every Ray worker)"
+        )
 
 
 def _check_platform() -> None:
@@ -174,11 +187,17 @@ def _check_platform() -> None:
     from opd.engines.verl.cpu_platform import CPUPlatform, gloo_patch_applied
 
     if not platform_requested() and PlatformRegistry.get(PLATFORM_NAME) is None:
-        raise RegistrationError(f"platform {PLATFORM_NAME!r} is not registered because VERL_PLATFORM is not "
-                                f"{PLATFORM_NAME!r}: export VERL_PLATFORM={PLATFORM_NAME}")
+        raise RegistrationError(
+            f"platform {PLATFORM_NAME!r} is not registered because VERL_PLATFORM is not "
+            f"{PLATFORM_NAME!r}: export VERL_PLATFORM={PLATFORM_NAME}"
+        )
     if PlatformRegistry.get(PLATFORM_NAME) is not CPUPlatform:
-        raise RegistrationError(f"verl's PlatformRegistry[{PLATFORM_NAME!r}] is "
-                                f"{PlatformRegistry.get(PLATFORM_NAME)!r}, not OPD's CPUPlatform")
+        raise RegistrationError(
+            f"verl's PlatformRegistry[{PLATFORM_NAME!r}] is "
+            f"{PlatformRegistry.get(PLATFORM_NAME)!r}, not OPD's CPUPlatform"
+        )
     if not gloo_patch_applied():
-        raise RegistrationError("verl.utils.distributed.initialize_global_process_group_ray is not wrapped to use "
-                                "gloo: the CPU platform was registered after verl's workers imported it")
+        raise RegistrationError(
+            "verl.utils.distributed.initialize_global_process_group_ray is not wrapped to use "
+            "gloo: the CPU platform was registered after verl's workers imported it"
+        )

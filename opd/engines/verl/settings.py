@@ -85,9 +85,11 @@ def read_settings(config) -> OPDSettings:
 
     rollout_temperature = float(config.actor_rollout_ref.rollout.temperature)
     if "temperature" in raw and float(raw["temperature"]) != rollout_temperature:
-        raise SettingsError(f"opd.temperature={raw['temperature']} differs from actor_rollout_ref.rollout.temperature="
-                            f"{rollout_temperature}: the student is scored at its sampling temperature; set only the "
-                            f"rollout's")
+        raise SettingsError(
+            f"opd.temperature={raw['temperature']} differs from actor_rollout_ref.rollout.temperature="
+            f"{rollout_temperature}: the student is scored at its sampling temperature; set only the "
+            f"rollout's"
+        )
     raw["temperature"] = rollout_temperature
     for f in fields(OPDConfig):  # Hydra hands over ints for floats written without a dot ("1"): accept them
         if f.type == "float" and isinstance(raw.get(f.name), int) and not isinstance(raw.get(f.name), bool):
@@ -105,12 +107,16 @@ def check_supported(settings: OPDSettings, config) -> None:
     """The combinations this slice refuses, each with the one setting to change."""
     algo, teacher = settings.algo, settings.teacher
     if algo.support == "full":
-        raise SettingsError("opd.top_k=-1 (full vocabulary) is not supported by the verl trainer mode: the loss needs "
-                            "the student's and the teacher's logits in one process, and here they live in two worker "
-                            "groups; use a top-k support (opd.top_k=K) or the local engine")
+        raise SettingsError(
+            "opd.top_k=-1 (full vocabulary) is not supported by the verl trainer mode: the loss needs "
+            "the student's and the teacher's logits in one process, and here they live in two worker "
+            "groups; use a top-k support (opd.top_k=K) or the local engine"
+        )
     if algo.use_kl:
-        raise SettingsError("opd.use_kl=True (USE_KL) is not supported by the verl trainer mode yet: the reference's "
-                            "log-probs at the target slots are not read; set opd.use_kl=False")
+        raise SettingsError(
+            "opd.use_kl=True (USE_KL) is not supported by the verl trainer mode yet: the reference's "
+            "log-probs at the target slots are not read; set opd.use_kl=False"
+        )
     if algo.needs_teacher and not teacher.path:
         raise SettingsError(f"opd.adv_estimator={algo.adv_estimator!r} needs a teacher: set +opd.teacher.path=DIR")
     for name in ("n_gpus_per_node", "nnodes"):
@@ -118,21 +124,38 @@ def check_supported(settings: OPDSettings, config) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise SettingsError(f"opd.teacher.{name}={value!r} is not valid; expected an int >= 1")
     refusals = [
-        (config.algorithm.get("use_kl_in_reward", False), "algorithm.use_kl_in_reward=True",
-         "the OPD trainer mode computes its own rewards"),
-        (config.actor_rollout_ref.actor.get("use_kl_loss", False), "actor_rollout_ref.actor.use_kl_loss=True",
-         "the OPD loss replaces verl's; use opd.use_kl once supported"),
-        (config.algorithm.adv_estimator == "gae" or config.critic.get("enable"), "a critic (algorithm.adv_estimator="
-         f"{config.algorithm.adv_estimator}, critic.enable={config.critic.get('enable')})",
-         "OPD has no value model; set algorithm.adv_estimator=grpo (verl's estimator only decides whether a critic "
-         "is built; the OPD advantages come from opd.adv_estimator)"),
-        ((config.get("distillation") or {}).get("enabled", False), "distillation.enabled=True",
-         "verl's built-in distillation and the OPD trainer mode are alternatives; pick one"),
-        (int(config.actor_rollout_ref.actor.get("ulysses_sequence_parallel_size", 1) or 1) > 1,
-         "actor_rollout_ref.actor.ulysses_sequence_parallel_size > 1",
-         "the logits hooks see whole packed sequences only"),
-        (bool(config.actor_rollout_ref.model.get("use_fused_kernels", False)),
-         "actor_rollout_ref.model.use_fused_kernels=True", "fused kernels never materialise the logits the hooks read"),
+        (
+            config.algorithm.get("use_kl_in_reward", False),
+            "algorithm.use_kl_in_reward=True",
+            "the OPD trainer mode computes its own rewards",
+        ),
+        (
+            config.actor_rollout_ref.actor.get("use_kl_loss", False),
+            "actor_rollout_ref.actor.use_kl_loss=True",
+            "the OPD loss replaces verl's; use opd.use_kl once supported",
+        ),
+        (
+            config.algorithm.adv_estimator == "gae" or config.critic.get("enable"),
+            "a critic (algorithm.adv_estimator="
+            f"{config.algorithm.adv_estimator}, critic.enable={config.critic.get('enable')})",
+            "OPD has no value model; set algorithm.adv_estimator=grpo (verl's estimator only decides whether a critic "
+            "is built; the OPD advantages come from opd.adv_estimator)",
+        ),
+        (
+            (config.get("distillation") or {}).get("enabled", False),
+            "distillation.enabled=True",
+            "verl's built-in distillation and the OPD trainer mode are alternatives; pick one",
+        ),
+        (
+            int(config.actor_rollout_ref.actor.get("ulysses_sequence_parallel_size", 1) or 1) > 1,
+            "actor_rollout_ref.actor.ulysses_sequence_parallel_size > 1",
+            "the logits hooks see whole packed sequences only",
+        ),
+        (
+            bool(config.actor_rollout_ref.model.get("use_fused_kernels", False)),
+            "actor_rollout_ref.model.use_fused_kernels=True",
+            "fused kernels never materialise the logits the hooks read",
+        ),
     ]
     for refused, setting, why in refusals:
         if refused:

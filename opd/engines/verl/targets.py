@@ -24,34 +24,41 @@ def read_field_names(settings: OPDSettings) -> list[str]:
     k, algo = settings.reads_k, settings.algo
     names = [F.STUDENT_LP, F.STUDENT_ENTROPY, *slot_names(F.STUDENT_TOPK_IDS, k), *slot_names(F.STUDENT_TOPK_LP, k)]
     if algo.needs_teacher:
-        names += [F.TEACHER_LP, F.TEACHER_ENTROPY, *slot_names(F.TEACHER_TOPK_IDS, k),
-                  *slot_names(F.TEACHER_TOPK_LP, k), *slot_names(F.TEACHER_AT_STUDENT, k)]
+        names += [
+            F.TEACHER_LP,
+            F.TEACHER_ENTROPY,
+            *slot_names(F.TEACHER_TOPK_IDS, k),
+            *slot_names(F.TEACHER_TOPK_LP, k),
+            *slot_names(F.TEACHER_AT_STUDENT, k),
+        ]
     if needs_student_at_teacher(settings):
         names += slot_names(F.STUDENT_AT_TEACHER, k)
     return names
 
 
 def needs_student_at_teacher(settings: OPDSettings) -> bool:
-    """Whether the strategy's slots include the teacher's top-k (then the actor reads log p there: one more pass).
+    """Whether the strategy's slots include the teacher's top-k (then the actor reads log p there: one more pass)."""
+    from opd.core.step import needs_student_at_teacher as core_needs
 
-    The core decides (`read_student_at_teacher` returns None when it is not needed); this asks it on a dummy."""
-    from opd.core.step import read_student_at_teacher
-
-    probe = torch.zeros(1, 1, 2)
-    return read_student_at_teacher(settings.hook_algo(), probe, torch.zeros(1, 1, 1, dtype=torch.long)) is not None
+    return core_needs(settings.hook_algo())
 
 
-def _stats(data, layout: PackedLayout, k: int, lp: str, entropy: str, ids: str, top_lp: str,
-           other: str | None) -> ModelStats:
+def _stats(
+    data, layout: PackedLayout, k: int, lp: str, entropy: str, ids: str, top_lp: str, other: str | None
+) -> ModelStats:
     def resp(name):
         return full_sequence_to_response(data[name], layout)
 
     def slots(name, dtype):
         return torch.stack([resp(n) for n in slot_names(name, k)], -1).to(dtype)
 
-    return ModelStats(lp_NT=resp(lp).float(), entropy_NT=resp(entropy).float(),
-                      topk_ids_NTK=slots(ids, torch.long), topk_lp_NTK=slots(top_lp, torch.float32),
-                      lp_at_other_NTK=slots(other, torch.float32) if other is not None else None)
+    return ModelStats(
+        lp_NT=resp(lp).float(),
+        entropy_NT=resp(entropy).float(),
+        topk_ids_NTK=slots(ids, torch.long),
+        topk_lp_NTK=slots(top_lp, torch.float32),
+        lp_at_other_NTK=slots(other, torch.float32) if other is not None else None,
+    )
 
 
 def reads_from_fields(settings: OPDSettings, data, layout: PackedLayout) -> StepReads:
@@ -61,8 +68,16 @@ def reads_from_fields(settings: OPDSettings, data, layout: PackedLayout) -> Step
     student = _stats(data, layout, k, F.STUDENT_LP, F.STUDENT_ENTROPY, F.STUDENT_TOPK_IDS, F.STUDENT_TOPK_LP, other)
     teacher = None
     if settings.algo.needs_teacher:
-        teacher = _stats(data, layout, k, F.TEACHER_LP, F.TEACHER_ENTROPY, F.TEACHER_TOPK_IDS, F.TEACHER_TOPK_LP,
-                         F.TEACHER_AT_STUDENT)
+        teacher = _stats(
+            data,
+            layout,
+            k,
+            F.TEACHER_LP,
+            F.TEACHER_ENTROPY,
+            F.TEACHER_TOPK_IDS,
+            F.TEACHER_TOPK_LP,
+            F.TEACHER_AT_STUDENT,
+        )
     return StepReads(student=student, teacher=teacher)
 
 
@@ -75,8 +90,9 @@ def group_index(uids, padding: np.ndarray | None = None) -> torch.Tensor:
     return torch.from_numpy(index)
 
 
-def opd_targets(settings: OPDSettings, data, *, uids, has_box_N: torch.Tensor | None = None,
-                padding: np.ndarray | None = None) -> tuple[StepReads, Targets, torch.Tensor]:
+def opd_targets(
+    settings: OPDSettings, data, *, uids, has_box_N: torch.Tensor | None = None, padding: np.ndarray | None = None
+) -> tuple[StepReads, Targets, torch.Tensor]:
     """(reads, targets, response mask) of the batch in `data` (TensorDict-like: the read fields, ``input_ids``,
     ``responses``, ``response_mask`` and ``rm_scores`` as verl stores them)."""
     layout = PackedLayout.from_nested(data["input_ids"], data["responses"])
@@ -84,9 +100,14 @@ def opd_targets(settings: OPDSettings, data, *, uids, has_box_N: torch.Tensor | 
     reads = reads_from_fields(settings, data, layout)
     response_mask = from_nested(data["response_mask"], T).float()
     targets = build_targets(
-        settings.algo, reads, response_ids_NT=from_nested(data["responses"], T).long(), response_mask_NT=response_mask,
-        group_index_N=group_index(uids, padding), outcome_scores_N=from_nested(data["rm_scores"], T).float().sum(-1),
-        has_box_N=has_box_N)
+        settings.algo,
+        reads,
+        response_ids_NT=from_nested(data["responses"], T).long(),
+        response_mask_NT=response_mask,
+        group_index_N=group_index(uids, padding),
+        outcome_scores_N=from_nested(data["rm_scores"], T).float().sum(-1),
+        has_box_N=has_box_N,
+    )
     return reads, targets, response_mask
 
 
@@ -113,5 +134,8 @@ def target_fields(targets: Targets, reads: StepReads, lengths: torch.Tensor, los
 
 def slot_info(targets: Targets) -> dict:
     """The extra_info keys that tell the update hook how the target slots are laid out."""
-    return {F.N_SLOTS: int(targets.ids_NTC.shape[-1]), F.HAS_TAIL: bool(targets.has_tail),
-            F.EXTRA_SLOT: bool(targets.extra_sampled_slot)}
+    return {
+        F.N_SLOTS: int(targets.ids_NTC.shape[-1]),
+        F.HAS_TAIL: bool(targets.has_tail),
+        F.EXTRA_SLOT: bool(targets.extra_sampled_slot),
+    }

@@ -45,17 +45,23 @@ def worker_config(config, settings: OPDSettings):
     model_config = omega_conf_to_dataclass(model_node)
     actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
     rollout = config.actor_rollout_ref.rollout
-    changes = dict(param_offload=bool(teacher.param_offload),
-                   use_dynamic_bsz=bool(rollout.get("log_prob_use_dynamic_bsz", False)),
-                   infer_micro_batch_size_per_gpu=teacher.micro_batch_size_per_gpu
-                   or rollout.get("log_prob_micro_batch_size_per_gpu"),
-                   infer_max_token_len_per_gpu=teacher.max_token_len_per_gpu
-                   or rollout.get("log_prob_max_token_len_per_gpu"))
+    changes = dict(
+        param_offload=bool(teacher.param_offload),
+        use_dynamic_bsz=bool(rollout.get("log_prob_use_dynamic_bsz", False)),
+        infer_micro_batch_size_per_gpu=teacher.micro_batch_size_per_gpu
+        or rollout.get("log_prob_micro_batch_size_per_gpu"),
+        infer_max_token_len_per_gpu=teacher.max_token_len_per_gpu or rollout.get("log_prob_max_token_len_per_gpu"),
+    )
     if teacher.model_dtype is not None:
         changes["model_dtype"] = teacher.model_dtype
     engine = dataclasses.replace(actor.engine, **changes)
-    return TrainingWorkerConfig(model_type="language_model", model_config=model_config, engine_config=engine,
-                                optimizer_config=actor.optim, checkpoint_config=actor.checkpoint)
+    return TrainingWorkerConfig(
+        model_type="language_model",
+        model_config=model_config,
+        engine_config=engine,
+        optimizer_config=actor.optim,
+        checkpoint_config=actor.checkpoint,
+    )
 
 
 def build_group(config, settings: OPDSettings, resource_pool, loss_fn):
@@ -65,8 +71,12 @@ def build_group(config, settings: OPDSettings, resource_pool, loss_fn):
     from verl.workers.engine_workers import TrainingWorker
 
     worker = RayClassWithInitArgs(cls=ray.remote(TrainingWorker), config=worker_config(config, settings))
-    group = RayWorkerGroup(resource_pool=resource_pool, ray_cls_with_init=worker, device_name=config.trainer.device,
-                           name_prefix="opd_teacher")
+    group = RayWorkerGroup(
+        resource_pool=resource_pool,
+        ray_cls_with_init=worker,
+        device_name=config.trainer.device,
+        name_prefix="opd_teacher",
+    )
     group.reset()
     group.set_loss_fn(loss_fn)
     return group
@@ -76,8 +86,15 @@ def score(group, batch, temperature: float) -> None:
     """One read pass of the teacher over `batch` (a KVBatchMeta); its fields land in TransferQueue."""
     import ray
 
-    batch.extra_info.update({"compute_loss": True, "distillation_use_topk": True, "distillation_only": True,
-                             "calculate_entropy": False, "temperature": float(temperature),
-                             F.PHASE: F.READ_TEACHER})
+    batch.extra_info.update(
+        {
+            "compute_loss": True,
+            "distillation_use_topk": True,
+            "distillation_only": True,
+            "calculate_entropy": False,
+            "temperature": float(temperature),
+            F.PHASE: F.READ_TEACHER,
+        }
+    )
     output = group.infer_batch(batch)
     ray.get(output.futures)  # in TransferQueue mode the workers return metadata, not a batch to collect

@@ -58,8 +58,13 @@ def extra_info_on_call(worker_group, method: str, flags: dict, called: list | No
 
 def all_fields(batch: KVBatchMeta) -> KVBatchMeta:
     """The same samples with every field TransferQueue holds for them (a worker receives only a meta's fields)."""
-    return KVBatchMeta(keys=list(batch.keys), tags=list(batch.tags), partition_id=batch.partition_id, fields=None,
-                       extra_info=dict(batch.extra_info or {}))
+    return KVBatchMeta(
+        keys=list(batch.keys),
+        tags=list(batch.tags),
+        partition_id=batch.partition_id,
+        fields=None,
+        extra_info=dict(batch.extra_info or {}),
+    )
 
 
 def _vocab_width(config, settings) -> int | None:
@@ -81,8 +86,13 @@ def without_fields(batch: KVBatchMeta, names: list[str]) -> KVBatchMeta:
     if batch.fields is None:
         return batch
     drop = set(names)
-    return KVBatchMeta(keys=list(batch.keys), tags=list(batch.tags), partition_id=batch.partition_id,
-                       fields=[f for f in batch.fields if f not in drop], extra_info=dict(batch.extra_info or {}))
+    return KVBatchMeta(
+        keys=list(batch.keys),
+        tags=list(batch.tags),
+        partition_id=batch.partition_id,
+        fields=[f for f in batch.fields if f not in drop],
+        extra_info=dict(batch.extra_info or {}),
+    )
 
 
 @register_trainer(TRAINER_MODE)
@@ -92,8 +102,12 @@ class OPDTrainer(PPOTrainerSync):
     def __init__(self, config):
         settings = read_settings(config)  # fail before any worker starts
         self.settings = dataclasses.replace(settings, vocab_width=_vocab_width(config, settings))
-        self.hook_spec = HookSpec(algo=self.settings.hook_algo(), reads_k=self.settings.reads_k,
-                                  norm_length=self.settings.norm_length, vocab_width=self.settings.vocab_width)
+        self.hook_spec = HookSpec(
+            algo=self.settings.hook_algo(),
+            reads_k=self.settings.reads_k,
+            norm_length=self.settings.norm_length,
+            vocab_width=self.settings.vocab_width,
+        )
         self.teacher_wg = None
         self._slot_info: dict = {}
         super().__init__(config)
@@ -118,14 +132,19 @@ class OPDTrainer(PPOTrainerSync):
         self.actor_rollout_wg.set_loss_fn(partial(actor_loss, self.hook_spec))
         if self.settings.algo.needs_teacher:
             pool = self.resource_pool_manager.resource_pool_dict[teacher_group.POOL]
-            self.teacher_wg = teacher_group.build_group(self.config, self.settings, pool,
-                                                        partial(teacher_loss, self.hook_spec))
+            self.teacher_wg = teacher_group.build_group(
+                self.config, self.settings, pool, partial(teacher_loss, self.hook_spec)
+            )
 
     # ------------------------------------------------------------------ the step
     def _read_flags(self, phase: str, *, with_verl_outputs: bool) -> dict:
         """extra_info of an actor pass that runs an OPD hook; `with_verl_outputs` keeps verl's own log-probs."""
-        flags = {"compute_loss": True, "distillation_use_topk": True, "distillation_only": not with_verl_outputs,
-                 F.PHASE: phase}
+        flags = {
+            "compute_loss": True,
+            "distillation_use_topk": True,
+            "distillation_only": not with_verl_outputs,
+            F.PHASE: phase,
+        }
         if not with_verl_outputs:
             flags.update(calculate_entropy=False, temperature=float(self.config.actor_rollout_ref.rollout.temperature))
         return flags
@@ -158,14 +177,16 @@ class OPDTrainer(PPOTrainerSync):
             uids = data["uid"]
             uids = uids.tolist() if hasattr(uids, "tolist") else list(uids)
             padding = np.array([bool(tag.get("is_padding", False)) for tag in batch.tags])
-            reads, targets, response_mask = opd_targets(settings, data, uids=uids, has_box_N=self._has_box(data),
-                                                        padding=padding)
+            reads, targets, response_mask = opd_targets(
+                settings, data, uids=uids, has_box_N=self._has_box(data), padding=padding
+            )
             metrics.update(step_diagnostics(reads, response_mask, targets))
             lengths = data["responses"].offsets().diff()
             out = target_fields(targets, reads, lengths)
             self._slot_info = slot_info(targets)
-            batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
-                                    fields=TensorDict(out, batch_size=len(batch.keys)))
+            batch = tq.kv_batch_put(
+                keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(out, batch_size=len(batch.keys))
+            )
         return without_fields(batch, read_field_names(settings))
 
     def _has_box(self, data):
@@ -177,8 +198,13 @@ class OPDTrainer(PPOTrainerSync):
 
     def _update_actor(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
         """verl's update, with the actor's logits hook in its update phase (and the slot layout it needs)."""
-        flags = {"distillation_use_topk": True, "distillation_only": True, "compute_loss": True, F.PHASE: F.UPDATE,
-                 **self._slot_info}
+        flags = {
+            "distillation_use_topk": True,
+            "distillation_only": True,
+            "compute_loss": True,
+            F.PHASE: F.UPDATE,
+            **self._slot_info,
+        }
         with extra_info_on_call(self.actor_rollout_wg, "update_actor", flags):
             batch = super()._update_actor(batch, metrics)
         total, count = metrics.pop(f"actor/{F.PROBE_SUM}", None), metrics.pop(f"actor/{F.PROBE_COUNT}", None)
