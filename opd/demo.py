@@ -6,7 +6,7 @@ Stages, each timed (wall seconds in summary.json):
   2. teacher  a 3-layer Llama-style model trained by SFT on gold step-by-step answers (`opd.sft`);
   3. student  a 2-layer model cold-started off-policy on teacher rollouts (the paper's recipe), stopped when its
               greedy dev accuracy first reaches a target: its SFT curve is so steep that a fixed step count lands
-              anywhere, and a student that is confidently wrong gets almost no reverse-KL signal (toy-world.md);
+              anywhere, and a student that is confidently wrong gets almost no reverse-KL signal (docs/demo.md);
   4. opd      on-policy distillation teacher -> student with the local engine (`opd.engines.local.train`): top-k
               (K=16, only_stu, student_p, plus a tail-bucket slot) token rewards; held-out test accuracy (greedy)
               every `test_freq` steps;
