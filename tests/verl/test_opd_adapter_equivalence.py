@@ -131,7 +131,7 @@ def verl_update(spec, student, store, micro_batches, temperature, extra, dp_size
         model_output = {k: torch.nested.nested_tensor_from_jagged(v, offsets) for k, v in hook_out.items()}
         loss, metrics = actor_loss(spec, model_output=model_output, data=td, dp_group=None)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     return total
 
 
