@@ -222,6 +222,8 @@ def test_verl_path_equals_local_engine(models, rollouts, overrides):
         verl_update(spec, student_dp, store, [rows], cfg.temperature, extra, dp_size=2, n_rows=len(prompts))
         for rows in ([0, 1, 2], [3, 4, 5])
     ]
-    assert sum(rank_losses) / 2 == pytest.approx(float(loss_local.detach()), abs=1e-5)  # verl logs the dp mean of rank sums
+    assert sum(rank_losses) / 2 == pytest.approx(
+        float(loss_local.detach()), abs=1e-5
+    )  # verl logs the dp mean of rank sums
     for (name, p_local), p_dp in zip(student_local.named_parameters(), student_dp.parameters()):
         torch.testing.assert_close(p_dp.grad / 2, p_local.grad, atol=1e-5, rtol=1e-4, msg=name)
