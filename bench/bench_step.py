@@ -134,24 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for step in range(1, n_steps + 1):
             problems = [s.train_set.problems[i] for i in s.schedule.batch(step)]
-            rollouts, t_roll, m_roll = _phase(
-                device,
-                lambda: trainer.generate(
-                    s.student,
-                    s.tokenizer,
-                    [p.prompt_ids for p in problems],
-                    [p.ground_truth for p in problems],
-                    n=cfg.n_responses,
-                    max_new_tokens=cfg.max_resp_length,
-                    temperature=algo.temperature,
-                    top_p=1.0,
-                    repetition_penalty=1.0,
-                    generator=s.generator,
-                    batch_size=cfg.rollout_batch_size,
-                    eos_ids=s.eos_ids,
-                    pad_id=s.pad_id,
-                ),
-            )
+            rollouts, t_roll, m_roll = _phase(device, lambda: trainer.sample_rollouts(s, problems))
             batch = rollouts.batch.to(device)
             gen_tokens = float(batch.response_mask_NT.sum())
             all_tokens = float(batch.attention_mask_NL.sum())

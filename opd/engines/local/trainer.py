@@ -248,21 +248,7 @@ def train_step(s: Session, step: int) -> dict[str, float]:
     cfg, algo = s.cfg, s.cfg.algo
     t0 = time.perf_counter()
     problems = [s.train_set.problems[i] for i in s.schedule.batch(step)]
-    rollouts = generate(
-        s.student,
-        s.tokenizer,
-        [p.prompt_ids for p in problems],
-        [p.ground_truth for p in problems],
-        n=cfg.n_responses,
-        max_new_tokens=cfg.max_resp_length,
-        temperature=algo.temperature,
-        top_p=cfg.top_p,
-        repetition_penalty=cfg.repetition_penalty,
-        generator=s.generator,
-        batch_size=cfg.rollout_batch_size,
-        eos_ids=s.eos_ids,
-        pad_id=s.pad_id,
-    )
+    rollouts = sample_rollouts(s, problems)
     device = next(s.student.parameters()).device
     batch = rollouts.batch.to(device)
     t1 = time.perf_counter()
@@ -335,6 +321,26 @@ def train_step(s: Session, step: int) -> dict[str, float]:
         }
     )
     return metrics
+
+
+def sample_rollouts(s: Session, problems: list) -> Rollouts:
+    """The step's rollouts: N_RESPONSES samples per problem from the student, graded by the rule reward."""
+    cfg = s.cfg
+    return generate(
+        s.student,
+        s.tokenizer,
+        [p.prompt_ids for p in problems],
+        [p.ground_truth for p in problems],
+        n=cfg.n_responses,
+        max_new_tokens=cfg.max_resp_length,
+        temperature=cfg.algo.temperature,
+        top_p=cfg.top_p,
+        repetition_penalty=cfg.repetition_penalty,
+        generator=s.generator,
+        batch_size=cfg.rollout_batch_size,
+        eos_ids=s.eos_ids,
+        pad_id=s.pad_id,
+    )
 
 
 def rollout_metrics(rollouts: Rollouts) -> dict[str, float]:
