@@ -32,6 +32,7 @@
 # TRAIN_DATASET        RL parquet                        TEST_FILE       comma-separated RL parquets (validation)
 # ENABLE_THINKING      chat-template switch (empty: not passed)
 # SAVE_FREQ, TEST_FREQ checkpoint / validate every N steps (0: never)   TOTAL_EPOCHS, TOTAL_STEPS (optional cap)
+# KEEP_LAST_N          keep only the newest N checkpoints (0: all; 2 or more keeps a fallback if the newest is damaged)
 # VAL_N, VAL_TEMPERATURE, VAL_TOP_P, VAL_BEFORE_TRAIN   validation sampling (mean@n / best@n / maj@n per source)
 # RESUME               auto (continue from the run's last checkpoint) | off | <checkpoint folder>
 # OUTPUT_DIR, RUN_NAME run folder = OUTPUT_DIR/RUN_NAME (empty RUN_NAME: built from the settings)
@@ -106,6 +107,7 @@ export GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-False}"
 export TOTAL_EPOCHS="${TOTAL_EPOCHS:-1}"
 export TOTAL_STEPS="${TOTAL_STEPS:-}"
 export SAVE_FREQ="${SAVE_FREQ:-20}"
+export KEEP_LAST_N="${KEEP_LAST_N:-0}"
 export TEST_FREQ="${TEST_FREQ:-20}"
 export SEED="${SEED:-0}"
 

@@ -49,6 +49,7 @@ NON_DEFAULT = {
     "TEST_FILE": ("/d/a.parquet,/d/b.parquet", ["/d/a.parquet", "/d/b.parquet"]),
     "ENABLE_THINKING": ("False", False),
     "SAVE_FREQ": ("5", 5),
+    "KEEP_LAST_N": ("3", 3),
     "TEST_FREQ": ("6", 6),
     "TOTAL_EPOCHS": ("3", 3),
     "TOTAL_STEPS": ("9", 9),

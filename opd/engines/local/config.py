@@ -10,6 +10,7 @@ launchers, the CLI help and the tests all read it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import types
@@ -53,6 +54,7 @@ ENV_VARS: dict[str, str] = {
     "TEST_FILE": "test_files",
     "ENABLE_THINKING": "enable_thinking",
     "SAVE_FREQ": "save_freq",
+    "KEEP_LAST_N": "keep_last_n",
     "TEST_FREQ": "test_freq",
     "TOTAL_EPOCHS": "total_epochs",
     "TOTAL_STEPS": "total_steps",
@@ -119,6 +121,7 @@ class TrainConfig:
     total_epochs: int = 1
     total_steps: int | None = None  # optional cap on optimiser steps
     save_freq: int = 20  # checkpoint every N steps (<= 0: never)
+    keep_last_n: int = 0  # keep only the newest N checkpoints (0: keep all, as before); >= 2 keeps a fallback
     test_freq: int = 20  # validate every N steps (<= 0: never, except val_before_train and the last step)
     seed: int = 0
     # --- outputs ---
@@ -165,20 +168,34 @@ class TrainConfig:
             raise bad("top_p", "a value in (0, 1]")
         if not 0 < self.val_top_p <= 1:
             raise bad("val_top_p", "a value in (0, 1]")
-        if not self.val_temperature >= 0:
-            raise bad("val_temperature", ">= 0 (0 = greedy)")
-        if not self.repetition_penalty > 0:
-            raise bad("repetition_penalty", "> 0")
-        if not self.lr > 0:
-            raise bad("lr", "> 0")
+        if not (self.val_temperature >= 0 and math.isfinite(self.val_temperature)):
+            raise bad("val_temperature", "a finite value >= 0 (0 = greedy)")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise bad("repetition_penalty", "a finite value > 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise bad("lr", "a finite value > 0")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise bad("weight_decay", "a finite value >= 0")
         if not 0 <= self.warmup_ratio < 1:
             raise bad("warmup_ratio", "a value in [0, 1)")
         if not self.grad_clip > 0:
             raise bad("grad_clip", "> 0")
+        if self.keep_last_n < 0:
+            raise bad("keep_last_n", "an integer >= 0 (0: keep every checkpoint)")
         if not (self.resume in ("auto", "off") or self.resume):
             raise bad("resume", "auto | off | a checkpoint folder")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise bad("device", "auto | cpu | cuda | cuda:N | mps")
+        from opd.core.advantages import ADV_ESTIMATORS
+
+        estimator = ADV_ESTIMATORS.get(self.algo.adv_estimator)
+        if self.n_responses < 2 and estimator.needs_group_index and not estimator.needs_token_rewards:
+            # the advantage is a rollout's score minus its group's mean: a group of one is always 0
+            raise ValueError(
+                f"TrainConfig.n_responses={self.n_responses} is not valid with "
+                f"OPDConfig.adv_estimator={self.algo.adv_estimator!r}: a group of one response has advantage 0, "
+                f"so nothing would be learned; expected N_RESPONSES >= 2"
+            )
 
     # --- building ---
     def to_dict(self) -> dict:
@@ -297,21 +314,26 @@ def merge(layers, base: TrainConfig | None = None) -> TrainConfig:
     """`base` (default: the defaults) with each (label, {key: value}) layer applied in order and the result validated
     once, so a combination that only the final layers make valid is never checked half-applied. An error names the
     layer that set the bad value: `label` is a string, or a function of (key, value) for per-variable labels."""
-    flat, origin = _flat(base or TrainConfig()), {}
-    for label, settings in layers:
+    flat, origin = _flat(base or TrainConfig()), {}  # origin: key -> (layer number, label)
+    for layer, (label, settings) in enumerate(layers):
         for key, value in _items(settings):
             where = label(key, value) if callable(label) else label
             try:
                 name, typed = _typed(key, value)
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
-            flat[name], origin[name] = typed, where
+            flat[name], origin[name] = typed, (layer, where)
     algo = {k[len("algo.") :]: flat.pop(k) for k in list(flat) if k.startswith("algo.")}
     try:
         return TrainConfig(**flat, algo=OPDConfig.from_dict(algo))
     except ValueError as exc:
-        match = re.search(r"\b(OPDConfig|TrainConfig)\.(\w+)", str(exc))
-        where = match and origin.get(f"algo.{match[2]}" if match[1] == "OPDConfig" else match[2])
+        # a refusal may name two settings (adv_estimator and top_k): blame the layer that set the later one
+        named = [
+            origin[key]
+            for owner, name in re.findall(r"\b(OPDConfig|TrainConfig)\.(\w+)", str(exc))
+            if (key := f"algo.{name}" if owner == "OPDConfig" else name) in origin
+        ]
+        where = max(named, key=lambda o: o[0])[1] if named else ""
         raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
 
 
@@ -325,7 +347,15 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"config file {path}{where}: not valid YAML ({problem})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"config file {path}: expected a mapping of settings at the top level, got {type(data).__name__}"

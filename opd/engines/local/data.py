@@ -6,12 +6,16 @@ upload's Problem/Answer; `opd.data.schema.resolve_problem_columns`), as parquet,
 the user turn. RL files are validated by `opd.data.schema` (errors name file, row and column). Prompts longer than
 `max_prompt_length` tokens are dropped and counted.
 
-The training order is a per-epoch permutation drawn from the seed, so the batch of step s is a pure function of
-(seed, s): a resumed run reads exactly the prompts the uninterrupted run would have read.
+The training order is a per-epoch permutation drawn from the seed, read MINI_BATCH_SIZE prompts per step (an epoch's
+last partial batch is dropped), so the batch of step s is a pure function of (seed, s): a resumed run reads exactly
+the prompts the uninterrupted run would have read. A checkpoint records the data position as prompts consumed
+(epoch, prompts used in it), not as a batch index, so a run resumed with another MINI_BATCH_SIZE continues right
+after the last prompt used (`PromptSchedule(..., start=...)`) instead of re-reading or skipping prompts.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,17 +127,46 @@ def load_prompt_set(
     return PromptSet(str(path), problems, dropped)
 
 
-class PromptSchedule:
-    """Which problems step s trains on: epoch-wise permutations from the seed; the last partial batch is dropped."""
+def prompts_fingerprint(problems: list[Problem]) -> str:
+    """sha256 of the usable prompts' token ids and answers in order: a resumed run must read the same prompts (the
+    same file, length filter, chat template and tokenizer), whatever the paths are called."""
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(np.asarray(p.prompt_ids, dtype=np.int64).tobytes())
+        h.update(b"\0" + p.ground_truth.encode("utf-8") + b"\0")
+    return h.hexdigest()
 
-    def __init__(self, n_problems: int, batch_size: int, seed: int, total_epochs: int, total_steps: int | None):
+
+class PromptSchedule:
+    """Which problems step s trains on: epoch-wise permutations from the seed, `batch_size` prompts per step; what is
+    left of an epoch when fewer than `batch_size` prompts remain is dropped.
+
+    `start` = (step, {"epoch": e, "prompts_in_epoch": k}) anchors the schedule at a resumed checkpoint: step+1 reads
+    the permutation of epoch e from prompt k on, whatever batch size consumed the first k. Without it the anchor is
+    (0, epoch 0, prompt 0), which gives the same batches as any later anchor taken from this schedule."""
+
+    def __init__(
+        self,
+        n_problems: int,
+        batch_size: int,
+        seed: int,
+        total_epochs: int,
+        total_steps: int | None,
+        start: tuple[int, dict] | None = None,
+    ):
         if n_problems < batch_size:
             raise ValueError(
                 f"the training set has {n_problems} usable prompts, fewer than MINI_BATCH_SIZE={batch_size}"
             )
         self.n, self.batch_size, self.seed = n_problems, batch_size, seed
         self.steps_per_epoch = n_problems // batch_size
-        steps = self.steps_per_epoch * total_epochs
+        step0, where = start if start is not None else (0, {"epoch": 0, "prompts_in_epoch": 0})
+        self._step0, self._epoch0, self._k0 = int(step0), int(where["epoch"]), int(where["prompts_in_epoch"])
+        self._left0 = max(0, (n_problems - self._k0) // batch_size)  # steps left in the anchor's epoch
+        if self._epoch0 < total_epochs:
+            steps = self._step0 + self._left0 + (total_epochs - 1 - self._epoch0) * self.steps_per_epoch
+        else:
+            steps = self._step0
         self.total_steps = min(steps, total_steps) if total_steps else steps
         self._perms: dict[int, np.ndarray] = {}
 
@@ -142,12 +175,25 @@ class PromptSchedule:
             self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         return self._perms[epoch]
 
+    def cursor(self, step: int) -> dict:
+        """Data position *before* step `step` (1-based): {"epoch", "prompts_in_epoch"} (prompts consumed)."""
+        done = step - 1 - self._step0
+        if done < 0:
+            raise ValueError(f"step {step} comes before this schedule's start (step {self._step0 + 1})")
+        if done < self._left0:
+            return {"epoch": self._epoch0, "prompts_in_epoch": self._k0 + done * self.batch_size}
+        done -= self._left0
+        return {
+            "epoch": self._epoch0 + 1 + done // self.steps_per_epoch,
+            "prompts_in_epoch": (done % self.steps_per_epoch) * self.batch_size,
+        }
+
     def position(self, step: int) -> dict:
-        """Data position *before* step `step` (1-based steps): saved in checkpoints."""
-        done = step - 1
-        return {"epoch": done // self.steps_per_epoch, "batch_in_epoch": done % self.steps_per_epoch}
+        """Data position *before* step `step` as {"epoch", "batch_in_epoch"} (batches of this schedule's size)."""
+        where = self.cursor(step)
+        return {"epoch": where["epoch"], "batch_in_epoch": where["prompts_in_epoch"] // self.batch_size}
 
     def batch(self, step: int) -> list[int]:
-        pos = self.position(step)
-        start = pos["batch_in_epoch"] * self.batch_size
-        return self._perm(pos["epoch"])[start : start + self.batch_size].tolist()
+        where = self.cursor(step)
+        start = where["prompts_in_epoch"]
+        return self._perm(where["epoch"])[start : start + self.batch_size].tolist()

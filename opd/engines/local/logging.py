@@ -4,16 +4,19 @@
 metrics.jsonl is the machine-readable record the report and the demo read: `{"step": s, <key>: <float>, ...}`,
 one line per step (step 0: validation before training). Non-finite values are written as null. On resume the
 lines after the checkpoint's step are dropped (they belong to the interrupted tail that is about to be redone) and
-TensorBoard purges its events after that step, so both logs read as one uninterrupted run.
+TensorBoard purges its events after that step, so both logs read as one uninterrupted run. A torn last line (a kill
+in the middle of an append, possibly inside a multi-byte character) is cut off first, with one line saying so; a
+damaged line further up is an error naming the file and line.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
-from opd.io import atomic_write_text, json_safe
+from opd.io import atomic_write_text, json_safe, repair_torn_tail
 
 
 class RunLogger:
@@ -68,14 +71,35 @@ class RunLogger:
             self._tb.close()
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _keep_until(path: Path, step: int) -> None:
-    """Keep only the lines of `path` with step <= `step` (all gone for a fresh start); atomic rewrite."""
+    """Keep only the lines of `path` with step <= `step` (all gone for a fresh start); atomic rewrite. A torn last
+    line is dropped first (said in one line); any other unreadable line is a ValueError naming file and line."""
     if not path.exists():
         return
+    dropped = repair_torn_tail(path, is_complete=_is_json)
+    if dropped:
+        print(f"opd train: {path}: removed a torn last line ({dropped} bytes, an interrupted write)", file=sys.stderr)
     kept = []
     if step > 0:
-        for line in path.read_text().splitlines():
-            if line.strip() and json.loads(line).get("step", 0) <= step:
+        for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+                row_step = json.loads(line).get("step", 0)
+            except (ValueError, AttributeError) as exc:  # UnicodeDecodeError is a ValueError
+                raise ValueError(
+                    f"{path}, line {number}: not a JSON object ({exc}); delete that line to resume"
+                ) from None
+            if row_step <= step:
                 kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
 

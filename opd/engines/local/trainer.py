@@ -34,14 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from opd.core.step import build_targets, step_diagnostics, step_profile
-from opd.engines.local.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from opd.engines.local.checkpoint import clean_unfinished, latest_checkpoint, save_checkpoint
 from opd.engines.local.config import TrainConfig, config_yaml, run_name_from, sampling_bias_warnings
-from opd.engines.local.data import PromptSchedule, PromptSet, load_prompt_set
+from opd.engines.local.data import PromptSchedule, PromptSet, load_prompt_set, prompts_fingerprint
 from opd.engines.local.logging import RunLogger
+from opd.engines.local.resume import restore
 from opd.engines.local.rollout import Rollouts, generate
 from opd.engines.local.scoring import reference_logprobs, score
 from opd.engines.local.update import loss_and_backward, optimizer_step
@@ -105,16 +105,7 @@ def train(cfg: TrainConfig) -> Path:
             if step in (1, total) or (cfg.profile_freq > 0 and step % cfg.profile_freq == 0):
                 logger.log_profile(step, s.last_profile)
             if cfg.save_freq > 0 and (step % cfg.save_freq == 0 or step == total):
-                save_checkpoint(
-                    s.run_dir,
-                    step,
-                    model=s.student,
-                    tokenizer=s.tokenizer,
-                    optimizer=s.optimizer,
-                    scheduler=s.scheduler,
-                    generator=s.generator,
-                    data_position=s.schedule.position(step + 1),
-                )
+                save(s, step)
             shown = {"loss": f"{metrics['actor/loss']:.4f}"}
             if "opd/overlap_ratio" in metrics:  # absent without a teacher (GRPO)
                 shown["overlap"] = f"{metrics['opd/overlap_ratio']:.3f}"
@@ -136,6 +127,7 @@ def setup(cfg: TrainConfig) -> Session:
     )
     tokenizer, vocab_width = folders.tokenizer, folders.vocab_width
     run_dir = Path(cfg.output_dir) / (cfg.run_name or run_name_from(cfg))
+    clean_unfinished(run_dir)  # what a save killed midway left (`.tmp-step_*`), before anything is read
 
     # 2. prompts, tokenised once with the student's chat template
     template_kwargs = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
@@ -159,7 +151,7 @@ def setup(cfg: TrainConfig) -> Session:
                 f"MAX_PROMPT_LENGTH={cfg.max_prompt_length} tokens; kept {len(prompt_set.problems)}",
                 file=sys.stderr,
             )
-    schedule = PromptSchedule(len(train_set.problems), cfg.mini_batch_size, cfg.seed, cfg.total_epochs, cfg.total_steps)
+    fingerprint = prompts_fingerprint(train_set.problems)
 
     # 3. models, optimiser, random state
     random.seed(cfg.seed)
@@ -185,43 +177,48 @@ def setup(cfg: TrainConfig) -> Session:
     optimizer = make_optimizer(
         student, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
     )
-    scheduler = make_scheduler(
-        optimizer, kind=cfg.lr_scheduler, total_steps=schedule.total_steps, warmup_ratio=cfg.warmup_ratio
-    )
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    # 4. resume
-    start_step = 0
-    checkpoint = None
-    if cfg.resume == "auto":
-        checkpoint = latest_checkpoint(run_dir)
-    elif cfg.resume != "off":
-        checkpoint = Path(cfg.resume)
-    if checkpoint is not None:
-        state = load_checkpoint(
-            checkpoint, model=student, optimizer=optimizer, scheduler=scheduler, generator=generator
+    def build(start):
+        """The data order (from a resumed data position, or the start) and the LR schedule over its length."""
+        sched = PromptSchedule(
+            len(train_set.problems), cfg.mini_batch_size, cfg.seed, cfg.total_epochs, cfg.total_steps, start=start
         )
-        start_step = int(state["step"])
-        _warn_if_config_changed(run_dir / "config.yaml", cfg)
-        if state["data_position"] != schedule.position(start_step + 1):
-            raise ValueError(
-                f"checkpoint {checkpoint} data position {state['data_position']} does not match this "
-                f"configuration's schedule {schedule.position(start_step + 1)} (MINI_BATCH_SIZE changed?)"
-            )
-    elif (earlier := latest_checkpoint(run_dir)) is not None:
+        lr_sched = make_scheduler(
+            optimizer, kind=cfg.lr_scheduler, total_steps=sched.total_steps, warmup_ratio=cfg.warmup_ratio
+        )
+        return sched, lr_sched
+
+    # 4. resume (opd.engines.local.resume: which checkpoint, which changed settings are applied or refused)
+    if cfg.resume == "off" and (earlier := latest_checkpoint(run_dir)) is not None:
         # starting over beside an earlier run's checkpoints would let a later RESUME=auto mix the two runs
         raise ValueError(
             f"{run_dir} holds checkpoints of an earlier run ({earlier.name}) and "
             f"RESUME={cfg.resume}: continue it with RESUME=auto, pick another RUN_NAME/OUTPUT_DIR, or "
             f"delete {run_dir / 'checkpoints'}"
         )
-    elif (run_dir / "metrics.jsonl").exists():
+    start_step, schedule, scheduler = restore(
+        cfg,
+        run_dir,
+        model=student,
+        optimizer=optimizer,
+        generator=generator,
+        n_prompts=len(train_set.problems),
+        fingerprint=fingerprint,
+        build=build,
+    )
+    if start_step == 0 and (run_dir / "metrics.jsonl").exists():
         print(
             f"opd train: {run_dir} holds an earlier run without a checkpoint to resume (RESUME={cfg.resume}); "
             f"starting over and replacing its metrics and TensorBoard events",
             file=sys.stderr,
         )
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    if start_step and start_step >= schedule.total_steps:
+        print(
+            f"opd train: {run_dir} is already complete at step {start_step} (of {schedule.total_steps})",
+            file=sys.stderr,
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", config_yaml(cfg))
     return Session(
@@ -377,18 +374,23 @@ def run_validation(s: Session, step: int) -> dict[str, float]:
     return out
 
 
-def _warn_if_config_changed(saved_path: Path, cfg: TrainConfig) -> None:
-    """Resuming with other settings is allowed (e.g. more steps) but must not go unnoticed."""
-    if not saved_path.is_file():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    now = cfg.to_dict()
-
-    def flat(d: dict) -> dict:
-        return {**{k: v for k, v in d.items() if k != "algo"}, **{f"algo.{k}": v for k, v in d.get("algo", {}).items()}}
-
-    before, after = flat(saved), flat(now)
-    changed = sorted(k for k in set(before) | set(after) if k != "resume" and before.get(k) != after.get(k))
-    if changed:
-        diff = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
-        print(f"opd train: resuming {saved_path.parent} with changed settings: {diff}", file=sys.stderr)
+def save(s: Session, step: int) -> None:
+    """Checkpoint after `step`, with the data position as prompts consumed and the settings it ran with."""
+    where = s.schedule.cursor(step + 1)
+    save_checkpoint(
+        s.run_dir,
+        step,
+        model=s.student,
+        tokenizer=s.tokenizer,
+        optimizer=s.optimizer,
+        scheduler=s.scheduler,
+        generator=s.generator,
+        data_position={
+            **s.schedule.position(step + 1),
+            **where,
+            "n_prompts": len(s.train_set.problems),
+            "prompts_sha256": prompts_fingerprint(s.train_set.problems),
+        },
+        config=s.cfg.to_dict(),
+        keep_last_n=s.cfg.keep_last_n,
+    )
