@@ -6,6 +6,10 @@ What is compared, on bf16 logits as a model would produce them (N = 1 sequence o
   fullkl  exact per-position reverse KL: `full_vocab_reverse_kl`  vs  F.kl_div on both full float32 log-softmaxes.
   fullpg  full-vocabulary PG loss, forward + backward: `full_vocab_pg_loss_NT`  vs  autograd through the
           materialised float32 log-softmaxes.
+  fullpg_hidden  the same loss from both models' final hidden states [T, H] and output embeddings [V, H]
+          (`full_vocab_pg_loss_from_hidden`, no [T, V] logits)  vs  the head's logits materialised, then as naive
+          fullpg, backward into the hidden states and the output embedding. Its peak excludes the returned
+          gradients (the hidden states' and the output embedding's, which every implementation returns).
 Each (path, implementation, V, T, chunk) case runs in a fresh subprocess so allocations cannot leak between
 cases. Peak memory on CPU is the process's resident-set high-water mark (VmHWM, reset through
 /proc/self/clear_refs once the inputs exist) minus the resident set at that moment: the extra memory the
@@ -27,7 +31,8 @@ import subprocess
 import sys
 import time
 
-PATHS = ("topk", "fullkl", "fullpg")
+PATHS = ("topk", "fullkl", "fullpg", "fullpg_hidden")
+HIDDEN = 1024  # Qwen3-0.6B's hidden size, for fullpg_hidden
 DEFAULT_SIZES = "32768:8192,151936:2048"
 
 
@@ -54,12 +59,35 @@ def _make_logits(T: int, V: int, device: str, seed: int):
     return s, t
 
 
+def _make_heads(T: int, V: int, device: str, seed: int):
+    """Student and teacher (hidden [1, T, H], output embedding [V, H]), logits of std about 2; bf16 on CUDA,
+    float32 on CPU (CPU bf16 matmuls are emulated and two orders of magnitude slower on most hosts)."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+
+    scale = 2.0 / HIDDEN**0.5
+    return (rnd(1, T, HIDDEN, scale=1.0), rnd(V, HIDDEN, scale=scale)), (
+        rnd(1, T, HIDDEN, scale=1.0),
+        rnd(V, HIDDEN, scale=scale),
+    )
+
+
 def _run_case(path: str, impl: str, V: int, T: int, k: int, chunk: int, device: str) -> dict:
     import torch
     import torch.nn.functional as F
 
     from opd.core.config import OPDConfig
-    from opd.core.full_vocab import full_vocab_pg_loss_NT, full_vocab_reverse_kl
+    from opd.core.full_vocab import (
+        OutputHead,
+        full_vocab_pg_loss_from_hidden,
+        full_vocab_pg_loss_NT,
+        full_vocab_reverse_kl,
+    )
     from opd.core.logits import logit_stats
     from opd.core.rewards import compute_rewards
     from opd.core.support import build_support
@@ -114,7 +142,29 @@ def _run_case(path: str, impl: str, V: int, T: int, k: int, chunk: int, device: 
         loss.backward()
         return -adv.sum() + s.grad[0, :8].float().abs().sum()
 
+    def _student_leaves(s):
+        h, w = (x.detach().requires_grad_(True) for x in s)
+        return h, w
+
+    def fullpg_hidden_chunked(s, t):
+        h, w = _student_leaves(s)
+        weights = torch.ones(h.shape[:-1], device=h.device)
+        loss = full_vocab_pg_loss_from_hidden(OutputHead(h, w), OutputHead(*t), weights, "student_p", chunk_size=chunk)
+        loss.backward()
+        return loss.detach() + h.grad[0, :8].float().abs().sum()
+
+    def fullpg_hidden_naive(s, t):
+        h, w = _student_leaves(s)
+        lp = torch.log_softmax(F.linear(h, w).float(), -1)
+        lq = torch.log_softmax(F.linear(*t).float(), -1)
+        adv = (lp.exp() * (lq - lp)).detach()
+        loss = -(adv * lp).sum(-1).sum()
+        loss.backward()
+        return -adv.sum() + h.grad[0, :8].float().abs().sum()
+
     fn = {
+        ("fullpg_hidden", "chunked"): fullpg_hidden_chunked,
+        ("fullpg_hidden", "naive"): fullpg_hidden_naive,
         ("topk", "chunked"): topk_chunked,
         ("topk", "naive"): topk_naive,
         ("fullkl", "chunked"): fullkl_chunked,
@@ -123,10 +173,14 @@ def _run_case(path: str, impl: str, V: int, T: int, k: int, chunk: int, device: 
         ("fullpg", "naive"): fullpg_naive,
     }[(path, impl)]
 
-    warm_s, warm_t = _make_logits(4, 64, device, seed=1)
+    make = _make_heads if path == "fullpg_hidden" else _make_logits
+    warm_s, warm_t = make(4, 64, device, seed=1)
     fn(warm_s, warm_t)  # first-call overheads (kernel selection, lazy init) off the clock
     del warm_s, warm_t
-    s, t = _make_logits(T, V, device, seed=0)
+    s, t = make(T, V, device, seed=0)
+    # fullpg_hidden: the gradients it returns (hidden states, output embedding) are not "extra"
+    returned = sum(x.numel() * x.element_size() for x in s) if path == "fullpg_hidden" else 0
+    inputs = sum(x.numel() * x.element_size() for x in (*s, *t)) if path == "fullpg_hidden" else 2 * s.numel() * 2
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -141,11 +195,11 @@ def _run_case(path: str, impl: str, V: int, T: int, k: int, chunk: int, device: 
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")) - before
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")) - before - returned
     return {
         "seconds": seconds,
         "peak_extra_bytes": peak,
-        "inputs_bytes": 2 * s.numel() * s.element_size(),
+        "inputs_bytes": inputs,
         "checksum": checksum,
     }
 
@@ -161,7 +215,7 @@ def _mem_available() -> int:
 def _naive_estimate(path: str, V: int, T: int) -> int:
     """Bytes the naive path needs at its peak (inputs + float32 [T, V] tensors alive together), for skipping."""
     per = T * V * 4
-    return 2 * T * V * 2 + {"topk": 4, "fullkl": 4, "fullpg": 6}[path] * per
+    return 2 * T * V * 2 + {"topk": 4, "fullkl": 4, "fullpg": 6, "fullpg_hidden": 7}[path] * per
 
 
 def _subprocess(args, path, impl, V, T, chunk) -> dict:

@@ -17,6 +17,8 @@ Logits are expected finite (real model outputs); -inf logits would make A undefi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from opd.core.logits import DEFAULT_CHUNK_SIZE, RowChunks, _check_temperature, _float_chunk
@@ -148,3 +150,141 @@ def full_vocab_pg_loss_NT(
         int(chunk_size),
     )
     return loss_R.reshape(student_logits_NTV.shape[:-1])
+
+
+# --- from final hidden states: the [T, V] logits never exist ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A model's last layer, so a loss can rebuild any chunk of its logits: logits = hidden @ weight.T (+ bias)."""
+
+    hidden_NTH: torch.Tensor  # final hidden states at the scored positions (after the final norm)
+    weight_VH: torch.Tensor  # the output embedding (lm_head.weight), possibly tied to the input embedding
+    bias_V: torch.Tensor | None = None
+
+
+def _head_logits(h_RH: torch.Tensor, w_VH: torch.Tensor, b_V: torch.Tensor | None, tau: float) -> torch.Tensor:
+    """One chunk of logits / tau, at least float32; the matmul runs in the head's dtype, as the model's lm_head does."""
+    x = torch.nn.functional.linear(h_RH, w_VH, b_V)
+    x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    return x.div_(tau) if tau != 1.0 else x
+
+
+class _FullVocabPGFromHidden(torch.autograd.Function):
+    """sum_r weight_r * L_r with L_r = -sum_v A_r(v), from hidden states; gradients are computed in forward.
+
+    Aggregation weights come in (the aggregation is linear), so the loss is a scalar and each chunk's
+    d loss / d logits is consumed at once by the two matmuls of the head's backward: no [R, V] tensor survives a
+    chunk, and the logits are built once per chunk (twice would double the head's matmuls).
+    """
+
+    @staticmethod
+    def forward(ctx, h_RH, w_VH, b_V, th_RH, tw_VH, tb_V, weights_R, tau, teacher_tau, weight_mode, chunk_size):  # type: ignore[override]
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(h_RH) if want_h else None
+        grad_w = torch.zeros_like(w_VH) if want_w else None
+        acc = torch.promote_types(w_VH.dtype, torch.float32)  # float32, or float64 for float64 heads
+        grad_b = torch.zeros(w_VH.shape[0], dtype=acc, device=w_VH.device) if want_b else None
+        loss = torch.zeros((), dtype=acc, device=h_RH.device)
+        weights_R = weights_R.to(acc)
+        vocab = w_VH.shape[0]
+        for start in range(0, h_RH.shape[0], chunk_size):
+            stop = min(start + chunk_size, h_RH.shape[0])
+            h_c = h_RH[start:stop]
+            lp = _head_logits(h_c, w_VH, b_V, tau)
+            lp.sub_(torch.logsumexp(lp, -1, keepdim=True))
+            adv = _head_logits(th_RH[start:stop], tw_VH, tb_V, teacher_tau)
+            adv.sub_(torch.logsumexp(adv, -1, keepdim=True))  # lq
+            q = adv.exp() if weight_mode == "teacher_p" else None
+            adv.sub_(lp)  # lq - lp
+            p = lp.exp_()  # lp is not needed any more: p takes its buffer
+            if weight_mode == "student_p":
+                adv.mul_(p)
+            elif weight_mode == "teacher_p":
+                adv.mul_(q)
+                del q
+            else:  # none: uniform 1 / V
+                adv.div_(vocab)
+            sum_adv = adv.sum(-1, keepdim=True)
+            w_c = weights_R[start:stop, None]
+            loss -= (sum_adv * w_c).sum()
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
+            # dL/dx = -(A - p * sum A) / tau per row, times the row's aggregation weight
+            g = p.mul_(sum_adv).sub_(adv).mul_(w_c / tau)
+            del adv
+            if grad_b is not None:
+                grad_b += g.sum(0)
+            g = g.to(w_VH.dtype)
+            if grad_h is not None:
+                grad_h[start:stop] = g @ w_VH
+            if grad_w is not None:
+                grad_w.addmm_(g.T, h_c)
+        ctx.grads = (grad_h, grad_w, None if grad_b is None else grad_b.to(b_V.dtype))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        scale = None if bool(grad_out == 1) else grad_out
+
+        def scaled(g):
+            return None if g is None else (g if scale is None else g * scale.to(g.dtype))
+
+        grads = tuple(scaled(g) for g in ctx.grads)
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def full_vocab_pg_loss_from_hidden(
+    student: OutputHead,
+    teacher: OutputHead,
+    weights_NT: torch.Tensor,
+    weight_mode: str = "student_p",
+    *,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """sum_t weights_t * L_t with the `full_vocab_pg_loss_NT` surrogate L_t, from both models' final hidden states.
+
+    Equal in value and gradient (w.r.t. the student's hidden states, output weight and bias) to running the
+    student's head, `full_vocab_pg_loss_NT` and a linear aggregation with weights `weights_NT` (`agg_weights`), but
+    only chunk_size rows of either model's logits exist at a time, and backward allocates nothing [T, V]-sized.
+    Positions of weight 0 (padding) are skipped. Teacher tensors are constants. Not twice differentiable.
+    """
+    if weight_mode not in FULL_VOCAB_WEIGHT_MODES:
+        raise ValueError(
+            f"weight_mode={weight_mode!r} is not valid for the full vocabulary; allowed: "
+            f"{', '.join(FULL_VOCAB_WEIGHT_MODES)}"
+        )
+    _check_temperature(temperature)
+    _check_temperature(teacher_temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} is not valid; expected >= 1")
+    s_h, t_h = student.hidden_NTH, teacher.hidden_NTH
+    if s_h.shape[:-1] != t_h.shape[:-1] or weights_NT.shape != s_h.shape[:-1]:
+        raise ValueError(
+            f"student hidden {tuple(s_h.shape)}, teacher hidden {tuple(t_h.shape)} and weights "
+            f"{tuple(weights_NT.shape)} must share their leading [N, T] dims"
+        )
+    if student.weight_VH.shape[0] != teacher.weight_VH.shape[0]:
+        raise ValueError(
+            f"student head has {student.weight_VH.shape[0]} rows and teacher head {teacher.weight_VH.shape[0]}; "
+            "teacher and student must share the vocabulary"
+        )
+    keep = weights_NT != 0
+    return _FullVocabPGFromHidden.apply(
+        s_h[keep],
+        student.weight_VH,
+        student.bias_V,
+        t_h[keep].detach(),
+        teacher.weight_VH.detach(),
+        None if teacher.bias_V is None else teacher.bias_V.detach(),
+        weights_NT[keep].detach(),
+        float(temperature),
+        float(teacher_temperature),
+        weight_mode,
+        int(chunk_size),
+    )

@@ -95,6 +95,34 @@ def agg_loss(
     return per_seq.sum() / n_seqs.clamp(min=1)
 
 
+def agg_weights(
+    mask_NT: torch.Tensor, mode: str, totals: BatchTotals | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Per-position weights w, [N, T] of `dtype`, with agg_loss(v, mask, mode, totals) == (w * v).sum() for finite v.
+
+    Every aggregation mode is linear in the per-position values, so a fused loss can take these weights and
+    return the aggregated scalar directly (the full-vocabulary loss from hidden states does)."""
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode={mode!r} is not valid; allowed: {', '.join(LOSS_AGG_MODES)}")
+    totals = totals or BatchTotals()
+    m = (mask_NT > 0).to(dtype)
+    if mode == "token-mean":
+        denom = float(m.sum()) if totals.total_tokens is None else float(totals.total_tokens)
+        return m / max(denom, 1.0)
+    tokens_N = m.sum(-1, keepdim=True)
+    n_seqs = float((tokens_N > 0).sum()) if totals.total_seqs is None else float(totals.total_seqs)
+    if mode == "seq-mean-token-sum":
+        per_seq = torch.ones_like(tokens_N)
+    elif mode == "seq-mean-token-mean":
+        per_seq = 1.0 / tokens_N.clamp(min=1)
+    else:  # seq-mean-token-sum-norm
+        L = float(m.shape[-1] if totals.norm_length is None else totals.norm_length)
+        if not L > 0:
+            raise ValueError(f"norm_length={totals.norm_length!r} is not valid; expected > 0")
+        per_seq = torch.full_like(tokens_N, 1.0 / L)
+    return m * per_seq / max(n_seqs, 1.0)
+
+
 def _check_shapes(log_prob, old_log_prob, advantages, response_mask_NT, slot_valid_NTC) -> None:
     if not (log_prob.shape == old_log_prob.shape == advantages.shape):
         raise ValueError(

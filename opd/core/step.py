@@ -32,9 +32,14 @@ import torch
 
 from opd.core.advantages import ADV_ESTIMATORS, compute_advantages, full_vocab_outcome_advantages, with_sampled_slot
 from opd.core.config import OPDConfig
-from opd.core.full_vocab import full_vocab_pg_loss_NT, full_vocab_reverse_kl
+from opd.core.full_vocab import (
+    OutputHead,
+    full_vocab_pg_loss_from_hidden,
+    full_vocab_pg_loss_NT,
+    full_vocab_reverse_kl,
+)
 from opd.core.logits import logit_stats, logprobs_at
-from opd.core.loss import BatchTotals, agg_loss, apply_format_mask, kl_loss, policy_loss
+from opd.core.loss import BatchTotals, agg_loss, agg_weights, apply_format_mask, kl_loss, policy_loss
 from opd.core.metrics import DEFAULT_POSITION_EDGES, DiagnosticInputs, dynamics_metrics, per_position_profile
 from opd.core.rewards import compute_rewards, sampled_token_rewards
 from opd.core.support import STRATEGIES, build_support, sampled_token_support, slot_logprobs
@@ -45,12 +50,14 @@ __all__ = [
     "BatchTotals",
     "DIAGNOSTIC_K",
     "ModelStats",
+    "OutputHead",
     "StepReads",
     "Targets",
     "build_targets",
     "loss_totals",
     "merge_loss_metrics",
     "needs_student_at_teacher",
+    "needs_student_logits",
     "read_full_kl",
     "read_student",
     "read_student_at_teacher",
@@ -309,6 +316,12 @@ def loss_totals(targets: Targets, norm_length: int) -> BatchTotals:
     )
 
 
+def needs_student_logits(cfg: OPDConfig, targets: Targets) -> bool:
+    """False when the full-vocabulary term is the whole loss (no slot advantages, no KL term): then both models'
+    `OutputHead`s are all `step_loss` needs, and an engine can skip building the student's [T, V] logits."""
+    return not (targets.full_vocab and targets.adv_NTC is None and not cfg.use_kl)
+
+
 def step_loss(
     cfg: OPDConfig,
     targets: Targets,
@@ -317,16 +330,24 @@ def step_loss(
     totals: BatchTotals,
     teacher_logits_NTV: torch.Tensor | None = None,
     lp_NTC: torch.Tensor | None = None,
+    student_head: OutputHead | None = None,
+    teacher_head: OutputHead | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The update's loss on (a micro-batch of) the targets: policy + full-vocabulary + kl_coef * KL terms.
 
     `logits_NTV` are the student's logits with gradient; `teacher_logits_NTV` (no grad) only for the full vocabulary.
     An engine whose logits live elsewhere (a logits hook) may pass `lp_NTC` = `target_logprobs(...)` with gradient
     instead, and no logits (then the full-vocabulary term is unavailable).
+    With the full vocabulary, both models' `OutputHead`s (final hidden states and output embedding) may replace
+    their logits for that term: no [T, V] logits are then built. When `needs_student_logits` is False, they are
+    all the loss needs (`logits_NTV` = None).
     Returns the scalar loss and its metrics (see `merge_loss_metrics`)."""
-    if (logits_NTV is None) == (lp_NTC is None):
-        raise ValueError("step_loss needs exactly one of logits_NTV and lp_NTC")
-    anchor = logits_NTV if logits_NTV is not None else lp_NTC
+    from_heads = student_head is not None and teacher_head is not None
+    if logits_NTV is not None and lp_NTC is not None:
+        raise ValueError("step_loss needs one of logits_NTV and lp_NTC, not both")
+    if logits_NTV is None and lp_NTC is None and (needs_student_logits(cfg, targets) or not from_heads):
+        raise ValueError("step_loss needs the student's logits_NTV (or lp_NTC) for these targets")
+    anchor = next(x for x in (logits_NTV, lp_NTC, student_head and student_head.hidden_NTH) if x is not None)
     loss = anchor.new_zeros((), dtype=torch.float32)
     metrics: dict[str, float] = {}
     lp = lp_NTC
@@ -338,17 +359,21 @@ def step_loss(
         loss = loss + pg
         metrics.update(pg_metrics)
     if targets.full_vocab:
-        if teacher_logits_NTV is None or logits_NTV is None:
-            raise ValueError("the full-vocabulary loss (top_k=-1) needs the student's and the teacher's logits")
-        per_pos = full_vocab_pg_loss_NT(
-            logits_NTV,
-            teacher_logits_NTV,
-            cfg.reward_weight_mode,
-            temperature=cfg.temperature,
-            teacher_temperature=cfg.teacher_temperature,
-            chunk_size=cfg.chunk_size,
-        )
-        full = agg_loss(per_pos, mask, cfg.loss_agg_mode, totals)
+        temps = {"temperature": cfg.temperature, "teacher_temperature": cfg.teacher_temperature}
+        if from_heads:
+            weights_NT = agg_weights(mask, cfg.loss_agg_mode, totals)
+            full = full_vocab_pg_loss_from_hidden(
+                student_head, teacher_head, weights_NT, cfg.reward_weight_mode, **temps, chunk_size=cfg.chunk_size
+            ).float()
+        elif teacher_logits_NTV is None or logits_NTV is None:
+            raise ValueError(
+                "the full-vocabulary loss (top_k=-1) needs the student's and the teacher's logits or output heads"
+            )
+        else:
+            per_pos = full_vocab_pg_loss_NT(
+                logits_NTV, teacher_logits_NTV, cfg.reward_weight_mode, **temps, chunk_size=cfg.chunk_size
+            )
+            full = agg_loss(per_pos, mask, cfg.loss_agg_mode, totals)
         loss = loss + full
         metrics["actor/full_vocab_loss"] = float(full.detach())
     if cfg.use_kl:

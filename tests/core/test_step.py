@@ -12,10 +12,12 @@ import torch
 
 from opd.core.config import OPDConfig
 from opd.core.step import (
+    OutputHead,
     StepReads,
     build_targets,
     loss_totals,
     merge_loss_metrics,
+    needs_student_logits,
     read_full_kl,
     read_student,
     read_student_at_teacher,
@@ -280,5 +282,52 @@ def test_loss_from_precomputed_target_logprobs_equals_the_logits_path():
         results.append((float(loss.detach()), logits.grad, m))
     assert results[0][0] == results[1][0] and results[0][2] == results[1][2]
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="exactly one of logits_NTV and lp_NTC"):
+    with pytest.raises(ValueError, match="needs the student.s logits_NTV"):
         step_loss(cfg, targets, None, totals=totals)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"top_k": -1},
+        {"top_k": -1, "reward_weight_mode": "teacher_p", "loss_agg_mode": "seq-mean-token-mean"},
+        {"top_k": -1, "adv_estimator": "token_reward_direct_plus_grpo", "grpo_outcome_weight": 2.0},
+    ],
+    ids=str,
+)
+def test_full_vocabulary_from_output_heads_equals_the_logits_path(case):
+    """Both models' final hidden states and output embeddings in place of their logits: same loss and gradient."""
+    cfg = OPDConfig(**case)
+    gen = torch.Generator().manual_seed(11)
+    H = 4
+    s_h, t_h = (torch.randn(N, T, H, generator=gen, dtype=F64) for _ in range(2))
+    s_w, t_w = (torch.randn(V, H, generator=gen, dtype=F64) for _ in range(2))
+    _, _, ids, mask, outcome = make_batch(seed=2)
+    t_logits = t_h @ t_w.T
+    with torch.no_grad():
+        s_logits = s_h @ s_w.T
+        reads = StepReads(student=read_student(cfg, s_logits, ids))
+        reads.teacher = read_teacher(cfg, t_logits, ids, reads.student.topk_ids_NTK)
+    targets = build_targets(
+        cfg, reads, response_ids_NT=ids, response_mask_NT=mask, group_index_N=GROUPS, outcome_scores_N=outcome
+    )
+    totals = loss_totals(targets, norm_length=T)
+    results = []
+    for via_heads in (False, True):
+        h, w = s_h.clone().requires_grad_(True), s_w.clone().requires_grad_(True)
+        logits = h @ w.T if (not via_heads or needs_student_logits(cfg, targets)) else None
+        if via_heads:
+            heads = {"student_head": OutputHead(h, w), "teacher_head": OutputHead(t_h, t_w)}
+            loss, metrics = step_loss(cfg, targets, logits, totals=totals, **heads)
+        else:
+            loss, metrics = step_loss(cfg, targets, logits, totals=totals, teacher_logits_NTV=t_logits)
+        loss.backward()
+        results.append((float(loss), metrics, h.grad, w.grad))
+    (loss_a, m_a, gh_a, gw_a), (loss_b, m_b, gh_b, gw_b) = results
+    # the logits path reads float32 chunks, the heads path keeps float64 heads in float64: float32-level agreement
+    assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-6)
+    assert m_b["actor/full_vocab_loss"] == pytest.approx(m_a["actor/full_vocab_loss"], rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(gh_b, gh_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw_b, gw_a, rtol=1e-5, atol=1e-6)
+    assert gh_a.abs().max() > 1e-3
+    assert needs_student_logits(cfg, targets) == (targets.adv_NTC is not None)
