@@ -7,7 +7,11 @@ CUDA_VISIBLE_DEVICES, each taking every k-th prompt), else transformers with `op
 GPU 0 or CPU, or --device). The vLLM path needs a CUDA machine and is not exercised by the test suite.
 
 Resumable: every worker appends one JSON line per finished prompt to `<output>.parts/worker-<k>.jsonl` (flushed
-and fsynced), so a restart with the same settings skips finished prompts; nothing is duplicated or lost.
+and fsynced), so a restart with the same settings skips finished prompts; nothing is duplicated or lost. A torn
+last line (a kill mid-append, even inside a multi-byte character) is cut off with one line saying so. The
+backends seed every generation round from the rollout seed and its slots (prompt, slot, attempt), and a batch with
+unfinished prompts is sampled again whole, its finished prompts not written twice, so a resumed rollout writes
+exactly what the uninterrupted one would have.
 At the end all parts are merged into --output, one `{"messages": [user..., assistant]}` line per accepted
 response, sorted by prompt index (row order of the parquet), plus `<output stem>.summary.json` with the completion
 rate and rejections by reason. Both are written atomically. The model is read from a local folder or an
@@ -23,6 +27,7 @@ import argparse
 import collections
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -31,10 +36,11 @@ from pathlib import Path
 
 from opd.data.rejection import REASONS, rejection_reason
 from opd.data.schema import DataError, read_rl_parquet
-from opd.io import atomic_path, atomic_write_text
+from opd.io import atomic_path, atomic_write_text, repair_torn_tail
 from opd.models import normalize_dtype
 
-# chat prompts (one list of messages each) -> one sampled response text per prompt, same order
+# chat prompts (one list of messages each) -> one sampled response text per prompt, same order. A function that also
+# takes `seeds` (one per prompt, from `slot_seed`) is called with them: the real backends do (reproducible resume).
 GenerateFn = Callable[[list[list[dict]]], list[str]]
 
 
@@ -83,31 +89,51 @@ def summary_path(output: str | os.PathLike) -> Path:
     return output.with_name(output.stem + ".summary.json")
 
 
+def _is_record(line: str) -> bool:
+    try:
+        int(json.loads(line)["prompt_index"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
 def read_parts(pdir: Path) -> dict[int, dict]:
     """Finished-prompt records of every worker file, by prompt index.
 
-    A torn last line (a crash during the write) is dropped and the file rewritten without it, so the next append
-    starts on a fresh line. A prompt found twice (e.g. a restart with another GPU count) keeps its first record.
+    A torn last line (a crash during the write, possibly inside a multi-byte character) is cut off, saying so, so
+    the next append starts on a fresh line and that prompt simply runs again. A prompt found twice (e.g. a restart
+    with another GPU count) keeps its first record. A damaged line further up is a DataError naming the file.
     """
     records: dict[int, dict] = {}
     for part in sorted(pdir.glob("worker-*.jsonl")):
-        lines = part.read_text(encoding="utf-8").splitlines(keepends=True)
-        good: list[str] = []
-        for k, line in enumerate(lines):
+        dropped = repair_torn_tail(part, is_complete=_is_record)
+        if dropped:
+            print(
+                f"opd rollout: {part}: removed a torn last line ({dropped} bytes, an interrupted write); its prompt "
+                f"runs again",
+                file=sys.stderr,
+            )
+        for k, raw in enumerate(part.read_bytes().splitlines()):
             try:
-                rec = json.loads(line)
-                if not line.endswith("\n"):
-                    raise ValueError("unterminated line")
+                rec = json.loads(raw.decode("utf-8"))
                 int(rec["prompt_index"])
-            except (ValueError, KeyError, TypeError):
-                if k == len(lines) - 1:
-                    break  # torn final write: that prompt simply runs again
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
                 raise DataError(f"corrupt record on line {k + 1}; delete the file to redo its prompts", file=part)
-            good.append(line)
             records.setdefault(int(rec["prompt_index"]), rec)
-        if len(good) != len(lines):
-            atomic_write_text(part, "".join(good))
     return records
+
+
+def slot_seed(seed: int, prompt_index: int, slot: int, attempt: int) -> int:
+    """The seed of one sampling attempt, a function of the rollout seed and the slot alone (31 bits, for vLLM)."""
+    digest = hashlib.sha256(f"{seed}:{prompt_index}:{slot}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _takes_seeds(generate_fn) -> bool:
+    try:
+        return "seeds" in inspect.signature(generate_fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _append(part: Path, record: dict) -> None:
@@ -125,26 +151,43 @@ def run_worker(
     *,
     batch_prompts: int = 64,
     progress: bool = True,
+    done: frozenset[int] | set[int] = frozenset(),
 ) -> None:
-    """Sample every slot of `prompts` (index, messages), appending one record per prompt to `part` once it is done.
+    """Sample every slot of `prompts` (index, messages) not in `done`, appending one record per prompt to `part` once
+    it is done.
 
     Each round sends all still-open slots of a batch of prompts to `generate_fn` at once, so retries of rejected
-    slots are batched as well.
+    slots are batched as well. A seeded `generate_fn` (one taking `seeds`) gets the slots' seeds, and batches are cut
+    from all of `prompts`: one with unfinished prompts is sampled again whole, so each round holds what it held in
+    an uninterrupted run and draws the same samples; its prompts in `done` are not written again. An unseeded one
+    gets only the unfinished prompts.
     """
     from tqdm.auto import tqdm
 
+    seeded = _takes_seeds(generate_fn)
+    if not seeded:
+        prompts = [(i, m) for i, m in prompts if i not in done]
     part.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(prompts), desc=f"rollout {part.stem}", unit="prompt", disable=not progress)
+    bar = tqdm(
+        total=sum(i not in done for i, _ in prompts), desc=f"rollout {part.stem}", unit="prompt", disable=not progress
+    )
     try:
         for start in range(0, len(prompts), batch_prompts):
             batch = dict(prompts[start : start + batch_prompts])
+            if all(i in done for i in batch):
+                continue
             accepted: dict[int, dict[int, str]] = {i: {} for i in batch}
             rejections = {i: collections.Counter() for i in batch}
             abandoned: collections.Counter[int] = collections.Counter()
             slot_tries: collections.Counter[tuple[int, int]] = collections.Counter()
             open_slots = [(i, s) for i in batch for s in range(settings.n)]
             while open_slots:
-                texts = generate_fn([batch[i] for i, _ in open_slots])
+                asked = [batch[i] for i, _ in open_slots]
+                if seeded:
+                    seeds = [slot_seed(settings.seed, i, s, slot_tries[i, s]) for i, s in open_slots]
+                    texts = generate_fn(asked, seeds=seeds)
+                else:
+                    texts = generate_fn(asked)
                 if len(texts) != len(open_slots):
                     raise RuntimeError(f"generate_fn returned {len(texts)} texts for {len(open_slots)} prompts")
                 still_open = []
@@ -162,6 +205,9 @@ def run_worker(
                 open_slots = still_open
                 busy = {i for i, _ in open_slots}
                 for i in [i for i in batch if i not in busy]:
+                    if i in done:
+                        del batch[i]
+                        continue
                     _append(
                         part,
                         {
@@ -262,17 +308,23 @@ def rollout(
     if limit is not None:
         rows = rows[:limit]
     done = read_parts(pdir)
-    todo = [(i, row["prompt"]) for i, row in enumerate(rows) if i not in done]
-    if todo:
+    prompts = [(i, row["prompt"]) for i, row in enumerate(rows)]
+    if any(i not in done for i, _ in prompts):
         if generate_fn is not None:
             run_worker(
-                todo, generate_fn, settings, pdir / "worker-0.jsonl", batch_prompts=batch_prompts, progress=progress
+                prompts,
+                generate_fn,
+                settings,
+                pdir / "worker-0.jsonl",
+                batch_prompts=batch_prompts,
+                progress=progress,
+                done=set(done),
             )
         else:
             from opd.data import rollout_backends as rb
 
             rb.run_backend(
-                todo,
+                prompts,
                 settings,
                 pdir,
                 backend=backend,
@@ -281,6 +333,7 @@ def rollout(
                 progress=progress,
                 dtype=dtype,
                 device=device,
+                done=set(done),
             )
         done = read_parts(pdir)
     done = {i: rec for i, rec in done.items() if i < len(rows)}  # an earlier run may have gone past --limit

@@ -34,10 +34,10 @@ def sampler_generate_fn(sampler, settings: RolloutSettings):
     """A generate_fn: chat-render the prompts with the sampler's tokenizer, sample one response text each."""
     from opd.generation import render_prompt_ids
 
-    def generate(prompts: list[list[dict]]) -> list[str]:
+    def generate(prompts: list[list[dict]], seeds: list[int] | None = None) -> list[str]:
         ids = [render_prompt_ids(sampler.tokenizer, m, **settings.template_kwargs) for m in prompts]
         outs = sampler.generate(
-            ids, max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p
+            ids, max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p, seeds=seeds
         )
         return [out.text for out in outs]
 
@@ -90,7 +90,7 @@ def _vllm_worker(
 
 
 def run_backend(
-    todo,
+    prompts,
     settings: RolloutSettings,
     pdir: Path,
     *,
@@ -100,14 +100,20 @@ def run_backend(
     progress: bool,
     dtype: str,
     device: str = "auto",
+    done: frozenset[int] | set[int] = frozenset(),
 ) -> None:
+    """Sample the `prompts` (index, messages) not in `done` (`opd.data.rollout.run_worker` says how a resumed batch
+    keeps its samples)."""
     backend = choose_backend(backend)
     if backend == "transformers":
         gen = transformers_generate_fn(
             settings, dtype=dtype, batch_size=max(1, batch_prompts) * settings.n, device=device
         )
-        run_worker(todo, gen, settings, pdir / "worker-0.jsonl", batch_prompts=batch_prompts, progress=progress)
+        run_worker(
+            prompts, gen, settings, pdir / "worker-0.jsonl", batch_prompts=batch_prompts, progress=progress, done=done
+        )
         return
+    todo = [(i, m) for i, m in prompts if i not in done]  # vLLM seeds each sample alone: any split reproduces
     gpus = worker_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     ctx = mp.get_context("spawn")
     procs = []

@@ -3,8 +3,10 @@
 Reads the ShareGPT/OpenAI-style records that `opd rollout` writes (`{"messages": [{"role", "content"}, ...]}` per
 JSONL line, or a parquet file with a `messages` column), renders them with the model's own chat template, and
 writes the trained model + tokenizer to `--output` (atomically: a temp folder renamed at the end) with a per-step
-log `sft_log.jsonl`. For large multi-GPU runs the paper's LlamaFactory recipe (`opd data export-llamafactory`)
-remains the reference; this path is for small models, CPU runs and the embedded demo.
+log `sft_log.jsonl`. Until then it works in `<output>.partial/`, checkpointing every --save-steps steps, so the same
+command rerun after a kill resumes where the last checkpoint left it (opd.sft.resume). For large multi-GPU runs the
+paper's LlamaFactory recipe (`opd data export-llamafactory`) remains the reference; this path is for small models,
+CPU runs and the embedded demo.
 
     opd sft --model runs/student_init --data rollouts.jsonl --output runs/student_sft --lr 1e-5 --epochs 2
 """
@@ -12,16 +14,14 @@ remains the reference; this path is for small models, CPU runs and the embedded 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from opd.data.io import iter_records
 from opd.data.schema import DataError
-from opd.io import replace_dir
 from opd.models import load_policy, normalize_dtype, resolve_device
 from opd.sft.trainer import SFTConfig
 
@@ -115,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (cuda when available)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument(
+        "--save-steps",
+        type=int,
+        default=100,
+        help="checkpoint every N steps into OUTPUT.partial/, so a killed run resumes (default 100; 0: never)",
+    )
+    p.add_argument("--keep-last-n", type=int, default=2, help="checkpoints kept in OUTPUT.partial/ (default 2; 0: all)")
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (default): continue from the newest intact checkpoint in OUTPUT.partial/; off: discard it and "
+        "start over; or a checkpoint folder",
+    )
     return p
 
 
@@ -181,23 +194,23 @@ def main(argv: list[str] | None = None) -> int:
         f"--max-length {config.max_length})"
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    from opd.sft.resume import SFTRun, data_fingerprint
+
+    settings = {
+        **dataclasses.asdict(config),
+        "model": str(args.model),
+        "data_sha256": data_fingerprint(data.input_ids, data.labels),
+        "dtype": dtype,
+        "device": str(device),
+    }
+    run = SFTRun(out, tokenizer, settings, save_steps=args.save_steps, keep_last_n=args.keep_last_n, resume=args.resume)
+    run.prepare()
     try:
-        with open(tmp / "sft_log.jsonl", "w", encoding="utf-8") as log:
-            logs = train_sft(
-                model,
-                data,
-                config,
-                pad_token_id=policy.pad_id,
-                on_log=lambda rec: log.write(json.dumps(rec) + "\n") or log.flush(),
-            )
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out)  # --overwrite: the old output stays until the new one is in place
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        logs = train_sft(model, data, config, pad_token_id=policy.pad_id, run=run)
+        run.finish(model)  # the output whole, then OUTPUT.partial/ goes
+    finally:
+        run.close()
+    logs = [json.loads(line) for line in (out / "sft_log.jsonl").read_text().splitlines() if line.strip()] or logs
     first, last = logs[0], logs[-1]
     print(
         f"opd sft: loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "

@@ -232,6 +232,11 @@ def token_loss_sum(model, ids, mask, labels, chunk_tokens: int = 2048) -> tuple[
     return total, n
 
 
+def _as_tuple(state):
+    """random.Random state from its pickled or JSON form (nested lists back to tuples)."""
+    return tuple(_as_tuple(x) for x in state) if isinstance(state, list | tuple) else state
+
+
 def train_sft(
     model,
     data: Encoded,
@@ -240,10 +245,13 @@ def train_sft(
     pad_token_id: int,
     evaluate: Callable[[object, int], dict] | None = None,
     on_log: Callable[[dict], None] | None = None,
+    run=None,
 ) -> list[dict]:
     """Train `model` in place; returns the log records (one per log/eval step, plus a final one).
 
-    Batches are drawn by shuffling the data each epoch with `config.seed`.
+    Batches are drawn by shuffling the data each epoch with `config.seed`. With `run` (`opd.sft.resume.SFTRun`,
+    what `opd sft` passes) the loop resumes from the run's newest intact checkpoint, logs through it and
+    checkpoints every `run.save_steps` steps; the records returned are then this session's.
     """
     n = len(data.input_ids)
     total = config.steps or max(1, math.ceil(config.epochs * n / config.batch_size))
@@ -258,6 +266,10 @@ def train_sft(
     rng = random.Random(config.seed)
     order: list[int] = []
     logs: list[dict] = []
+    first = 0
+    if run is not None and (restored := run.restore(model, opt, sched)) is not None:
+        first, order = restored["step"], list(restored["order"])
+        rng.setstate(_as_tuple(restored["rng"]))
     t0 = time.perf_counter()
     model.train()
 
@@ -265,8 +277,10 @@ def train_sft(
         logs.append(rec)
         if on_log is not None:
             on_log(rec)
+        if run is not None:
+            run.log(rec)
 
-    bar = tqdm(range(total), desc="sft", unit="step", disable=not config.progress)
+    bar = tqdm(range(first, total), initial=first, total=total, desc="sft", unit="step", disable=not config.progress)
     for step in bar:
         while len(order) < config.batch_size:
             epoch = list(range(n))
@@ -313,6 +327,8 @@ def train_sft(
                 if logs[-1] is not rec:
                     record(rec)
                 break
+        if run is not None:
+            run.after_step(step + 1, total, model=model, optimizer=opt, scheduler=sched, rng=rng, order=order)
     bar.close()
     model.eval()
     return logs

@@ -26,7 +26,7 @@ class RunLogger:
         self.profiles_path = self.run_dir / "profiles.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
         for path in (self.metrics_path, self.profiles_path, self.samples_path):
-            _keep_until(path, start_step)
+            keep_until(path, start_step)
         self._metrics = open(self.metrics_path, "a")
         self._profiles = None
         self._samples = None
@@ -79,14 +79,14 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def _keep_until(path: Path, step: int) -> None:
+def keep_until(path: Path, step: int, *, prog: str = "opd train") -> None:
     """Keep only the lines of `path` with step <= `step` (all gone for a fresh start); atomic rewrite. A torn last
     line is dropped first (said in one line); any other unreadable line is a ValueError naming file and line."""
     if not path.exists():
         return
     dropped = repair_torn_tail(path, is_complete=_is_json)
     if dropped:
-        print(f"opd train: {path}: removed a torn last line ({dropped} bytes, an interrupted write)", file=sys.stderr)
+        print(f"{prog}: {path}: removed a torn last line ({dropped} bytes, an interrupted write)", file=sys.stderr)
     kept = []
     if step > 0:
         for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):

@@ -164,18 +164,19 @@ def data_start(state: dict, saved: dict | None, cfg, n_prompts: int, fingerprint
     return step, {"epoch": int(where["epoch"]), "prompts_in_epoch": int(where["batch_in_epoch"]) * size}
 
 
-def candidates(cfg, run_dir: Path, *, prog: str = "opd train") -> Iterator[Path]:
+def candidates(resume: str, run_dir: Path, *, prog: str = "opd train", flag: str = "RESUME=") -> Iterator[Path]:
     """Checkpoints to try, best first. RESUME=auto: the intact ones under the run folder, newest first, with one
-    line for each damaged one skipped. RESUME=<path>: that one, or a CheckpointError pointing at an older one."""
-    if cfg.resume == "off":
+    line for each damaged one skipped. RESUME=<path>: that one, or a CheckpointError pointing at an older one.
+    `flag` is how the command spells the setting in its hints ("RESUME=", "--resume ")."""
+    if resume == "off":
         return
-    if cfg.resume != "auto":
-        path = Path(cfg.resume)
+    if resume != "auto":
+        path = Path(resume)
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint folder (no trainer_state.json)")
         problem = damage(path)
         if problem is not None:
-            raise CheckpointError(f"checkpoint {path} is damaged: {problem}; {older_hint(path)}")
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}; {older_hint(path, flag)}")
         yield path
         return
     for path in checkpoints(run_dir):
@@ -186,14 +187,14 @@ def candidates(cfg, run_dir: Path, *, prog: str = "opd train") -> Iterator[Path]
             print(f"{prog}: skipping damaged checkpoint {path}: {problem}", file=sys.stderr)
 
 
-def older_hint(path: Path) -> str:
+def older_hint(path: Path, flag: str = "RESUME=") -> str:
     """Where to resume from instead of the damaged checkpoint `path`."""
     path = Path(path)
     step = _step_of(path)
     for older in checkpoints(path.parent.parent):
         if (step is None or _step_of(older) < step) and older != path and damage(older) is None:
-            return f"the newest intact older checkpoint is {older} (RESUME={older})"
-    return "no intact older checkpoint exists: start over with RESUME=off in a new run folder"
+            return f"the newest intact older checkpoint is {older} ({flag}{older})"
+    return f"no intact older checkpoint exists: start over ({flag}off)"
 
 
 def _step_of(path: Path) -> int | None:
@@ -209,7 +210,7 @@ def restore(
     data anchor (None: a fresh start). RESUME=auto falls back past checkpoints that fail to load, saying so."""
     from opd.engines.local.checkpoint import load_checkpoint, read_state
 
-    for checkpoint in candidates(cfg, run_dir, prog=prog):
+    for checkpoint in candidates(cfg.resume, run_dir, prog=prog):
         state = read_state(checkpoint)
         saved = saved_settings(checkpoint, state, run_dir)
         start = data_start(state, saved, cfg, n_prompts, fingerprint)
