@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, fields
+
+from opd.errors import check_writable, command, usage_errors
 
 # Heuristic thresholds of the verdict (documented in docs/local_engine.md, "Pre-flight check"; printed with it).
 THRESHOLDS: dict[str, float] = {
@@ -458,9 +459,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("opd check")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
+    with usage_errors():
         edges = None
         if args.position_edges is not None:
             try:
@@ -479,14 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = CheckSettings(
             **{f.name: parsed[f.name] if f.name in parsed else getattr(args, f.name) for f in fields(CheckSettings)}
         )
-    except ValueError as exc:
-        print(f"opd check: {exc}", file=sys.stderr)
-        return 2
-    try:
-        report = run_check(settings)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"opd check: {exc}", file=sys.stderr)
-        return 1
+    if args.json:
+        check_writable(args.json, "--json")  # before the models load and sample
+    report = run_check(settings)
     print(format_report(report))
     if args.json:
         from opd.io import atomic_write_text, json_safe

@@ -2,12 +2,16 @@
 
 Each subcommand lives in its own module exposing `main(argv: list[str] | None) -> int` with its own argparse, so
 `opd <cmd> --help` costs only that module's imports (no torch import to print help for `opd eval grade`).
+Every command fails the same way (`opd.errors`): one line naming the input and a non-zero exit status; `--debug`
+(anywhere on the line) or OPD_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from opd.errors import DEBUG_FLAG, run_command
 
 # (words) -> (module, one-line help). One table, read top to bottom by `opd --help`.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -41,6 +45,8 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    flags = [a for a in argv[:1] if a == DEBUG_FLAG]  # `opd --debug train ...`: handed on to the command
+    argv = argv[len(flags) :]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -49,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         if words in COMMANDS:
             module_name, _ = COMMANDS[words]
             module = importlib.import_module(module_name)
-            return int(module.main(argv[n:]) or 0)
+            # the command's main is wrapped too (for `python -m`); wrapping here covers any that is not
+            return run_command(f"opd {' '.join(words)}", module.main, argv[n:] + flags)
     print(f"opd: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

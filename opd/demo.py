@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from opd.errors import command, usage_errors
 from opd.presets import PRESETS
 
 STAGE_DIRS = ("data", "tokenizer", "teacher", "student_cold", "opd", "report")
@@ -444,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("opd demo")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
@@ -463,11 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if value is not None
     }
-    try:
+    with usage_errors():
         cfg = DemoConfig.tiny(**overrides) if args.tiny else replace(DemoConfig(), **overrides)
-    except ValueError as err:
-        print(f"opd demo: {err}", file=sys.stderr)
-        return 2
     summary = run(cfg, args.out, reuse_teacher=args.reuse_teacher)
     print()
     print(table(summary))

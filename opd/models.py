@@ -10,11 +10,17 @@ reported before any weights are loaded. Embedding matrices may be padded past th
 different sizes pad to 151,936 or 152,064 rows): the engine then reads both models' logits over the common width,
 which holds every real token.
 
+Model paths are checked here before anything loads (`model_source`, `require_model_dir`, `tokenizer_source`), so
+a missing path, a folder that is not a model or a training checkpoint folder gives one line naming the path rather
+than transformers' hub or tokenizer errors. A checkpoint folder (`model/` beside the optimiser state) is read from
+its `model/` automatically where a model is only read (eval, rollout, sft, grading).
+
 torch is imported inside the functions, so configuration and argument parsing can use the vocabularies cheaply.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,18 +57,93 @@ def vllm_dtype(name: str) -> str:
 
 
 def resolve_device(name: str, flag: str = "--device"):
-    """A torch.device; auto = cuda when available, else cpu."""
+    """A torch.device; auto = cuda when available, else cpu. A device this machine lacks is refused here, in one line,
+    before anything loads (torch itself would only fail at the first `.to(device)`)."""
     import torch
 
     if not isinstance(name, str) or not _DEVICE_RE.fullmatch(name):
         raise ValueError(f"{flag}={name!r} is not valid; expected {DEVICES}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    # the training engine passes no flag: name both spellings (a tool's --device, the launchers' DEVICE)
+    who = f"device {name!r} (--device / DEVICE)" if flag == "--device" else f"{flag}={name!r}"
+    if device.type == "cuda" and not torch.backends.cuda.is_built():
+        raise ValueError(f"{who}: this torch ({torch.__version__}) is built without CUDA; use cpu or auto")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"{who}: no such CUDA device ({torch.cuda.device_count()} visible); use cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{who}: MPS is not available on this machine; use cpu or auto")
+    return device
 
 
 class VocabularyMismatchError(ValueError):
     pass
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_NO_DOWNLOAD = "nothing is downloaded; `opd demo` builds toy models"
+
+
+def _folder_problem(folder: Path, *, needs_config: bool = True) -> str | None:
+    """Why `folder` cannot be loaded as a model (None: it looks like one). Reads only small JSON files."""
+    if needs_config:
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            return f"config.json is not valid JSON ({exc})"
+        if not isinstance(config, dict) or not config.get("model_type"):
+            return "config.json names no model_type, so it is not a Hugging Face model config"
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return f"no tokenizer files ({' / '.join(TOKENIZER_FILES)})"
+    return None
+
+
+def _checkpoint_model(folder: Path) -> Path | None:
+    """`folder/model` when `folder` is a training checkpoint (the model one level down), else None."""
+    inner = folder / "model"
+    return inner if not (folder / "config.json").is_file() and (inner / "config.json").is_file() else None
+
+
+def _in_hf_cache(model_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except Exception:  # an id the hub library rejects is simply not cached
+        return False
+
+
+def model_source(path: str, flag: str = "--model", *, tokenizer_only: bool = False) -> str:
+    """What to pass to from_pretrained for the tool option `flag`: a local model folder (a checkpoint folder's
+    `model/`), or a model id already in the Hugging Face cache. Anything else is one error naming the path."""
+    folder = Path(path)
+    if folder.is_dir():
+        folder = _checkpoint_model(folder) or folder
+        if not tokenizer_only and not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{flag} {path}: not a model folder (no config.json; {_NO_DOWNLOAD})")
+        problem = _folder_problem(folder, needs_config=not tokenizer_only)
+        if problem:
+            raise ValueError(f"{flag} {folder}: {problem}")
+        return str(folder)
+    if folder.exists():
+        raise ValueError(f"{flag} {path}: is a file; expected a model folder")
+    if _HUB_ID.fullmatch(str(path)) and _in_hf_cache(str(path)):
+        return str(path)
+    raise FileNotFoundError(f"{flag} {path}: no such folder, nor a model id in the Hugging Face cache ({_NO_DOWNLOAD})")
+
+
+def tokenizer_source(path: str, flag: str = "--tokenizer") -> str:
+    """`model_source` for a tokenizer: a tokenizer folder needs no config.json."""
+    return model_source(path, flag, tokenizer_only=True)
+
+
+def load_tokenizer(path: str, flag: str = "--tokenizer"):
+    """The tokenizer of a model, tokenizer or checkpoint folder (never downloaded)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_source(path, flag), local_files_only=True)
 
 
 def require_model_dir(path: str | None, variable: str, role: str) -> Path:
@@ -80,6 +161,9 @@ def require_model_dir(path: str | None, variable: str, role: str) -> Path:
             f"{variable}={path}: expected a local Hugging Face model folder with a config.json{hint} (nothing is "
             f"downloaded; `opd demo` builds toy models)"
         )
+    problem = _folder_problem(folder)
+    if problem:
+        raise ValueError(f"{variable}={path}: {problem}")
     return folder
 
 
@@ -107,6 +191,13 @@ def check_vocabularies(student_path: Path, teacher_path: Path | None):
         )
     s_width = AutoConfig.from_pretrained(student_path).vocab_size
     t_width = AutoConfig.from_pretrained(teacher_path).vocab_size
+    if s_width > t_width:
+        # the student samples over its whole output layer: an id past the teacher's rows cannot be scored
+        raise VocabularyMismatchError(
+            f"the student's output layer ({student_path}: vocab_size {s_width}) is wider than the teacher's "
+            f"({teacher_path}: vocab_size {t_width}): the student can sample ids {t_width}..{s_width - 1}, which the "
+            f"teacher cannot score. Use a teacher at least as wide (a wider teacher is read at the student's width)"
+        )
     width = min(s_width, t_width)
     if len(s_vocab) > width:
         raise VocabularyMismatchError(

@@ -20,9 +20,9 @@ import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
+from opd.errors import command
 from opd.io import atomic_path, atomic_write_text
 
 # headline panels: (title, [metric keys or regexes]); each panel draws every key that exists in the run
@@ -253,6 +253,7 @@ def write_report(
     return report
 
 
+@command("opd report")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="opd report",
@@ -263,11 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
     p.add_argument("--title", default=None, help="report title")
     args = p.parse_args(argv)
-    try:
-        path = write_report(args.run_dir, args.out, args.title)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"opd report: {err}", file=sys.stderr)
-        return 2
+    path = write_report(args.run_dir, args.out, args.title)
     print(f"opd report: wrote {path}")
     return 0
 

@@ -69,7 +69,15 @@ def test_every_tool_refuses_a_bad_dtype_before_loading(argv_head, prog, tmp_path
 
 def test_device_resolution(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    with pytest.raises(ValueError, match=r"^device 'cuda' \(--device / DEVICE\): this torch .* built without CUDA"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"^--gpu='cuda:2': no such CUDA device \(2 visible\)"):
+        resolve_device("cuda:2", "--gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -100,11 +100,11 @@ def test_cli_and_errors(tmp_path, capsys):
     run = _run(tmp_path, with_profiles=False)
     assert opd_main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.md").exists() and not (tmp_path / "rep" / "profiles.png").exists()
-    assert opd_main(["report", str(tmp_path / "nope")]) == 2
+    assert opd_main(["report", str(tmp_path / "nope")]) == 1  # bad input: 1 (opd.errors)
     assert "metrics.jsonl: not found" in capsys.readouterr().err
     (run / "metrics.jsonl").write_text('{"step": 1, "a": 1}\n{broken\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
         read_jsonl(run / "metrics.jsonl")
     (run / "metrics.jsonl").write_text('{"a": 1}\n')
-    assert opd_main(["report", str(run)]) == 2
+    assert opd_main(["report", str(run)]) == 1
     assert "row has no 'step'" in capsys.readouterr().err

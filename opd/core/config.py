@@ -6,6 +6,7 @@ Engine-level settings (paths, batch sizes, lengths, optimiser) live in the engin
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from opd.core.logits import DEFAULT_CHUNK_SIZE
@@ -81,8 +82,11 @@ class OPDConfig:
                 f"OPDConfig.top_k={self.top_k!r} is not valid; expected an int >= 0, or -1 for full vocabulary"
             )
         for name in ("temperature", "teacher_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"OPDConfig.{name}={getattr(self, name)!r} is not valid; expected > 0")
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"OPDConfig.{name}={getattr(self, name)!r} is not valid; expected a finite value > 0")
+        for name in ("kl_coef", "grpo_outcome_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"OPDConfig.{name}={getattr(self, name)!r} is not valid; expected a finite value")
         for name in ("clip_ratio_low", "clip_ratio_high"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"OPDConfig.{name}={getattr(self, name)!r} is not valid; expected in [0, 1)")
@@ -108,8 +112,8 @@ class OPDConfig:
         estimator = ADV_ESTIMATORS.get(self.adv_estimator)
         if not estimator.needs_token_rewards and self.top_k != 0:
             raise ValueError(
-                f"OPDConfig.adv_estimator={self.adv_estimator!r} uses no teacher, but LOG_PROB_TOP_K "
-                f"(top_k)={self.top_k}; set it to 0"
+                f"OPDConfig.adv_estimator={self.adv_estimator!r} uses no teacher, but OPDConfig.top_k "
+                f"(LOG_PROB_TOP_K)={self.top_k}; set it to 0"
             )
         if self.support not in estimator.supports:
             raise ValueError(

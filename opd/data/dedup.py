@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from opd.data.schema import DataError, raw_question, read_rl_parquet, user_text, write_rl_parquet
+from opd.data.schema import raw_question, read_rl_parquet, user_text, write_rl_parquet
 from opd.data.templates import load_template, strip_template
+from opd.errors import UsageError, check_writable, command, usage_errors
 from opd.io import atomic_write_text
 
 DEFAULT_THRESHOLD = 0.6
@@ -158,52 +159,52 @@ def _short(text: str, n: int = 100) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+@command("opd data dedup")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if not -1.0 <= args.threshold <= 1.0:
-            raise ValueError(f"--threshold must be a cosine in [-1, 1], got {args.threshold}")
+    if not -1.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold must be a cosine in [-1, 1], got {args.threshold}")
+    with usage_errors():
         templates = [load_template(t) for t in args.template]
-        src = read_rl_parquet(args.source)
-        against = [row for path in args.against for row in read_rl_parquet(path)]
-        src_keys = [question_key(r, templates) for r in src]
-        against_keys = [question_key(r, templates) for r in against]
-        embedder = None if args.exact_only else load_embedder(args.model, args.device)
-        res = dedup(
-            src_keys,
-            against_keys,
-            threshold=args.threshold,
-            semantic=not args.exact_only,
-            embedder=embedder,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
+    for path, flag in [(args.output, "--output")] + ([(args.report, "--report")] if args.report else []):
+        check_writable(path, flag)  # before the embedding model loads
+    src = read_rl_parquet(args.source)
+    against = [row for path in args.against for row in read_rl_parquet(path)]
+    src_keys = [question_key(r, templates) for r in src]
+    against_keys = [question_key(r, templates) for r in against]
+    embedder = None if args.exact_only else load_embedder(args.model, args.device)
+    res = dedup(
+        src_keys,
+        against_keys,
+        threshold=args.threshold,
+        semantic=not args.exact_only,
+        embedder=embedder,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    if not res.kept:
+        print(
+            "opd data dedup: warning: every source question is a duplicate; writing an empty parquet",
+            file=sys.stderr,
         )
-        if not res.kept:
-            print(
-                "opd data dedup: warning: every source question is a duplicate; writing an empty parquet",
-                file=sys.stderr,
+    kept_rows = [src[i] for i in res.kept]
+    write_rl_parquet(kept_rows, args.output)
+    if args.report:
+        atomic_write_text(
+            args.report,
+            json.dumps(
+                {
+                    **res.stats,
+                    "exact": [{"source": src_keys[i], "against": against_keys[j]} for i, j in res.exact],
+                    "semantic": [
+                        {"source": src_keys[i], "against": against_keys[j], "cosine": c} for i, j, c in res.semantic
+                    ],
+                },
+                indent=1,
+                ensure_ascii=False,
             )
-        kept_rows = [src[i] for i in res.kept]
-        write_rl_parquet(kept_rows, args.output)
-        if args.report:
-            atomic_write_text(
-                args.report,
-                json.dumps(
-                    {
-                        **res.stats,
-                        "exact": [{"source": src_keys[i], "against": against_keys[j]} for i, j in res.exact],
-                        "semantic": [
-                            {"source": src_keys[i], "against": against_keys[j], "cosine": c} for i, j, c in res.semantic
-                        ],
-                    },
-                    indent=1,
-                    ensure_ascii=False,
-                )
-                + "\n",
-            )
-    except (DataError, ValueError) as e:
-        print(f"opd data dedup: error: {e}", file=sys.stderr)
-        return 1
+            + "\n",
+        )
     print(json.dumps({**res.stats, "output": args.output}, indent=2))
     for name, pairs in (("exact", [(i, j, 1.0) for i, j in res.exact]), ("semantic", res.semantic)):
         for i, j, c in pairs[: args.show_pairs]:

@@ -19,10 +19,10 @@ import argparse
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 from opd.data.schema import DataError
+from opd.errors import UsageError, command
 from opd.io import atomic_path, atomic_write_text
 
 YAML_NAME = "qwen3_full_sft_cold_start.yaml"
@@ -84,18 +84,18 @@ def export(rollouts: str | Path, dataset_dir: str | Path, name: str | None = Non
         raise ValueError(f"--name {name!r}: use letters, digits, '_', '-', '.' only")
     n = check_rollouts(rollouts)
     target = dataset_dir / f"{name}.jsonl"
-    if rollouts.resolve() != target.resolve():
-        with atomic_path(target) as tmp:
-            shutil.copyfile(rollouts, tmp)
     info_path = dataset_dir / "dataset_info.json"
     info = {}
-    if info_path.exists():
+    if info_path.exists():  # read before anything is copied: a bad one leaves the dataset folder as it was
         try:
             info = json.loads(info_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"existing dataset_info.json is not valid JSON ({e.msg})", file=info_path) from e
         if not isinstance(info, dict):
             raise DataError("existing dataset_info.json must hold a JSON object", file=info_path)
+    if rollouts.resolve() != target.resolve():
+        with atomic_path(target) as tmp:
+            shutil.copyfile(rollouts, tmp)
     info[name] = dataset_entry(target.name)
     atomic_write_text(info_path, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return target, n
@@ -133,27 +133,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("opd data export-llamafactory")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        target, n = export(args.rollouts, args.dataset_dir, args.name)
-        name = target.stem
-        if args.yaml_out:
-            src = Path(args.yaml_template) if args.yaml_template else default_yaml()
-            if not src.is_file():
-                raise ValueError(f"YAML template {src} not found (pass --yaml-template)")
-            values = {"dataset": name, "dataset_dir": str(Path(args.dataset_dir).resolve())}
-            ds = src.parent / "ds_z2_config.json"
-            if ds.is_file():
-                values["deepspeed"] = str(ds.resolve())
-            if args.model_name_or_path:
-                values["model_name_or_path"] = args.model_name_or_path
-            if args.output_dir:
-                values["output_dir"] = args.output_dir
-            atomic_write_text(args.yaml_out, render_yaml(src.read_text(encoding="utf-8"), values))
-    except (DataError, ValueError) as e:
-        print(f"opd data export-llamafactory: error: {e}", file=sys.stderr)
-        return 1
+    src = Path(args.yaml_template) if args.yaml_template else default_yaml()
+    if args.yaml_out and not src.is_file():  # checked before the export writes anything
+        raise UsageError(f"YAML template {src} not found (pass --yaml-template)")
+    target, n = export(args.rollouts, args.dataset_dir, args.name)
+    name = target.stem
+    if args.yaml_out:
+        values = {"dataset": name, "dataset_dir": str(Path(args.dataset_dir).resolve())}
+        ds = src.parent / "ds_z2_config.json"
+        if ds.is_file():
+            values["deepspeed"] = str(ds.resolve())
+        if args.model_name_or_path:
+            values["model_name_or_path"] = args.model_name_or_path
+        if args.output_dir:
+            values["output_dir"] = args.output_dir
+        atomic_write_text(args.yaml_out, render_yaml(src.read_text(encoding="utf-8"), values))
     print(
         json.dumps(
             {

@@ -25,7 +25,6 @@ import collections
 import dataclasses
 import json
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from opd.data.schema import (
     write_rl_parquet,
 )
 from opd.data.templates import apply_template, load_template, strip_template
+from opd.errors import command, usage_errors
 
 ID_COLUMNS = ("id", "ID", "unique_id", "problem_id", "idx")
 
@@ -68,9 +68,14 @@ class Format:
 
 def _text(rec: dict, col: str, file: Path, row: int, *, what: str) -> str:
     """A string cell (`opd.data.schema.cell_text`: integers such as AIME answers become their decimal text);
-    null/NaN/blank -> Drop."""
+    null/NaN/blank -> Drop. A question must be text: a number there is a broken column, not a problem statement."""
     if col not in rec:
         raise DataError("missing column", file=file, row=row, column=col)
+    value = rec[col]
+    if what == "question" and value is not None and not isinstance(value, str) and value == value:  # NaN: empty
+        raise DataError(
+            f"expected a string, got {type(value).__name__} {str(value)[:60]!r}", file=file, row=row, column=col
+        )
     try:
         v = cell_text(rec[col])
     except TypeError as e:
@@ -317,26 +322,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("opd data prepare")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
+    with usage_errors():
         template = load_template(args.template)
-        res = convert_files(
-            expand_inputs(args.input),
-            fmt=args.format,
-            template=template,
-            data_source=args.data_source,
-            split=args.split,
-            dedup_questions=not args.keep_repeats,
-            limit=args.limit,
-            progress=not args.no_progress,
-        )
-        if not res.rows:
-            raise DataError(f"no usable rows (dropped: {res.dropped})", file=args.input[0])
-        write_rl_parquet(res.rows, args.output)
-    except (DataError, ValueError) as e:
-        print(f"opd data prepare: error: {e}", file=sys.stderr)
-        return 1
+    res = convert_files(
+        expand_inputs(args.input),
+        fmt=args.format,
+        template=template,
+        data_source=args.data_source,
+        split=args.split,
+        dedup_questions=not args.keep_repeats,
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+    if not res.rows:
+        what = "no rows" if not res.read else f"no usable rows (dropped: {res.dropped})"
+        raise DataError(what, file=args.input[0] if len(args.input) == 1 else ", ".join(args.input))
+    write_rl_parquet(res.rows, args.output)
     print(
         json.dumps(
             {

@@ -36,8 +36,9 @@ from pathlib import Path
 
 from opd.data.rejection import REASONS, rejection_reason
 from opd.data.schema import DataError, read_rl_parquet
+from opd.errors import command, usage_errors
 from opd.io import atomic_path, atomic_write_text, repair_torn_tail
-from opd.models import normalize_dtype
+from opd.models import model_source, normalize_dtype
 
 # chat prompts (one list of messages each) -> one sampled response text per prompt, same order. A function that also
 # takes `seeds` (one per prompt, from `slot_seed`) is called with them: the real backends do (reproducible resume).
@@ -397,12 +398,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("opd rollout")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
+    with usage_errors():
         dtype = normalize_dtype(args.dtype)
+    model = model_source(args.model, "--model")  # before the .parts folder is made; a checkpoint: its model/
+    with usage_errors():
         settings = RolloutSettings(
-            model=args.model,
+            model=model,
             n=args.n,
             temperature=args.temperature,
             top_p=args.top_p,
@@ -412,22 +416,19 @@ def main(argv: list[str] | None = None) -> int:
             max_attempts=args.max_attempts_per_rollout,
             seed=args.seed,
         )
-        summary = rollout(
-            args.input,
-            args.output,
-            settings,
-            backend=args.backend,
-            gpus=args.gpus.split(",") if args.gpus else None,
-            batch_prompts=args.batch_prompts,
-            limit=args.limit,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            dtype=dtype,
-            device=args.device,
-        )
-    except (DataError, ValueError, RuntimeError) as e:
-        print(f"opd rollout: error: {e}", file=sys.stderr)
-        return 1
+    summary = rollout(
+        args.input,
+        args.output,
+        settings,
+        backend=args.backend,
+        gpus=args.gpus.split(",") if args.gpus else None,
+        batch_prompts=args.batch_prompts,
+        limit=args.limit,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        dtype=dtype,
+        device=args.device,
+    )
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
     return 0
 

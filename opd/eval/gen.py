@@ -23,15 +23,15 @@ import hashlib
 import json
 import os
 import re
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from opd.errors import UsageError, command
 from opd.eval.benchmarks import Benchmark, load_benchmark
 from opd.io import atomic_write_text
-from opd.models import normalize_dtype, vllm_dtype
+from opd.models import model_source, normalize_dtype, vllm_dtype
 from opd.presets import EVAL
 from opd.sampling import TransformersSampler, VLLMSampler
 
@@ -161,7 +161,7 @@ def check_same_model(jsonl: Path, meta: Path, model_path: str) -> None:
     """Refuse an output file that holds another model's samples under the same tag (never skip or delete it)."""
     m = _read_meta(meta)
     if m is not None and m.get("model_path") != _model_path_key(model_path):
-        raise ValueError(
+        raise UsageError(
             f"{jsonl} holds samples of {m.get('model_path')!r}, not {_model_path_key(model_path)!r} "
             "(same model tag): use another --out folder"
         )
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("opd eval gen")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name, value, ok in (
@@ -327,23 +328,21 @@ def main(argv: list[str] | None = None) -> int:
         ("--limit", args.limit, args.limit is None or args.limit >= 1),
     ):
         if not ok:
-            print(f"opd eval gen: invalid {name} {value}", file=sys.stderr)
-            return 2
+            raise UsageError(f"invalid {name} {value}")
     try:
         args.dtype = normalize_dtype(args.dtype)
     except ValueError as exc:
-        print(f"opd eval gen: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     tags: dict[str, str] = {}
     for model_path in args.model:
         other = tags.setdefault(model_tag(model_path), model_path)
         if other != model_path:
-            print(
-                f"opd eval gen: --model {other} and {model_path} would share the output name "
-                f"{model_tag(model_path)!r}: evaluate them into different --out folders",
-                file=sys.stderr,
+            raise UsageError(
+                f"--model {other} and {model_path} would share the output name {model_tag(model_path)!r}: evaluate "
+                "them into different --out folders"
             )
-            return 2
+    # every input is checked before the output folder is made: a bad one leaves nothing behind
+    models = [model_source(m, "--model") for m in args.model]  # a checkpoint folder is read from its model/
     settings = GenSettings(
         args.n, args.temperature, args.top_p, args.max_tokens, args.thinking, args.template, args.seed
     )
@@ -355,15 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         benches.append(b)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for model_path in args.model:
+    for model_path in models:
         todo = []
         for b in benches:
             jsonl, meta = output_paths(out, b.name, model_tag(model_path), settings)
-            try:
-                check_same_model(jsonl, meta, model_path)
-            except ValueError as exc:
-                print(f"opd eval gen: {exc}", file=sys.stderr)
-                return 2
+            check_same_model(jsonl, meta, model_path)
             if args.replace:
                 jsonl.unlink(missing_ok=True)
                 meta.unlink(missing_ok=True)
@@ -373,19 +368,11 @@ def main(argv: list[str] | None = None) -> int:
                 todo.append(b)
         if not todo:
             continue
-        try:
-            backend = make_backend(args.backend, model_path, args)
-        except ValueError as exc:
-            print(f"opd eval gen: {exc}", file=sys.stderr)
-            return 2
+        backend = make_backend(args.backend, model_path, args)
         for b in todo:
-            try:
-                path = generate_benchmark(
-                    backend, b, model_path, settings, out, args.batch_size, progress=not args.no_progress
-                )
-            except ValueError as exc:
-                print(f"opd eval gen: {exc}", file=sys.stderr)
-                return 2
+            path = generate_benchmark(
+                backend, b, model_path, settings, out, args.batch_size, progress=not args.no_progress
+            )
             print(f"wrote {path}")
     return 0
 

@@ -17,12 +17,12 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 from opd.data.io import iter_records
 from opd.data.schema import DataError
-from opd.models import load_policy, normalize_dtype, resolve_device
+from opd.errors import UsageError, check_writable, command, usage_errors
+from opd.models import load_policy, model_source, normalize_dtype, resolve_device
 from opd.sft.trainer import SFTConfig
 
 
@@ -50,6 +50,15 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
                 )
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError("no assistant message to train on", file=path, row=row, column="messages")
+        first = next((i for i, m in enumerate(msgs) if m["role"] != "system"), None)
+        if msgs[first]["role"] != "user":  # chat templates index the user turn before the first answer
+            raise DataError(
+                f"turn {first} is a {msgs[first]['role']!r} message; a conversation starts with a user turn "
+                "(after optional system messages)",
+                file=path,
+                row=row,
+                column="messages",
+            )
         out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
     if not out:
         raise DataError("no records", file=path)
@@ -131,22 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("opd sft")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         template_kwargs = json.loads(args.chat_template_kwargs)
-        if not isinstance(template_kwargs, dict):
-            raise ValueError
     except ValueError:
-        print(
-            f"opd sft: --chat-template-kwargs must be a JSON object; got {args.chat_template_kwargs!r}", file=sys.stderr
-        )
-        return 2
+        template_kwargs = None
+    if not isinstance(template_kwargs, dict):
+        raise UsageError(f"--chat-template-kwargs must be a JSON object; got {args.chat_template_kwargs!r}")
     out = Path(args.output)
     if out.exists() and not args.overwrite:
-        print(f"opd sft: --output {out} already exists (pass --overwrite to replace it)", file=sys.stderr)
-        return 2
-    try:
+        raise UsageError(f"--output {out} already exists (pass --overwrite to replace it)")
+    with usage_errors():
         config = SFTConfig(
             lr=args.lr,
             steps=args.steps,
@@ -163,32 +169,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         dtype = normalize_dtype(args.dtype)
         device = resolve_device(args.device)
-        conversations = read_conversations(args.data)
-    except (DataError, FileNotFoundError, ValueError) as exc:
-        print(f"opd sft: {exc}", file=sys.stderr)
-        return 2
+    conversations = read_conversations(args.data)
+    model_path = model_source(args.model, "--model")  # a checkpoint folder is read from its model/
+    check_writable(out, "--output")  # before the model loads and trains, not after
 
     import torch
 
     from opd.sft.trainer import encode_dataset, train_sft
 
     torch.manual_seed(args.seed)
-    try:  # a model id that is not in the cache is an error, never a download
-        policy = load_policy(args.model, dtype=dtype, device=device, trainable=True)
-    except OSError as exc:
-        print(
-            f"opd sft: --model {args.model}: cannot load a model and tokenizer from this local folder or the Hugging "
-            f"Face cache ({str(exc).splitlines()[0]})",
-            file=sys.stderr,
-        )
-        return 2
-    except ValueError as exc:
-        print(f"opd sft: --model {args.model}: {exc}", file=sys.stderr)
-        return 2
+    policy = load_policy(model_path, dtype=dtype, device=device, trainable=True)
     model, tokenizer = policy.model, policy.tokenizer
     if tokenizer.pad_token_id is None:  # the saved tokenizer then pads as training did
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(policy.pad_id)
-    data = encode_dataset(tokenizer, conversations, config.max_length, progress=True, **template_kwargs)
+    try:
+        data = encode_dataset(tokenizer, conversations, config.max_length, progress=True, **template_kwargs)
+    except ValueError as exc:  # "conversation 3: ...", "no conversation fits max_length=5": say which file
+        raise DataError(str(exc), file=args.data) from None
     print(
         f"opd sft: {len(data.input_ids)} conversations ({data.n_dropped_too_long} dropped: longer than "
         f"--max-length {config.max_length})"

@@ -14,7 +14,8 @@ def test_unset_missing_and_checkpoint_folders(tmp_path):
         require_model_dir(str(tmp_path / "nope"), "REWARD_MODEL_PATH", "teacher")
     ckpt = tmp_path / "step_000150"
     (ckpt / "model").mkdir(parents=True)
-    (ckpt / "model" / "config.json").write_text("{}")
+    (ckpt / "model" / "config.json").write_text('{"model_type": "llama"}')
+    (ckpt / "model" / "tokenizer.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"config\.json; .*step_000150/model is one"):
         require_model_dir(str(ckpt), "--student", "student")
     assert require_model_dir(str(ckpt / "model"), "--student", "student") == ckpt / "model"

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import textwrap
+
+from opd.errors import UsageError, command, usage_errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command("opd train")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from opd.engines.local.config import config_yaml, load_config, run_name_from
@@ -70,26 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.settings:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            print(f"opd train: expected key=value, got {item!r}", file=sys.stderr)
-            return 2
+            raise UsageError(f"expected key=value, got {item!r}")
         overrides[key] = value
-    try:
+    with usage_errors():  # bad settings are a usage error (exit 2); what training meets later exits 1
         cfg = load_config(args.preset, args.config, os.environ if args.from_env else None, overrides)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"opd train: {exc}", file=sys.stderr)
-        return 2
     if args.print_config:
         print(config_yaml(cfg), end="")
         print(f"# run folder: {cfg.output_dir}/{cfg.run_name or run_name_from(cfg)}")
         return 0
     from opd.engines.local.trainer import train
 
-    try:
-        run_dir = train(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"opd train: {exc}", file=sys.stderr)
-        return 1
-    print(f"run folder: {run_dir}")
+    print(f"run folder: {train(cfg)}")
     return 0
 
 
