@@ -23,6 +23,7 @@ from opd.core.step import (
     read_teacher,
     target_logprobs,
 )
+from opd.engines.local.heads import head_logits, output_head, response_hidden
 from opd.engines.local.rollout import RolloutBatch, micro_batch_bounds
 
 
@@ -55,10 +56,13 @@ def score(
     token_budget: int,
     vocab_size: int | None = None,
     timings: dict[str, float] | None = None,
+    teacher_hidden: list[torch.Tensor] | None = None,
 ) -> StepReads:
     """Student (and teacher) no-grad passes over the batch, micro-batched by `token_budget`.
 
     `timings`, when given, accumulates the seconds spent in each model's pass ("student", "teacher").
+    `teacher_hidden`, when given (a list, and the teacher `has_output_head`), receives the teacher's final hidden
+    states of each micro-batch: the full-vocabulary update rebuilds its logits from them instead of re-running it.
     """
     clock = timings if timings is not None else {}
     clock.setdefault("student", 0.0)
@@ -74,7 +78,11 @@ def score(
         t1 = time.perf_counter()
         clock["student"] += t1 - t0
         if teacher is not None:
-            t_logits = response_logits(teacher, mb, vocab_size)
+            if teacher_hidden is None:
+                t_logits = response_logits(teacher, mb, vocab_size)
+            else:
+                teacher_hidden.append(response_hidden(teacher, mb))
+                t_logits = head_logits(output_head(teacher, teacher_hidden[-1], vocab_size))
             reads.teacher = read_teacher(cfg, t_logits, mb.response_ids_NT, reads.student.topk_ids_NTK)
             reads.student.lp_at_other_NTK = read_student_at_teacher(cfg, s_logits, reads.teacher.topk_ids_NTK)
             reads.full_kl_NT = read_full_kl(cfg, s_logits, t_logits)

@@ -40,6 +40,7 @@ from opd.core.step import build_targets, step_diagnostics, step_profile
 from opd.engines.local.checkpoint import clean_unfinished, latest_checkpoint, save_checkpoint
 from opd.engines.local.config import TrainConfig, config_yaml, run_name_from, sampling_bias_warnings
 from opd.engines.local.data import PromptSchedule, PromptSet, load_prompt_set, prompts_fingerprint
+from opd.engines.local.heads import use_output_heads
 from opd.engines.local.logging import RunLogger
 from opd.engines.local.resume import restore
 from opd.engines.local.rollout import Rollouts, generate
@@ -252,8 +253,16 @@ def train_step(s: Session, step: int) -> dict[str, float]:
 
     s.student.eval()
     passes: dict[str, float] = {}
+    teacher_hidden = [] if use_output_heads(algo, s.student, s.teacher) else None
     reads = score(
-        s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width, timings=passes
+        s.student,
+        s.teacher,
+        batch,
+        algo,
+        token_budget=cfg.micro_batch_tokens,
+        vocab_size=s.vocab_width,
+        timings=passes,
+        teacher_hidden=teacher_hidden,
     )
     outcome_N = torch.tensor(rollouts.scores, dtype=torch.float32, device=device)
     has_box_N = torch.tensor(["\\boxed" in text for text in rollouts.texts], device=device)
@@ -282,7 +291,9 @@ def train_step(s: Session, step: int) -> dict[str, float]:
         norm_length=cfg.max_resp_length,
         teacher=s.teacher,
         vocab_size=s.vocab_width,
+        teacher_hidden=teacher_hidden,
     )
+    del teacher_hidden
     metrics.update(optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip))
     t3 = time.perf_counter()
 

@@ -4,8 +4,10 @@ One mini-batch, one epoch, one optimiser step per training step (on-policy, rati
 accumulation over micro-batches (token budget) passes the whole batch's token / sequence counts to the core's loss,
 so the summed micro-batch losses equal the full-batch loss and micro-batching never changes the gradient.
 The loss is the core's `step_loss` (policy loss on the [N, T, C] targets with the K dimension kept, the
-full-vocabulary surrogate, which needs the teacher's logits again, so the teacher re-runs here without grad, and the
-KL-to-reference term). A non-finite gradient norm skips the optimiser step.
+full-vocabulary surrogate and the KL-to-reference term). The full-vocabulary surrogate runs from both models' final
+hidden states and output embeddings (the teacher's kept from the scoring pass), so neither model's [T, V] logits
+exist; a model whose logits are not its head at its last hidden state falls back to logits, and the teacher re-runs
+here without grad. A non-finite gradient norm skips the optimiser step.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import warnings
 import torch
 
 from opd.core.config import OPDConfig
-from opd.core.step import Targets, loss_totals, merge_loss_metrics, step_loss
+from opd.core.step import Targets, loss_totals, merge_loss_metrics, needs_student_logits, step_loss
+from opd.engines.local.heads import head_logits, output_head, response_hidden
 from opd.engines.local.rollout import RolloutBatch, micro_batch_bounds
 from opd.engines.local.scoring import response_logits
 
@@ -31,19 +34,29 @@ def loss_and_backward(
     norm_length: int,
     teacher=None,
     vocab_size: int | None = None,
+    teacher_hidden: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Accumulate the gradient of the full-batch loss over micro-batches; returns loss metrics."""
+    """Accumulate the gradient of the full-batch loss over micro-batches; returns loss metrics.
+
+    `teacher_hidden`: the teacher's final hidden states per micro-batch, kept by `score`; then the full-vocabulary
+    term runs from both models' output heads (no [T, V] logits, no second teacher forward)."""
     totals = loss_totals(targets, norm_length)
     parts = []
-    for start, stop in micro_batch_bounds(batch, token_budget):
+    for i, (start, stop) in enumerate(micro_batch_bounds(batch, token_budget)):
         mb = batch.rows(start, stop)
         tg = targets.rows(start, stop, mb.resp_width)
-        logits = response_logits(student, mb, vocab_size)
-        teacher_logits = None
-        if tg.full_vocab:
-            with torch.no_grad():
-                teacher_logits = response_logits(teacher, mb, vocab_size)
-        loss, metrics = step_loss(cfg, tg, logits, totals=totals, teacher_logits_NTV=teacher_logits)
+        if teacher_hidden is not None:
+            s_head = output_head(student, response_hidden(student, mb), vocab_size)
+            t_head = output_head(teacher, teacher_hidden[i], vocab_size)
+            logits = head_logits(s_head) if needs_student_logits(cfg, tg) else None
+            loss, metrics = step_loss(cfg, tg, logits, totals=totals, student_head=s_head, teacher_head=t_head)
+        else:
+            logits = response_logits(student, mb, vocab_size)
+            teacher_logits = None
+            if tg.full_vocab:
+                with torch.no_grad():
+                    teacher_logits = response_logits(teacher, mb, vocab_size)
+            loss, metrics = step_loss(cfg, tg, logits, totals=totals, teacher_logits_NTV=teacher_logits)
         loss.backward()
         parts.append((metrics, float(tg.response_mask_NT.sum())))
     return merge_loss_metrics(parts, totals)
