@@ -12,6 +12,7 @@ gets ``{"ok": bool}`` or ``{"ok": false, "error": str}``. Not imported by the pa
 import json
 import logging
 import os
+import re
 import sys
 
 
@@ -28,12 +29,15 @@ def main() -> None:
     logging.disable(logging.WARNING)
     from math_verify import parse, verify
 
+    def wrap(answer: str) -> str:  # an answer that holds its own math delimiters ("$21,16$ or $11$") keeps them
+        return answer if re.search(r"(?<!\\)\$", answer) else "$" + answer + "$"
+
     proto_out.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         try:
             req = json.loads(line)
-            gold = parse("$" + req["gt"] + "$", parsing_timeout=None)
-            pred = parse("$" + req["pred"] + "$", parsing_timeout=None)
+            gold = parse(wrap(req["gt"]), parsing_timeout=None)
+            pred = parse(wrap(req["pred"]), parsing_timeout=None)
             ok = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=None)
             reply = {"ok": bool(ok)}
         except Exception as exc:  # a parse/verify failure means "not shown equal"

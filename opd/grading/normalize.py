@@ -2,7 +2,9 @@
 
 Most answers (integers, simple fractions, the toy world's ``\\boxed{1234}``) are decided here without sympy:
 LaTeX spacing/wrappers are stripped, ``\\dfrac`` becomes ``\\frac``, units and degree/percent signs are
-dropped, and pure numbers are compared exactly as fractions. Only what survives goes to math-verify
+dropped, and pure numbers are compared exactly as fractions, then within a 1e-6 tolerance when one side is
+written as a decimal (:func:`numbers_close`). A comma is a thousands separator only in ``1,234,567`` form (no
+blank after it, no leading 0), so ``12, 345`` stays a list. Only what survives goes to math-verify
 (``opd.grading.symbolic``), behind the size caps in :func:`safe_for_symbolic`.
 """
 
@@ -11,7 +13,15 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["normalize_answer", "parse_number", "is_text_answer", "safe_for_symbolic"]
+__all__ = [
+    "normalize_answer",
+    "parse_number",
+    "numbers_close",
+    "has_percent",
+    "latexify",
+    "is_text_answer",
+    "safe_for_symbolic",
+]
 
 _UNITS = (
     "units?|square units|sq units|cm|mm|km|m|meters?|metres?|centimeters?|inch(?:es)?|in|feet|foot|ft|yards?|"
@@ -22,7 +32,8 @@ _UNITS = (
 _NUMBER_WITH_UNIT = re.compile(rf"^(-?[\d.,/]+)\s*(?:{_UNITS})\.?$", re.IGNORECASE)
 _TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _ASSIGNMENT = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*([^=<>]+)$")
-_THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_THOUSANDS = re.compile(r"^-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?$")
+_PERCENT = re.compile(r"\\?%|\bpercent(?:age)?\b|\bpct\b", re.IGNORECASE)
 _INT_OR_DEC = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)$")
 _SIMPLE_FRAC = re.compile(r"^([-+]?)\\frac\{([-+]?\d+)\}\{([-+]?\d+)\}$")
 _SLASH_FRAC = re.compile(r"^([-+]?\d+)/([-+]?\d+)$")
@@ -54,7 +65,8 @@ def normalize_answer(answer: str) -> str:
     s = s.replace("\u2212", "-")  # unicode minus sign
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", "")
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "", s)
-    s = s.replace("\\%", "").replace("%", "").replace("\\$", "")
+    s = _PERCENT.sub("", s).replace("\\$", "")
+    s = s.replace("$", "")  # stray math toggles inside an answer ("12 $ and $13")
     for _ in range(3):  # nested wrappers like \text{\textbf{x}}
         s = _TEXT_WRAPPERS.sub(r"\1", s)
     s = s.strip()
@@ -67,9 +79,9 @@ def normalize_answer(answer: str) -> str:
     # \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\sqrt\s*(\d+)", r"\\sqrt{\1}", s)
-    s = re.sub(r"\s+", "", s)
-    if _THOUSANDS.match(s):
+    if _THOUSANDS.match(s):  # before blanks go: "12, 345" is a list, not 12345
         s = s.replace(",", "")
+    s = re.sub(r"\s+", "", s)
     return s.rstrip(".")
 
 
@@ -91,6 +103,45 @@ def parse_number(normalized: str) -> Fraction | None:
     except (ValueError, ZeroDivisionError):
         return None
     return None
+
+
+# Plain numbers that differ by less than this (relative below 1, absolute above) are equal when one side is
+# written as a decimal: ``0.0833333333333333`` is 1/12, ``3.33333333`` is 10/3, but 1234567.5 is not 1234568.
+NUMERIC_TOLERANCE = Fraction(1, 10**6)
+
+
+def numbers_close(a: Fraction, b: Fraction) -> bool:
+    """True if two plain numbers agree within NUMERIC_TOLERANCE (relative below 1, absolute above)."""
+    scale = min(Fraction(1), max(abs(a), abs(b)))
+    return abs(a - b) <= NUMERIC_TOLERANCE * scale
+
+
+def has_percent(answer: str) -> bool:
+    """True if the answer carries a percent sign (``10\\%``, ``10%``, ``10 percent``)."""
+    return bool(_PERCENT.search(answer))
+
+
+_POW = re.compile(r"\*\*")
+_EQ_CALL = re.compile(r"^\s*Eq\s*\((.*)\)\s*$", re.DOTALL)
+
+
+def latexify(answer: str) -> str:
+    """Python/sympy syntax rewritten as math-verify reads it: ``**`` -> ``^``, ``Eq(a, b)`` -> ``a = b``.
+
+    math-verify's expression parser reads ``Eq(x**2/16 + y**2/12, 1)`` as just ``1``, so two different equations
+    would match; as ``x^2/16 + y^2/12 = 1`` it compares the equations.
+    """
+    s = answer
+    m = _EQ_CALL.match(s)
+    if m:
+        inner, depth = m.group(1), 0
+        for i, c in enumerate(inner):
+            depth += c in "([{"
+            depth -= c in ")]}"
+            if c == "," and depth == 0:
+                s = f"{inner[:i].strip()} = {inner[i + 1 :].strip()}"
+                break
+    return _POW.sub("^", s)
 
 
 def is_text_answer(answer: str) -> bool:

@@ -1,16 +1,20 @@
 """The rule grader: one verdict for a (response, ground truth) pair, used by evaluation and as the RL reward.
 
-Order of checks, cheapest first: extract the final answer (no answer = wrong); normalised string match;
-word answers compared case-insensitively (never through sympy, which reads "ab" as a*b == b*a); exact
-fraction comparison when both sides are plain numbers; otherwise math-verify in a worker process under a
-hard timeout, after size caps that refuse huge exponents/towers/factorials. A refused, timed-out or failing
-symbolic check grades as wrong, never raises. Finished symbolic verdicts are cached by (answer, ground truth),
-since the N samples of a problem often repeat an answer. ``grade_batch`` spreads the symbolic checks of many
-answers over a few worker processes.
+Order of checks, cheapest first: extract the final answer (``opd.grading.extract``; no answer = wrong; a
+ground truth with several boxes means all of them); normalised string match; word answers compared
+case-insensitively (never through sympy, which reads "ab" as a*b == b*a); plain numbers compared exactly as
+fractions, then within 1e-6 when one side is a decimal, and a percentage ``p%`` against the other side's ``p``
+or ``p/100``; otherwise math-verify in a worker process under a hard timeout, after size caps that refuse huge
+exponents/towers/factorials. A check that runs past its timeout is retried once with RETRY_FACTOR times the
+budget (a loaded machine must not change a verdict); a refused, twice timed-out or failing symbolic check
+grades as wrong, never raises. Finished symbolic verdicts are cached by (answer, ground truth), since the N
+samples of a problem often repeat an answer. ``grade_batch`` spreads the symbolic checks of many answers over
+a few worker processes. ``only_after_think`` grades only what follows ``</think>``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -20,8 +24,18 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from .extract import extract_answer, extract_boxed
-from .normalize import MAX_ANSWER_CHARS, is_text_answer, normalize_answer, parse_number, safe_for_symbolic, text_key
+from .extract import find_answer, gt_answer
+from .normalize import (
+    MAX_ANSWER_CHARS,
+    has_percent,
+    is_text_answer,
+    latexify,
+    normalize_answer,
+    numbers_close,
+    parse_number,
+    safe_for_symbolic,
+    text_key,
+)
 from .symbolic import DEFAULT_TIMEOUT_S, SymbolicChecker, SymbolicTimeout, symbolic_equal
 
 __all__ = ["GradeResult", "grade_answer", "grade_response", "score_response", "grade_batch", "clear_symbolic_cache"]
@@ -31,6 +45,8 @@ __all__ = ["GradeResult", "grade_answer", "grade_response", "score_response", "g
 SYMBOLIC_CACHE_SIZE = 65536
 _SYMBOLIC_CACHE: OrderedDict[tuple[str, str], bool] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
+# A symbolic check that times out is run once more with this many times its budget before it grades wrong.
+RETRY_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -39,7 +55,9 @@ class GradeResult:
 
     score: float  # 1.0 correct, 0.0 otherwise
     extracted: str | None  # the final answer found in the response (None: format error)
-    method: str  # no_answer | string | text | numeric | symbolic | refused | timeout
+    method: str  # no_answer | string | text | numeric | percent | symbolic | refused | timeout
+    source: str = ""  # where the answer was found: boxed | answer_line | sentence | bare | none | ...
+    retried: bool = False  # the symbolic check timed out once and was run again with a longer budget
 
     @property
     def correct(self) -> bool:
@@ -51,13 +69,22 @@ def _fast_verdict(pred: str, gt: str) -> tuple[bool, str] | None:
     if len(pred) > MAX_ANSWER_CHARS or len(gt) > MAX_ANSWER_CHARS:
         return pred.strip() == gt.strip() and bool(gt.strip()), "refused"
     n_pred, n_gt = normalize_answer(pred), normalize_answer(gt)
-    if n_pred == n_gt and n_gt:
+    if not n_gt:  # an empty reference matches nothing
+        return False, "refused"
+    if n_pred == n_gt:
         return True, "string"
     if is_text_answer(gt):
         return text_key(pred) == text_key(gt), "text"
     v_pred, v_gt = parse_number(n_pred), parse_number(n_gt)
     if v_pred is not None and v_gt is not None:
-        return v_pred == v_gt, "numeric"
+        if v_pred == v_gt:
+            return True, "numeric"
+        p_pct, g_pct = has_percent(pred), has_percent(gt)
+        if p_pct != g_pct and (v_pred / 100 if p_pct else v_pred) == (v_gt if p_pct else v_gt / 100):
+            return True, "percent"  # 10% == 0.1 (and 10% == 10, the string match above)
+        if ("." in n_pred or "." in n_gt) and numbers_close(v_pred, v_gt):
+            return True, "numeric"
+        return False, "numeric"
     if not n_pred or not safe_for_symbolic(pred) or not safe_for_symbolic(gt):
         return False, "refused"
     return None
@@ -66,47 +93,70 @@ def _fast_verdict(pred: str, gt: str) -> tuple[bool, str] | None:
 def _clean_gt(ground_truth: str) -> str:
     if not isinstance(ground_truth, str):
         ground_truth = str(ground_truth)
-    boxed = extract_boxed(ground_truth) if "\\boxed" in ground_truth or "\\fbox" in ground_truth else None
-    return boxed if boxed is not None else ground_truth.strip()
+    return gt_answer(ground_truth)
+
+
+def _symbolic(pred: str, gt: str, timeout: float, checker: SymbolicChecker | None) -> tuple[bool | None, bool]:
+    """(verdict or None on a second timeout, whether it was retried): one retry with RETRY_FACTOR x the budget."""
+    args = (latexify(pred), latexify(gt))
+    try:
+        return symbolic_equal(*args, timeout=timeout, checker=checker), False
+    except SymbolicTimeout:
+        pass
+    try:
+        return symbolic_equal(*args, timeout=timeout * RETRY_FACTOR, checker=checker), True
+    except SymbolicTimeout:
+        return None, True
 
 
 def grade_answer(
-    pred: str | None, ground_truth: str, *, timeout: float = DEFAULT_TIMEOUT_S, checker: SymbolicChecker | None = None
+    pred: str | None,
+    ground_truth: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    checker: SymbolicChecker | None = None,
+    source: str = "",
 ) -> GradeResult:
-    """Grade an already extracted answer against the ground truth."""
+    """Grade an already extracted answer against the ground truth (``source``: where the answer was found)."""
     if pred is None:
-        return GradeResult(0.0, None, "no_answer")
+        return GradeResult(0.0, None, "no_answer", source or "none")
     gt = _clean_gt(ground_truth)
     fast = _fast_verdict(pred, gt)
     if fast is not None:
-        return GradeResult(float(fast[0]), pred, fast[1])
+        return GradeResult(float(fast[0]), pred, fast[1], source)
     key = (pred, gt)
     with _CACHE_LOCK:
         cached = _SYMBOLIC_CACHE.get(key)
         if cached is not None:
             _SYMBOLIC_CACHE.move_to_end(key)
+    retried = False
     if cached is None:
-        try:
-            cached = symbolic_equal(pred, gt, timeout=timeout, checker=checker)
-        except SymbolicTimeout:
-            return GradeResult(0.0, pred, "timeout")  # not cached: a later, less loaded try may finish
+        cached, retried = _symbolic(pred, gt, timeout, checker)
+        if cached is None:  # not cached: a later, less loaded try may finish
+            return GradeResult(0.0, pred, "timeout", source, retried)
         with _CACHE_LOCK:
             _SYMBOLIC_CACHE[key] = cached
             if len(_SYMBOLIC_CACHE) > SYMBOLIC_CACHE_SIZE:
                 _SYMBOLIC_CACHE.popitem(last=False)
-    return GradeResult(float(cached), pred, "symbolic")
+    return GradeResult(float(cached), pred, "symbolic", source, retried)
 
 
 def grade_response(
-    response: str, ground_truth: str, *, timeout: float = DEFAULT_TIMEOUT_S, checker: SymbolicChecker | None = None
+    response: str,
+    ground_truth: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    checker: SymbolicChecker | None = None,
+    only_after_think: bool = False,
 ) -> GradeResult:
     """Extract the final answer of ``response`` and grade it."""
-    return grade_answer(extract_answer(response), ground_truth, timeout=timeout, checker=checker)
+    found = find_answer(response, only_after_think=only_after_think)
+    return grade_answer(found.answer, ground_truth, timeout=timeout, checker=checker, source=found.method)
 
 
-def score_response(response: str, ground_truth: str) -> float:
+def score_response(response: str, ground_truth: str, *, only_after_think: bool = False) -> float:
     """1.0 if the response's final answer equals the ground truth, else 0.0 (the rule reward)."""
-    return grade_response(response, ground_truth).score
+    return grade_response(response, ground_truth, only_after_think=only_after_think).score
 
 
 # Idle worker processes kept between grade_batch calls (a worker costs ~0.5-1 s of imports to start).
@@ -138,6 +188,7 @@ def grade_batch(
     workers: int | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
     progress: bool = False,
+    only_after_think: bool = False,
 ) -> list[GradeResult]:
     """Grade many responses: fast paths in this process, symbolic checks over ``workers`` worker processes
     (kept alive between calls, closed at exit)."""
@@ -146,15 +197,17 @@ def grade_batch(
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     results: list[GradeResult | None] = [None] * len(responses)
     pending: dict[tuple[str, str], list[int]] = {}  # unique (answer, ground truth) -> the rows that need it
+    sources: list[str] = [""] * len(responses)
     for i, (resp, gt) in enumerate(zip(responses, ground_truths)):
-        pred = extract_answer(resp)
+        found = find_answer(resp, only_after_think=only_after_think)
+        pred, sources[i] = found.answer, found.method
         if pred is None:
-            results[i] = GradeResult(0.0, None, "no_answer")
+            results[i] = GradeResult(0.0, None, "no_answer", found.method)
             continue
         clean = _clean_gt(gt)
         fast = _fast_verdict(pred, clean)
         if fast is not None:
-            results[i] = GradeResult(float(fast[0]), pred, fast[1])
+            results[i] = GradeResult(float(fast[0]), pred, fast[1], found.method)
         else:
             pending.setdefault((pred, clean), []).append(i)
     if pending:
@@ -176,7 +229,7 @@ def grade_batch(
                 bar = tqdm(total=len(pending), desc="symbolic checks", disable=not progress)
                 for key, res in ex.map(run, list(pending)):
                     for i in pending[key]:
-                        results[i] = res
+                        results[i] = dataclasses.replace(res, source=sources[i])
                     bar.update()
                 bar.close()
         finally:

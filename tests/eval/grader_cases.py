@@ -85,7 +85,8 @@ CASES: list[tuple[str, str, str, float]] = [
     ("latex", f"{B}{{0.333}}", "\\frac{1}{3}", 0.0),
     ("latex", f"{B}{{\\log_2 8}}", "3", 1.0),
     # answer location: no box, Answer: lines, several boxes, nested braces
-    ("no_box", "The answer is 1234.", "1234", 0.0),
+    ("no_box", "We get 1234 after adding, which we double-check.", "1234", 0.0),  # never stated as the answer
+    ("sentence", "The answer is 1234.", "1234", 1.0),  # a closing "the answer is" sentence is a stated answer
     ("no_box", "", "1234", 0.0),
     ("answer_line", "Step 1...\nAnswer: 1234", "1234", 1.0),
     ("answer_line", "Work.\n**Answer:** $\\frac{3}{4}$.", "0.75", 1.0),

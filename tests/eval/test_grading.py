@@ -17,6 +17,7 @@ from opd.grading import (
     grade_response,
     score_response,
 )
+from opd.grading.score import RETRY_FACTOR
 
 sys.path.insert(0, str(Path(__file__).parent))
 from grader_cases import CASES  # noqa: E402
@@ -72,11 +73,20 @@ def test_batch_rejects_length_mismatch():
         ("\\boxed{a{b{c}}d}", "a{b{c}}d"),
         ("\\boxed{1} then \\boxed{2", None),  # last box unclosed: truncated, no answer
         ("\\boxed 5.", "5"),
-        ("\\boxedfoo{3}", None),  # another macro, not a box
+        ("see \\boxedfoo{3}", None),  # another macro, not a box
         ("Answer: 7\n", "7"),
         ("answer: $x+1$.", "x+1"),
         ("Final Answer: 12", "12"),
-        ("The answer is 3", None),
+        ("The answer is 3", "3"),
+        ("We found 3 of them.", None),  # a number in the text is not a stated answer
+        ("$\\frac{1}{2}$", "\\frac{1}{2}"),  # the whole response is one math span: a bare answer
+        ("-5", "-5"),
+        ("Final Answer: The final answer is $\\frac{2}{3}$. I hope it is correct.", "\\frac{2}{3}"),
+        ("so x = 4. Final Answer: The final answer is 12,000,023. I hope it is correct.", "12,000,023"),
+        ("\\boxed{(2,2)} \\quad \\text{and} \\quad \\boxed{(6,2)}", "(2,2), (6,2)"),
+        ("$x_1 = \\boxed{2}$, $x_2 = \\boxed{-3}$", "2, -3"),
+        ("\\boxed{1} and finally \\boxed{2}", "2"),  # a word between boxes ends the group
+        ("\\boxed{7}\n\n**Final Answer**\n\\boxed{7}", "7"),
         ("\\boxed{}", None),
     ],
 )
@@ -217,3 +227,93 @@ def test_verl_style_compute_score_uses_the_same_grader():
         out = compute_score("any_source", response, gt, extra_info={"index": 0})
         assert out["score"] == out["acc"] == expected
         assert out["format_ok"] == float(extract_answer(response) is not None)
+
+
+class _SlowOnce:
+    """A checker stand-in whose first check overruns its budget, as on a loaded machine."""
+
+    def __init__(self) -> None:
+        self.budgets: list[float] = []
+
+    def check(self, pred: str, gt: str, timeout: float) -> bool:
+        self.budgets.append(timeout)
+        if len(self.budgets) == 1:
+            raise SymbolicTimeout("busy machine")
+        return True
+
+
+def test_a_timed_out_check_is_retried_once_with_a_longer_budget():
+    clear_symbolic_cache()
+    slow = _SlowOnce()
+    res = grade_answer("x^2+4x+4", "(x+2)^2", timeout=1.0, checker=slow)  # type: ignore[arg-type]
+    assert (res.score, res.method, res.retried) == (1.0, "symbolic", True)
+    assert slow.budgets == [1.0, 1.0 * RETRY_FACTOR]
+
+
+def test_twice_timed_out_grades_wrong_and_says_so():
+    checker = SymbolicChecker()
+    try:
+        checker.check("1", "1", timeout=30.0)
+        clear_symbolic_cache()
+        res = grade_answer("x^2+6x+9", "(x+3)^2", timeout=1e-4, checker=checker)
+        assert (res.score, res.method, res.retried) == (0.0, "timeout", True)
+    finally:
+        checker.close()
+
+
+@pytest.mark.parametrize(
+    "pred,gt,expected,method",
+    [
+        ("0.0833333333333333", "\\frac{1}{12}", 1.0, "numeric"),  # a decimal within 1e-6 of the fraction
+        ("3.33333333", "\\frac{10}{3}", 1.0, "numeric"),
+        ("0.0666668", "0.066666793", 1.0, "numeric"),
+        ("0.333", "\\frac{1}{3}", 0.0, "numeric"),
+        ("1234567.5", "1234568", 0.0, "numeric"),  # absolute tolerance above 1: not a rounding of the integer
+        ("1234567", "1234568", 0.0, "numeric"),  # integers are compared exactly
+        ("10\\%", "0.1", 1.0, "percent"),
+        ("0.1", "10\\%", 1.0, "percent"),
+        ("10\\%", "10", 1.0, "string"),
+        ("28", "0.28", 0.0, "numeric"),  # no percent sign: no scaling
+        ("12, 345", "12345", 0.0, "symbolic"),  # a comma and a blank: a list, not a thousands separator
+        ("12,345", "12345", 1.0, "string"),
+    ],
+)
+def test_plain_numbers_and_percentages(pred, gt, expected, method):
+    res = grade_answer(pred, gt, timeout=30.0)
+    assert (res.score, res.method) == (expected, method)
+
+
+def test_several_boxes_on_either_side():
+    gt = "\\boxed{2}, \\boxed{3}, \\boxed{5}, \\boxed{7}, \\boxed{13}"
+    assert score_response("\\boxed{13}", gt) == 0.0  # a reference with several boxes means all of them
+    assert score_response("\\boxed{2, 3, 5, 7, 13}", gt) == 1.0
+    assert score_response("\\boxed{13}, \\boxed{7}, \\boxed{5}, \\boxed{3}, \\boxed{2}", gt) == 1.0
+    assert score_response("$x_1 = \\boxed{2}$ and $x_2 = \\boxed{-3}$", "2, -3") == 1.0
+    assert score_response("\\boxed{(2,2)} \\quad \\text{and} \\quad \\boxed{(6,2)}", "(2, 2), (6, 2)") == 1.0
+    assert score_response("\\boxed{(6,2)}", "(2, 2), (6, 2)") == 0.0
+
+
+def test_sympy_syntax_is_compared_as_equations():
+    assert score_response("\\boxed{Eq(x**2/16 + y**2/12, 1)}", "Eq(x**2/4 + y**2/3, 1)") == 0.0
+    assert score_response("\\boxed{x^2/4 + y^2/3 = 1}", "Eq(x**2/4 + y**2/3, 1)") == 1.0
+
+
+def test_only_after_think():
+    boxed_in_thought = "<think>maybe \\boxed{42}</think> so it is \\boxed{43}"
+    assert score_response(boxed_in_thought, "42") == 0.0
+    assert score_response("<think>try \\boxed{41}</think> so \\boxed{42}", "42", only_after_think=True) == 1.0
+    assert score_response("<think>maybe \\boxed{42}</think> no idea", "42", only_after_think=True) == 0.0
+    res = grade_response("<think>still thinking \\boxed{42}", "42", only_after_think=True)
+    assert (res.score, res.source) == (0.0, "unfinished_think")
+    assert grade_response("\\boxed{42}", "42", only_after_think=True).score == 1.0  # no think block at all
+
+
+def test_extraction_source_is_recorded():
+    assert grade_response("so \\boxed{3}", "3").source == "boxed"
+    assert grade_response("work\nAnswer: 3", "3").source == "answer_line"
+    assert grade_response("Thus the answer is 3.", "3").source == "sentence"
+    assert grade_response("$3$", "3").source == "bare"
+    assert grade_response("I give up.", "3").source == "none"
+    assert grade_response("\\boxed{3", "3").source == "unclosed_box"
+    batch = grade_batch(["$\\sqrt{8}$", "so \\boxed{3}"], ["2\\sqrt{2}", "3"], workers=1)
+    assert [r.source for r in batch] == ["bare", "boxed"]
