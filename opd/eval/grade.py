@@ -2,9 +2,13 @@
 
 Reads every ``*.jsonl`` in the given folders (or the given files) written by `opd eval gen` (any JSONL with
 ``example_id``, ``answer`` and ``response`` per line works; ``sample_idx`` and ``response_tokens`` are used
-when present). Each response is graded by ``opd.grading`` (the same grader as the training reward); the
-metrics per file are those of ``opd.eval.metrics``, plus grading_timeouts and truncated_rollouts (samples that hit
-the token limit, from ``finish_reason``). Settings come from the ``.meta.json`` beside each file.
+when present). Each response is graded by ``opd.grading`` (the same grader as the training reward; ``--after-think``
+grades only what follows ``</think>``); the metrics per file are those of ``opd.eval.metrics``, plus
+grading_timeouts (symbolic checks that timed out twice and graded wrong), grading_retries (checks that timed out
+once and were retried with a longer budget), answer_sources (where the answers were found: box, Answer: line,
+sentence, bare answer, none) and truncated_rollouts (samples that hit the token limit, from ``finish_reason``).
+Settings come from the ``.meta.json`` beside each file; a file whose generation did not finish gets a warning line
+under the table.
 With ``--model-verifier`` a verifier LLM re-checks the rule failures (reported separately, see
 ``opd.eval.verifier``).
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from opd.data.schema import DataError
@@ -91,6 +95,7 @@ def _settings(path: Path) -> dict:
             "model": m.get("model"),
             "model_path": m.get("model_path"),
             "complete": m.get("complete"),
+            "n_examples_expected": m.get("n_examples"),
             "settings": settings,
         }
     parts = path.stem.split("__")
@@ -126,6 +131,8 @@ def _file_result(path: Path, recs: list[dict], grades: list, verdicts: list[str 
         **_settings(path),
         **file_metrics(_group(recs, [g.score for g in grades], extracted), _token_lengths(recs, tokenizer)),
         "grading_timeouts": sum(g.method == "timeout" for g in grades),
+        "grading_retries": sum(g.retried for g in grades),
+        "answer_sources": dict(Counter(g.source for g in grades)),
         "truncated_rollouts": (
             sum(r.get("finish_reason") == "length" for r in recs) if all("finish_reason" in r for r in recs) else None
         ),
@@ -154,6 +161,7 @@ def _write_details(path: Path, recs: list[dict], grades: list, verdicts: list[st
             "extracted": g.extracted,
             "score": g.score,
             "method": g.method,
+            "source": g.source,
         }
         if verdicts is not None:
             row["verifier"] = verdicts[i]
@@ -170,12 +178,14 @@ def grade_files(
     timeout: float = 5.0,
     progress: bool = True,
     details: bool = False,
+    after_think: bool = False,
 ) -> dict[str, dict]:
     """Grade every file; returns {file path: result object} (the content of grading_results.json).
 
     All files are graded in one batch (one pool of math-verify workers). ``details`` also writes
     ``<file>.graded.jsonl`` beside each input: per sample the extracted answer, the verdict and how it was
-    reached (and the verifier's verdict), to inspect what the grader did.
+    reached (and the verifier's verdict), to inspect what the grader did. ``after_think`` grades only what
+    follows ``</think>`` (an unclosed think block has no answer).
     """
     from opd.grading import grade_batch
 
@@ -187,6 +197,7 @@ def grade_files(
         workers=workers,
         timeout=timeout,
         progress=progress,
+        only_after_think=after_think,
     )
     verdicts: list[str | None] | None = None
     if verifier is not None:
@@ -232,14 +243,31 @@ def format_table(results: dict[str, dict]) -> str:
     body = [[b, *(cells.get((b, c), "-") for c in cols)] for b in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*x) for x in body)])
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*x) for x in body)]
+    return "\n".join(lines + [w for w in map(_incomplete_warning, results.values()) if w])
+
+
+def _incomplete_warning(r: dict) -> str | None:
+    """One line for a file whose generation did not finish (its scores cover only part of the benchmark)."""
+    if r.get("complete") is not False:
+        return None
+    want = r.get("n_examples_expected")
+    n = r.get("settings", {}).get("n")
+    problems = f"{r['n_examples']}/{want}" if want else str(r["n_examples"])
+    per = f" of {n}" if n else ""
+    model = f" ({r['model']})" if r.get("model") not in (None, "?") else ""
+    return (
+        f"warning: {r['benchmark']}{model}: incomplete, {problems} problems, "
+        f"min {r['samples_per_example']['min']}{per} samples per problem"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="opd eval grade",
-        description="Grade `opd eval gen` outputs (last \\boxed{} or Answer: line; string match, then math-verify "
-        "under a timeout) and write grading_results.json with mean@N, pass@N, maj@N and more per file.",
+        description="Grade `opd eval gen` outputs (last group of \\boxed{}, else an Answer: line, an 'answer is' "
+        "sentence or a bare answer; string, numeric and percent checks, then math-verify under a timeout) and write "
+        "grading_results.json with mean@N, pass@N, maj@N and more per file. Policy: docs/workflow.md section 6.",
     )
     p.add_argument("paths", nargs="+", help="output folder(s) and/or JSONL file(s)")
     p.add_argument("--output", help=f"results file (default: <first folder>/{RESULTS_NAME}, or ./{RESULTS_NAME})")
@@ -260,7 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="pass enable_thinking to the verifier's chat template (Qwen3-style models); default: not passed",
     )
     p.add_argument("--workers", type=int, help="math-verify worker processes (default: CPU count)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per symbolic check (default 5)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds per symbolic check (default 5; one that runs past it is retried once with 4x the budget)",
+    )
+    p.add_argument(
+        "--after-think",
+        action="store_true",
+        help="grade only what follows the last </think> (a response whose think block never closes has no answer)",
+    )
     p.add_argument(
         "--details",
         action="store_true",
@@ -295,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         progress=not args.no_progress,
         details=args.details,
+        after_think=args.after_think,
     )
     first_dir = next((Path(p) for p in args.paths if Path(p).is_dir()), None)
     out = Path(args.output) if args.output else (first_dir or Path(".")) / RESULTS_NAME
