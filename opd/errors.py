@@ -121,8 +121,8 @@ def describe(exc: BaseException) -> str | None:
         return f"{_first_line(exc)} (lower MICRO_BATCH_TOKENS / ROLLOUT_BATCH_SIZE / --batch-size)"
     if isinstance(exc, ValueError):
         where = _raised_in(exc)
-        if where in ("opd", "json", "", "__main__"):
-            return _first_line(exc)
+        if type(exc).__module__.split(".")[0] == "opd" or where in ("opd", "json", "codecs", "", "__main__"):
+            return _first_line(exc)  # OPD's own error types (DataError, UsageError, ...) wherever raised
         return f"{_first_line(exc)} ({type(exc).__name__} raised by {where}; {DEBUG_FLAG} shows where)"
     return None
 

@@ -256,7 +256,10 @@ def convert_files(
     try:
         for path in paths:
             if fmt == "auto":
-                f = detect_format(_columns_of(path), path)
+                columns = _columns_of(path)
+                if not columns:  # an empty JSON/JSONL file: say so, not "cannot tell the layout from columns []"
+                    raise DataError("the file has no rows", file=path)
+                f = detect_format(columns, path)
             elif fmt in FORMATS:
                 f = FORMATS[fmt]
             else:

@@ -152,7 +152,8 @@ def validate_rl_rows(rows: list[dict], file: str | os.PathLike | None = None) ->
 
 
 def read_rl_parquet(path: str | os.PathLike) -> list[dict]:
-    """Read and validate an RL parquet into plain dicts (pyarrow, so nested columns come back as lists/dicts)."""
+    """Read and validate an RL parquet into plain dicts (pyarrow, so nested columns come back as lists/dicts); a file
+    with no rows is an error, since every reader needs at least one prompt."""
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -169,6 +170,8 @@ def read_rl_parquet(path: str | os.PathLike) -> list[dict]:
             file=path,
             column=missing[0],
         )
+    if table.num_rows == 0:  # said plainly, not left to a later "no usable prompt" (an all-duplicates dedup output)
+        raise DataError("the file has no rows", file=path)
     rows = table.to_pylist()
     for row in rows:  # pyarrow fills absent struct fields with None; drop them so extra_info keys stay as written
         if isinstance(row.get("extra_info"), dict):

@@ -192,9 +192,9 @@ class TrainConfig:
         if self.n_responses < 2 and estimator.needs_group_index and not estimator.needs_token_rewards:
             # the advantage is a rollout's score minus its group's mean: a group of one is always 0
             raise ValueError(
-                f"TrainConfig.n_responses={self.n_responses} is not valid with "
-                f"OPDConfig.adv_estimator={self.algo.adv_estimator!r}: a group of one response has advantage 0, "
-                f"so nothing would be learned; expected N_RESPONSES >= 2"
+                f"OPDConfig.adv_estimator={self.algo.adv_estimator!r} compares each response with the others of its "
+                f"prompt, but TrainConfig.n_responses={self.n_responses}: a group of one response has advantage 0, "
+                f"so nothing would be learned; set N_RESPONSES >= 2"
             )
 
     # --- building ---
@@ -327,13 +327,14 @@ def merge(layers, base: TrainConfig | None = None) -> TrainConfig:
     try:
         return TrainConfig(**flat, algo=OPDConfig.from_dict(algo))
     except ValueError as exc:
-        # a refusal may name two settings (adv_estimator and top_k): blame the layer that set the later one
+        # a refusal may name two settings (adv_estimator, then the top_k to change): blame the layer that set the
+        # later one, and within one layer the setting named last
         named = [
-            origin[key]
-            for owner, name in re.findall(r"\b(OPDConfig|TrainConfig)\.(\w+)", str(exc))
+            (origin[key][0], i, origin[key][1])
+            for i, (owner, name) in enumerate(re.findall(r"\b(OPDConfig|TrainConfig)\.(\w+)", str(exc)))
             if (key := f"algo.{name}" if owner == "OPDConfig" else name) in origin
         ]
-        where = max(named, key=lambda o: o[0])[1] if named else ""
+        where = max(named)[2] if named else ""
         raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
 
 
