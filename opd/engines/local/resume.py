@@ -213,11 +213,11 @@ def restore(
     for checkpoint in candidates(cfg.resume, run_dir, prog=prog):
         state = read_state(checkpoint)
         saved = saved_settings(checkpoint, state, run_dir)
-        start = data_start(state, saved, cfg, n_prompts, fingerprint)
         have_fp = state["data_position"].get("prompts_sha256")
         shown = check_changes(
             changed_settings(saved, cfg), checkpoint, prompts_match=None if have_fp is None else have_fp == fingerprint
         )
+        start = data_start(state, saved, cfg, n_prompts, fingerprint)
         schedule, scheduler = build(start)
         try:
             load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator)
