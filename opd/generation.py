@@ -8,7 +8,7 @@ Prompts are left-padded so every row's next token sits in the last column; posit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -73,11 +73,15 @@ def sample(
     generator: torch.Generator | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    observe: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Sample one response per prompt (repeat a prompt n times for n samples).
 
     Returns the response ids per prompt, in prompt order, each ending at (and including) its first EOS, or
     `max_new_tokens` long when truncated. The model is put in eval mode for the call and restored afterwards.
+    `observe(first_row, step, logits_BV, token_B)`, when given, sees the model's raw next-token logits (before
+    temperature, top-p or repetition penalty) of rows first_row.. at each response position, with the sampled
+    token: a trainer reads the sampling policy's statistics there instead of re-running the model.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -109,6 +113,7 @@ def sample(
                     repetition_penalty,
                     generator,
                     device,
+                    None if observe is None else (lambda *a, first=start: observe(first, *a)),
                 )
             )
             bar.update(len(chunk))
@@ -118,7 +123,9 @@ def sample(
     return out
 
 
-def _sample_batch(model, prompts, max_new_tokens, eos, pad_id, temperature, top_p, rep_penalty, generator, device):
+def _sample_batch(
+    model, prompts, max_new_tokens, eos, pad_id, temperature, top_p, rep_penalty, generator, device, observe=None
+):
     B = len(prompts)
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
@@ -143,10 +150,13 @@ def _sample_batch(model, prompts, max_new_tokens, eos, pad_id, temperature, top_
     generated = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     n_gen = torch.zeros(B, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
+        raw = logits
         if seen is not None:
             logits = _apply_repetition_penalty(logits.float(), seen, rep_penalty)
         tok = next_token_logits_to_ids(logits, temperature=temperature, top_p=top_p, generator=generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        if observe is not None:
+            observe(step, raw, tok)
         generated[:, step] = tok
         n_gen += (~done).long()
         done = done | torch.isin(tok, eos)

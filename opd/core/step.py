@@ -66,6 +66,7 @@ __all__ = [
     "step_diagnostics",
     "step_loss",
     "step_profile",
+    "student_reads_suffice",
     "target_logprobs",
 ]
 
@@ -141,6 +142,13 @@ def read_student_at_teacher(
     if not needs_student_at_teacher(cfg):
         return None
     return logprobs_at(student_logits_NTV, teacher_topk_ids_NTK, temperature=cfg.temperature, chunk_size=cfg.chunk_size)
+
+
+def student_reads_suffice(cfg: OPDConfig) -> bool:
+    """True when scoring needs nothing of the student's logits beyond `read_student` (no reads at the teacher's
+    ids, no exact full-vocabulary KL): its reads may then come from wherever its logits were already seen, such
+    as the sampler's own next-token logits, and the student's scoring forward is skipped."""
+    return not needs_student_at_teacher(cfg) and cfg.support != "full"
 
 
 @torch.no_grad()

@@ -83,6 +83,9 @@ def test_opd_step_raises_student_logprob_of_teacher_argmax(sharp_pair, tiny_cfg,
 @pytest.mark.parametrize("top_k", [4, 0, -1])
 def test_opd_loss_is_zero_when_student_is_teacher(toy_world, tiny_cfg, monkeypatch, top_k):
     cfg = tiny_cfg(reward_model_path=toy_world["student"], weight_decay=0.0, **{"algo.top_k": top_k})
+    # both reads from the same full forward: exactly 0 (the sampler's KV-cached logits differ by float noise, which
+    # AdamW would turn into a step of size lr; test_sampler_reads_equal_a_separate_pass covers that path)
+    monkeypatch.setattr(trainer, "student_reads_suffice", lambda cfg: False)
     s, _, before, metrics = one_step(cfg, monkeypatch)
     assert abs(metrics["actor/loss"]) < 1e-7
     assert metrics["actor/grad_norm"] < 1e-7
@@ -184,3 +187,25 @@ def test_processed_sampling_is_flagged_as_biased(tiny_cfg, capsys):
     assert len(warnings) == 2 and "TOP_P=0.9 < 1" in warnings[0] and "REPETITION_PENALTY=1.1" in warnings[1]
     trainer.train(tiny_cfg(total_steps=1, TOP_P="0.9"))
     assert "opd train: warning: TOP_P=0.9 < 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "settings", [{"algo.top_k": 4}, {"algo.top_k": 0}, {"ADV_ESTIMATOR": "grpo", "LOG_PROB_TOP_K": "0"}]
+)
+def test_sampler_reads_equal_a_separate_pass(tiny_cfg, settings):
+    """The student's reads recorded from the sampler's own logits equal a separate no-grad pass over the batch."""
+    from opd.engines.local.scoring import SamplerReads, score
+
+    s = trainer.setup(tiny_cfg(n_responses=3, repetition_penalty=1.3, top_p=0.9, **settings))
+    problems = [s.train_set.problems[i] for i in s.schedule.batch(1)]
+    seen = SamplerReads(s.cfg.algo, len(problems) * 3, s.cfg.max_resp_length, s.vocab_width)
+    batch = trainer.sample_rollouts(s, problems, observe=seen).batch
+    T = batch.response_ids_NT.shape[1]
+    mask = batch.response_mask_NT > 0
+    alone = score(s.student, None, batch, s.cfg.algo, token_budget=10**6, vocab_size=s.vocab_width).student
+    got = seen.stats(T)
+    for name in ("lp_NT", "entropy_NT", "topk_lp_NTK"):
+        want = getattr(alone, name)
+        torch.testing.assert_close(getattr(got, name)[mask], want[mask], rtol=1e-4, atol=1e-5, msg=name)
+    assert torch.equal(got.topk_ids_NTK[mask], alone.topk_ids_NTK[mask])
+    assert float(alone.lp_NT[mask].abs().sum()) > 0  # real log-probs were compared

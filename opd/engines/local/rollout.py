@@ -126,8 +126,11 @@ def generate(
     eos_ids: list[int],
     pad_id: int,
     progress: bool = False,
+    observe=None,
 ) -> Rollouts:
-    """n samples per prompt (rows grouped by prompt: prompt i owns rows i*n .. i*n+n-1), graded by the rule reward."""
+    """n samples per prompt (rows grouped by prompt: prompt i owns rows i*n .. i*n+n-1), graded by the rule reward.
+
+    `observe` goes to the sampler (`opd.generation.sample`): it sees each position's logits and sampled token."""
     repeated = [list(p) for p in prompts for _ in range(n)]
     responses = sample(
         model,
@@ -141,6 +144,7 @@ def generate(
         generator=generator,
         batch_size=batch_size,
         progress=progress,
+        observe=observe,
     )
     group = [i for i in range(len(prompts)) for _ in range(n)]
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)

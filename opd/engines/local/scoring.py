@@ -15,12 +15,14 @@ import torch
 
 from opd.core.config import OPDConfig
 from opd.core.step import (
+    ModelStats,
     StepReads,
     Targets,
     read_full_kl,
     read_student,
     read_student_at_teacher,
     read_teacher,
+    student_reads_suffice,
     target_logprobs,
 )
 from opd.engines.local.heads import head_logits, output_head, response_hidden
@@ -57,13 +59,17 @@ def score(
     vocab_size: int | None = None,
     timings: dict[str, float] | None = None,
     teacher_hidden: list[torch.Tensor] | None = None,
+    student_reads: ModelStats | None = None,
 ) -> StepReads:
     """Student (and teacher) no-grad passes over the batch, micro-batched by `token_budget`.
 
     `timings`, when given, accumulates the seconds spent in each model's pass ("student", "teacher").
     `teacher_hidden`, when given (a list, and the teacher `has_output_head`), receives the teacher's final hidden
     states of each micro-batch: the full-vocabulary update rebuilds its logits from them instead of re-running it.
+    `student_reads` (from `SamplerReads`, allowed when `student_reads_suffice`) replace the student's forward.
     """
+    if student_reads is not None and not student_reads_suffice(cfg):
+        raise ValueError("student_reads from the sampler cannot serve this configuration (it needs student logits)")
     clock = timings if timings is not None else {}
     clock.setdefault("student", 0.0)
     clock.setdefault("teacher", 0.0)
@@ -72,9 +78,13 @@ def score(
     for start, stop in micro_batch_bounds(batch, token_budget):
         mb = batch.rows(start, stop)
         t0 = time.perf_counter()
-        s_logits = response_logits(student, mb, vocab_size)
-        reads = StepReads(student=read_student(cfg, s_logits, mb.response_ids_NT))
-        _sync(s_logits.device)
+        if student_reads is None:
+            s_logits = response_logits(student, mb, vocab_size)
+            reads = StepReads(student=read_student(cfg, s_logits, mb.response_ids_NT))
+            _sync(s_logits.device)
+        else:
+            s_logits = None
+            reads = StepReads(student=_rows(student_reads, start, stop, mb.resp_width))
         t1 = time.perf_counter()
         clock["student"] += t1 - t0
         if teacher is not None:
@@ -87,11 +97,44 @@ def score(
             reads.student.lp_at_other_NTK = read_student_at_teacher(cfg, s_logits, reads.teacher.topk_ids_NTK)
             reads.full_kl_NT = read_full_kl(cfg, s_logits, t_logits)
             del t_logits
-            _sync(s_logits.device)
+            _sync(batch.response_ids_NT.device)
             clock["teacher"] += time.perf_counter() - t1  # the student-at-teacher-ids and full-vocab reads too
         del s_logits
         parts.append(reads)
     return _pad_cat(parts, N, T)
+
+
+def _rows(stats: ModelStats, start: int, stop: int, width: int) -> ModelStats:
+    return ModelStats(
+        **{f.name: None if (v := getattr(stats, f.name)) is None else v[start:stop, :width] for f in fields(stats)}
+    )
+
+
+class SamplerReads:
+    """The student's reads taken from the sampler's own next-token logits, position by position (pass it as the
+    sampler's `observe`): the sampling policy's exact statistics, and the scoring pass skips the student forward.
+    They equal a separate no-grad pass up to the float noise between a KV-cached and a full forward."""
+
+    def __init__(self, cfg: OPDConfig, n_rows: int, max_new_tokens: int, vocab_size: int | None = None):
+        self.cfg, self.n_rows, self.width, self.vocab_size = cfg, n_rows, max_new_tokens, vocab_size
+        self._parts: dict[str, torch.Tensor] = {}
+
+    def __call__(self, first: int, step: int, logits_BV: torch.Tensor, token_B: torch.Tensor) -> None:
+        logits = logits_BV[:, None, : self.vocab_size] if self.vocab_size else logits_BV[:, None]
+        token = token_B.clamp(0, logits.shape[-1] - 1)[:, None]  # finished rows hold the pad id: masked later
+        stats = read_student(self.cfg, logits, token)
+        for f in fields(stats):
+            value = getattr(stats, f.name)
+            if value is None:
+                continue
+            if f.name not in self._parts:
+                shape = (self.n_rows, self.width, *value.shape[2:])
+                self._parts[f.name] = torch.zeros(shape, dtype=value.dtype, device=value.device)
+            self._parts[f.name][first : first + value.shape[0], step] = value[:, 0]
+
+    def stats(self, width: int) -> ModelStats:
+        """The reads over the batch's response columns, [N, width, ...]."""
+        return ModelStats(**{name: value[:, :width] for name, value in self._parts.items()})
 
 
 def _pad_cat(parts, N: int, T: int):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from opd.core.step import build_targets, step_diagnostics, step_profile
+from opd.core.step import build_targets, step_diagnostics, step_profile, student_reads_suffice
 from opd.engines.local.checkpoint import clean_unfinished, latest_checkpoint, save_checkpoint
 from opd.engines.local.config import TrainConfig, config_yaml, run_name_from, sampling_bias_warnings
 from opd.engines.local.data import PromptSchedule, PromptSet, load_prompt_set, prompts_fingerprint
@@ -44,7 +44,7 @@ from opd.engines.local.heads import use_output_heads
 from opd.engines.local.logging import RunLogger
 from opd.engines.local.resume import restore
 from opd.engines.local.rollout import Rollouts, generate
-from opd.engines.local.scoring import reference_logprobs, score
+from opd.engines.local.scoring import SamplerReads, reference_logprobs, score
 from opd.engines.local.update import loss_and_backward, optimizer_step
 from opd.engines.local.validation import validate
 from opd.io import atomic_write_text
@@ -246,7 +246,9 @@ def train_step(s: Session, step: int) -> dict[str, float]:
     cfg, algo = s.cfg, s.cfg.algo
     t0 = time.perf_counter()
     problems = [s.train_set.problems[i] for i in s.schedule.batch(step)]
-    rollouts = sample_rollouts(s, problems)
+    n_rows, width = len(problems) * cfg.n_responses, cfg.max_resp_length
+    seen = SamplerReads(algo, n_rows, width, s.vocab_width) if student_reads_suffice(algo) else None
+    rollouts = sample_rollouts(s, problems, observe=seen)
     device = next(s.student.parameters()).device
     batch = rollouts.batch.to(device)
     t1 = time.perf_counter()
@@ -263,6 +265,7 @@ def train_step(s: Session, step: int) -> dict[str, float]:
         vocab_size=s.vocab_width,
         timings=passes,
         teacher_hidden=teacher_hidden,
+        student_reads=None if seen is None else seen.stats(batch.response_ids_NT.shape[1]),
     )
     outcome_N = torch.tensor(rollouts.scores, dtype=torch.float32, device=device)
     has_box_N = torch.tensor(["\\boxed" in text for text in rollouts.texts], device=device)
@@ -331,8 +334,10 @@ def train_step(s: Session, step: int) -> dict[str, float]:
     return metrics
 
 
-def sample_rollouts(s: Session, problems: list) -> Rollouts:
-    """The step's rollouts: N_RESPONSES samples per problem from the student, graded by the rule reward."""
+def sample_rollouts(s: Session, problems: list, observe=None) -> Rollouts:
+    """The step's rollouts: N_RESPONSES samples per problem from the student, graded by the rule reward.
+
+    `observe` (a `SamplerReads`) records the student's reads from the sampler's own logits."""
     cfg = s.cfg
     return generate(
         s.student,
@@ -348,6 +353,7 @@ def sample_rollouts(s: Session, problems: list) -> Rollouts:
         batch_size=cfg.rollout_batch_size,
         eos_ids=s.eos_ids,
         pad_id=s.pad_id,
+        observe=observe,
     )
 
 
