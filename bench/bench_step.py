@@ -85,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", help="MODEL_DTYPE: fp32 | bf16 | fp16")
     args = parser.parse_args(argv)
 
-    from opd.core.step import build_targets, step_diagnostics
+    from opd.core.step import build_targets, step_diagnostics, student_reads_suffice
     from opd.engines.local import trainer
     from opd.engines.local.config import resolve
-    from opd.engines.local.scoring import score
+    from opd.engines.local.heads import use_output_heads
+    from opd.engines.local.scoring import SamplerReads, score
     from opd.engines.local.update import loss_and_backward, optimizer_step
     from opd.toy import build_tiny_model, build_toy_tokenizer, save_model, write_datasets
     from opd.toy.models import SIZES
@@ -134,15 +135,31 @@ def main(argv: list[str] | None = None) -> int:
 
         for step in range(1, n_steps + 1):
             problems = [s.train_set.problems[i] for i in s.schedule.batch(step)]
-            rollouts, t_roll, m_roll = _phase(device, lambda: trainer.sample_rollouts(s, problems))
+            # as trainer.train_step: the student's reads from the sampler, the teacher's hidden states kept
+            n_rows = len(problems) * cfg.n_responses
+            seen = (
+                SamplerReads(algo, n_rows, cfg.max_resp_length, s.vocab_width) if student_reads_suffice(algo) else None
+            )
+            rollouts, t_roll, m_roll = _phase(device, lambda: trainer.sample_rollouts(s, problems, observe=seen))
             batch = rollouts.batch.to(device)
             gen_tokens = float(batch.response_mask_NT.sum())
             all_tokens = float(batch.attention_mask_NL.sum())
             s.student.eval()
             passes: dict[str, float] = {}
+            teacher_hidden = [] if use_output_heads(algo, s.student, s.teacher) else None
             reads, t_score, m_score = _phase(
                 device,
-                lambda: score(s.student, s.teacher, batch, algo, token_budget=cfg.micro_batch_tokens, timings=passes),
+                lambda: score(
+                    s.student,
+                    s.teacher,
+                    batch,
+                    algo,
+                    token_budget=cfg.micro_batch_tokens,
+                    vocab_size=s.vocab_width,
+                    timings=passes,
+                    teacher_hidden=teacher_hidden,
+                    student_reads=None if seen is None else seen.stats(batch.response_ids_NT.shape[1]),
+                ),
             )
             outcome = torch.tensor(rollouts.scores, device=device)
             has_box = torch.ones(batch.n_rows, dtype=torch.bool, device=device)
@@ -169,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                     token_budget=cfg.micro_batch_tokens,
                     norm_length=cfg.max_resp_length,
                     teacher=s.teacher,
+                    vocab_size=s.vocab_width,
+                    teacher_hidden=teacher_hidden,
                 )
                 return optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip)
 
