@@ -727,3 +727,42 @@ def test_storage_errors_name_the_path(tmp_path, capsys):
 
         assert run_command("opd x", fail, []) == 1
         assert capsys.readouterr().err.strip() == f"opd x: {line}"
+
+
+# --------------------------------------------------------------------------- read-only output, the other writers
+
+
+def test_train_refuses_a_read_only_output_folder(world, read_only_dir, tmp_path, capsys):
+    """Review 46: the run folder cannot be made; one line naming it."""
+    refused(train_args(world, tmp_path, output_dir=read_only_dir / "runs"), capsys, "read-only file system")
+
+
+def test_dedup_and_export_refuse_a_read_only_output(world, read_only_dir, capsys):
+    """Review 46: dedup before it reads anything heavy, export before it copies."""
+    out = read_only_dir / "d.parquet"
+    argv = ["data", "dedup", "--exact-only", "--source", world["train"], "--against", world["test"], "--output", out]
+    refused([*argv, "--no-progress"], capsys, "read-only file system", f"{out} (--output)")
+    argv = ["data", "export-llamafactory", "--rollouts", world["sft_good"], "--dataset-dir", read_only_dir / "ds"]
+    refused(argv, capsys, "read-only file system")
+
+
+def test_eval_grade_refuses_a_read_only_results_file(world, read_only_dir, tmp_path, capsys):
+    """Review 46: graded, then the results file cannot be written: one line, no traceback."""
+    code, _, err = run(gen_args(world["student"], world["test"], tmp_path / "ev"), capsys)
+    assert code == 0, err
+    out = read_only_dir / "results.json"
+    argv = ["eval", "grade", tmp_path / "ev", "--output", out, "--workers", "1", "--no-progress"]
+    refused(argv, capsys, "read-only file system", absent=[out])
+
+
+def test_tokenizer_of_a_checkpoint_folder(world, tmp_path):
+    """Review 16: `--tokenizer <checkpoint>` reads its model/; a tokenizer-only folder needs no config.json."""
+    from opd.models import load_tokenizer, tokenizer_source
+
+    assert tokenizer_source(str(world["checkpoint"])) == str(world["checkpoint"] / "model")
+    assert load_tokenizer(str(world["checkpoint"])).get_vocab() == load_tokenizer(str(world["student"])).get_vocab()
+    assert tokenizer_source(str(world["tokenizer"])) == str(world["tokenizer"])
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        tokenizer_source(str(world["root"] / "bad" / "not_a_model"))
+    with pytest.raises(FileNotFoundError, match="--tokenizer /nonexistent: no such folder"):
+        tokenizer_source("/nonexistent")
