@@ -138,6 +138,15 @@ class OPDConfig:
 
         return ADV_ESTIMATORS.get(self.adv_estimator).needs_token_rewards
 
+    @property
+    def learns_only_from_groups(self) -> bool:
+        """The only signal is a rollout's score against the other rollouts of its prompt (GRPO): a group of one
+        response has advantage 0."""
+        from opd.core.advantages import ADV_ESTIMATORS
+
+        estimator = ADV_ESTIMATORS.get(self.adv_estimator)
+        return estimator.needs_group_index and not estimator.needs_token_rewards
+
     def to_dict(self) -> dict:
         return asdict(self)
 

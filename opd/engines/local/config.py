@@ -186,10 +186,7 @@ class TrainConfig:
             raise bad("resume", "auto | off | a checkpoint folder")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise bad("device", "auto | cpu | cuda | cuda:N | mps")
-        from opd.core.advantages import ADV_ESTIMATORS
-
-        estimator = ADV_ESTIMATORS.get(self.algo.adv_estimator)
-        if self.n_responses < 2 and estimator.needs_group_index and not estimator.needs_token_rewards:
+        if self.n_responses < 2 and self.algo.learns_only_from_groups:
             # the advantage is a rollout's score minus its group's mean: a group of one is always 0
             raise ValueError(
                 f"OPDConfig.adv_estimator={self.algo.adv_estimator!r} compares each response with the others of its "
