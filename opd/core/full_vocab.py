@@ -155,6 +155,13 @@ def full_vocab_pg_loss_NT(
 # --- from final hidden states: the [T, V] logits never exist ------------------------------------------------------
 
 
+# Rows of the hidden-state kernel per chunk: chunk_size, but at most this many logits (64 MiB of float32) per
+# buffer; a chunk holds about four such buffers. At V = 151,936 that is 110 rows: peak ~1/20 of the naive path
+# (bench/bench_rewards.py), where 256 rows would need ~600 MiB. Fewer rows cost speed (each chunk's rank-R update
+# of the output embedding's gradient streams the whole [V, H] matrix).
+HIDDEN_CHUNK_ELEMENTS = 1 << 24
+
+
 @dataclass(frozen=True)
 class OutputHead:
     """A model's last layer, so a loss can rebuild any chunk of its logits: logits = hidden @ weight.T (+ bias)."""
@@ -251,7 +258,8 @@ def full_vocab_pg_loss_from_hidden(
 
     Equal in value and gradient (w.r.t. the student's hidden states, output weight and bias) to running the
     student's head, `full_vocab_pg_loss_NT` and a linear aggregation with weights `weights_NT` (`agg_weights`), but
-    only chunk_size rows of either model's logits exist at a time, and backward allocates nothing [T, V]-sized.
+    only chunk_size rows (at most HIDDEN_CHUNK_ELEMENTS / V) of either model's logits exist at a time, and backward
+    allocates nothing [T, V]-sized.
     Positions of weight 0 (padding) are skipped. Teacher tensors are constants. Not twice differentiable.
     """
     if weight_mode not in FULL_VOCAB_WEIGHT_MODES:
@@ -275,6 +283,7 @@ def full_vocab_pg_loss_from_hidden(
             "teacher and student must share the vocabulary"
         )
     keep = weights_NT != 0
+    rows = max(1, min(int(chunk_size), HIDDEN_CHUNK_ELEMENTS // student.weight_VH.shape[0]))
     return _FullVocabPGFromHidden.apply(
         s_h[keep],
         student.weight_VH,
@@ -286,5 +295,5 @@ def full_vocab_pg_loss_from_hidden(
         float(temperature),
         float(teacher_temperature),
         weight_mode,
-        int(chunk_size),
+        rows,
     )
