@@ -17,10 +17,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 
 from tqdm.auto import tqdm
 
@@ -47,6 +49,7 @@ _SYMBOLIC_CACHE: OrderedDict[tuple[str, str], bool] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 # A symbolic check that times out is run once more with this many times its budget before it grades wrong.
 RETRY_FACTOR = 4.0
+_PLAIN_INT = re.compile(r"^-?\d{1,30}$")
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,9 @@ def _fast_verdict(pred: str, gt: str) -> tuple[bool, str] | None:
     """Decide without sympy when possible; None means "needs the symbolic check"."""
     if len(pred) > MAX_ANSWER_CHARS or len(gt) > MAX_ANSWER_CHARS:
         return pred.strip() == gt.strip() and bool(gt.strip()), "refused"
-    n_pred, n_gt = normalize_answer(pred), normalize_answer(gt)
+    if _PLAIN_INT.match(pred) and _PLAIN_INT.match(gt):  # the common case (AIME, the toy world): no regex pass
+        return int(pred) == int(gt), "string" if pred == gt else "numeric"
+    n_pred, n_gt = normalize_answer(pred), _normalized_gt(gt)
     if not n_gt:  # an empty reference matches nothing
         return False, "refused"
     if n_pred == n_gt:
@@ -93,7 +98,12 @@ def _fast_verdict(pred: str, gt: str) -> tuple[bool, str] | None:
 def _clean_gt(ground_truth: str) -> str:
     if not isinstance(ground_truth, str):
         ground_truth = str(ground_truth)
-    return gt_answer(ground_truth)
+    return _gt_answer(ground_truth)
+
+
+# The N samples of a problem share its reference: its extraction and normal form are computed once.
+_gt_answer = lru_cache(maxsize=SYMBOLIC_CACHE_SIZE)(gt_answer)
+_normalized_gt = lru_cache(maxsize=SYMBOLIC_CACHE_SIZE)(normalize_answer)
 
 
 def _symbolic(pred: str, gt: str, timeout: float, checker: SymbolicChecker | None) -> tuple[bool | None, bool]:
