@@ -187,6 +187,8 @@ def verl_overrides(cfg, machine: Machine) -> list[str]:
     ]
     if cfg.total_steps is not None:
         out.append(f"trainer.total_training_steps={cfg.total_steps}")
+    if cfg.keep_last_n > 0:  # KEEP_LAST_N: verl rotates its own checkpoints
+        out.append(f"trainer.max_actor_ckpt_to_keep={cfg.keep_last_n}")
     if cfg.resume in ("auto", "off"):
         out.append(f"trainer.resume_mode={'auto' if cfg.resume == 'auto' else 'disable'}")
     else:
