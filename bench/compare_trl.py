@@ -375,8 +375,8 @@ def run_check(spec: dict) -> dict:
         captured = {}
         sample_rollouts = trainer.sample_rollouts
 
-        def capture(session, problems):
-            out = sample_rollouts(session, problems)
+        def capture(session, problems, **kwargs):
+            out = sample_rollouts(session, problems, **kwargs)
             captured["batch"] = out.batch
             return out
 
