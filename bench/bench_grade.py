@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = Counter(x.method for x in batch)
     print(
         f"{args.n} responses, {os.cpu_count()} CPUs, workers={args.workers}; methods: {dict(methods)}; "
-        f"accuracy {sum(x.score for x in batch) / args.n:.3f}"
+        f"retried after a timeout: {sum(x.retried for x in batch)}; accuracy {sum(x.score for x in batch) / args.n:.3f}"
     )
     print("| run | answers | seconds | answers/s |")
     print("|---|---:|---:|---:|")

@@ -83,6 +83,21 @@ def _match_braces(text: str, open_idx: int) -> int | None:
     return None
 
 
+def _unwrap(content: str) -> str:
+    """``\\boxed{\\boxed{8}}`` -> ``8``: a box whose whole content is another box (at most 8 levels)."""
+    for _ in range(8):
+        m = _BOX_RE.match(content)
+        if m is None:
+            break
+        i = m.end()
+        while i < len(content) and content[i] in " \t":
+            i += 1
+        if i >= len(content) or content[i] != "{" or _match_braces(content, i) != len(content) - 1:
+            break
+        content = content[i + 1 : -1].strip()
+    return content
+
+
 def _boxes(text: str) -> list[tuple[int, int, str | None]]:
     """Every outermost box as (start, end, content); content None for an unclosed box (then the scan stops)."""
     found: list[tuple[int, int, str | None]] = []
@@ -99,7 +114,7 @@ def _boxes(text: str) -> list[tuple[int, int, str | None]]:
             if close is None:
                 found.append((m.start(), len(text), None))
                 return found
-            found.append((m.start(), close + 1, text[i + 1 : close].strip()))
+            found.append((m.start(), close + 1, _unwrap(text[i + 1 : close].strip())))
             pos = close + 1
         else:  # brace-less form: ``\boxed 5`` up to whitespace or the end of math mode
             b = re.match(r"[^\s$]+", text[i:])

@@ -71,6 +71,7 @@ def test_batch_rejects_length_mismatch():
         ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
         ("\\fbox{\\{1, 2\\}}", "\\{1, 2\\}"),  # escaped braces do not close the box
         ("\\boxed{a{b{c}}d}", "a{b{c}}d"),
+        ("\\boxed{\\boxed{8}}", "8"),  # a box holding only a box (data/rejection.py reads extract_boxed)
         ("\\boxed{1} then \\boxed{2", None),  # last box unclosed: truncated, no answer
         ("\\boxed 5.", "5"),
         ("see \\boxedfoo{3}", None),  # another macro, not a box
