@@ -316,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     files = collect_files(args.paths)
     tokenizer = None
     if args.tokenizer:
-        from transformers import AutoTokenizer
+        from opd.models import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)  # a checkpoint folder's model/ too
     verifier = None
     if args.model_verifier:
         from opd.eval.verifier import ModelVerifier

@@ -200,7 +200,8 @@ def test_format_reward_masks_responses_without_a_box(tiny_cfg):
     """A random tiny student never writes \\boxed: with ENABLE_FORMAT_REWARD every response leaves the loss."""
     s = trainer.setup(tiny_cfg(ENABLE_FORMAT_REWARD="True", weight_decay=0.0))
     metrics = trainer.train_step(s, 1)
-    assert metrics["train/format_ok"] == 0.0
+    # (train/format_ok counts responses where the grader found any final answer, boxed or not: not this rule)
+    assert not any("\\boxed" in sample["response"] for sample in s.last_samples)
     assert metrics["actor/grad_norm"] == 0.0 and metrics["actor/loss"] == 0.0
 
 
