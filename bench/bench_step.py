@@ -25,33 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_cpu_peak() -> bool:
-    """Reset the resident-set high-water mark (Linux: /proc/self/clear_refs), so each phase gets its own peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+from rss import reset_peak, status_mb  # bench/rss.py, beside this script
 
 
 def _peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    hwm = _status_mb("VmHWM")
+    hwm = status_mb("VmHWM")
     if hwm is not None:
         return hwm
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -63,7 +43,7 @@ def _phase(device, fn):
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        _reset_cpu_peak()
+        reset_peak()
     t0 = time.perf_counter()
     out = fn()
     if device.type == "cuda":

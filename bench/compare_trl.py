@@ -56,6 +56,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rss import reset_peak, status_mb  # bench/rss.py, beside this script
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -82,27 +84,8 @@ RESULT_TAG = "COMPARE_TRL_RESULT "
 # --- memory ---------------------------------------------------------------------------------------------------
 
 
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
 def _peak_mb() -> float:
-    hwm = _status_mb("VmHWM")
+    hwm = status_mb("VmHWM")
     if hwm is not None:
         return hwm
     import resource
@@ -113,8 +96,8 @@ def _peak_mb() -> float:
 
 def _start_mark() -> float:
     """Resident set now; the high-water mark restarts here."""
-    rss = _status_mb("VmRSS") or 0.0
-    _reset_peak()
+    rss = status_mb("VmRSS") or 0.0
+    reset_peak()
     return rss
 
 

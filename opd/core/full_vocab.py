@@ -28,6 +28,16 @@ from opd.core.logits import DEFAULT_CHUNK_SIZE, RowChunks, _check_temperature, _
 FULL_VOCAB_WEIGHT_MODES = ("student_p", "teacher_p", "none")
 
 
+def _check_settings(weight_mode: str, temperature: float, teacher_temperature: float) -> None:
+    if weight_mode not in FULL_VOCAB_WEIGHT_MODES:
+        raise ValueError(
+            f"weight_mode={weight_mode!r} is not valid for the full vocabulary; allowed: "
+            f"{', '.join(FULL_VOCAB_WEIGHT_MODES)}"
+        )
+    _check_temperature(temperature)
+    _check_temperature(teacher_temperature)
+
+
 def _check_pair(student_logits_NTV: torch.Tensor, teacher_logits_NTV: torch.Tensor) -> None:
     if student_logits_NTV.shape != teacher_logits_NTV.shape:
         raise ValueError(
@@ -133,13 +143,7 @@ def full_vocab_pg_loss_NT(
     token-mean, ...) as for any other per-token loss. Extra memory: O(chunk_size * V) float32 scratch plus the
     gradient itself (in the student logits' dtype); the teacher logits are referenced until backward.
     """
-    if weight_mode not in FULL_VOCAB_WEIGHT_MODES:
-        raise ValueError(
-            f"weight_mode={weight_mode!r} is not valid for the full vocabulary; allowed: "
-            f"{', '.join(FULL_VOCAB_WEIGHT_MODES)}"
-        )
-    _check_temperature(temperature)
-    _check_temperature(teacher_temperature)
+    _check_settings(weight_mode, temperature, teacher_temperature)
     _check_pair(student_logits_NTV, teacher_logits_NTV)
     loss_R = _FullVocabPG.apply(
         student_logits_NTV,
@@ -262,13 +266,7 @@ def full_vocab_pg_loss_from_hidden(
     allocates nothing [T, V]-sized.
     Positions of weight 0 (padding) are skipped. Teacher tensors are constants. Not twice differentiable.
     """
-    if weight_mode not in FULL_VOCAB_WEIGHT_MODES:
-        raise ValueError(
-            f"weight_mode={weight_mode!r} is not valid for the full vocabulary; allowed: "
-            f"{', '.join(FULL_VOCAB_WEIGHT_MODES)}"
-        )
-    _check_temperature(temperature)
-    _check_temperature(teacher_temperature)
+    _check_settings(weight_mode, temperature, teacher_temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} is not valid; expected >= 1")
     s_h, t_h = student.hidden_NTH, teacher.hidden_NTH
