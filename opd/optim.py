@@ -22,7 +22,7 @@ import math
 
 import torch
 
-__all__ = ["warmup_steps", "lr_factor", "make_optimizer", "make_scheduler"]
+__all__ = ["warmup_steps", "lr_factor", "make_optimizer", "make_scheduler", "clip_grad_norm"]
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
@@ -63,3 +63,29 @@ def make_scheduler(
         raise ValueError(f"unknown LR schedule {kind!r}; expected constant or cosine")
     warmup = warmup_steps(total_steps, warmup_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup, min_lr_ratio))
+
+
+# Elements per float32 partial norm in `clip_grad_norm`: short enough that each partial sum keeps float32 accuracy.
+NORM_CHUNK = 1 << 16
+
+
+def _norm_squared(g: torch.Tensor) -> torch.Tensor:
+    flat = g.detach().reshape(-1)
+    whole = flat.numel() // NORM_CHUNK * NORM_CHUNK
+    partial = torch.linalg.vector_norm(flat[:whole].view(-1, NORM_CHUNK).float(), dim=1)
+    rest = torch.linalg.vector_norm(flat[whole:].float())
+    return partial.double().square().sum() + rest.double().square()
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Total L2 norm of the gradients (reported as actor/grad_norm), then clipping to `max_norm`, as
+    `torch.nn.utils.clip_grad_norm_` does, with an accurate norm: torch's float32 CPU norm of one large tensor
+    (a 150k-row output embedding) came out 1e-4 (relative) low. Partial norms over NORM_CHUNK elements are
+    combined in float64; no float64 copy of a gradient is made. Returns inf / nan for non-finite gradients."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    total = torch.stack([_norm_squared(p.grad).to(params[0].grad.device) for p in params]).sum().sqrt()
+    if max_norm != float("inf"):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)

@@ -91,3 +91,29 @@ def test_param_groups_of_both_tools():
     assert lr_factor(0, 10, 0) == 1.0
     with pytest.raises(ValueError, match="unknown LR schedule"):
         make_scheduler(opt, kind="linear", total_steps=2, warmup_ratio=0.0)
+
+
+def test_clip_grad_norm_is_accurate_and_clips_like_torch():
+    from opd.optim import NORM_CHUNK, clip_grad_norm
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(151_936, 8), (NORM_CHUNK + 3,), (5,)]  # a long tensor, a partial last chunk, a tiny one
+    grads = [torch.randn(*s, generator=gen) * 1e-4 for s in shapes]
+    want = float(torch.sqrt(sum(g.double().square().sum() for g in grads)))
+
+    def params():
+        out = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(out, grads):
+            p.grad = g.clone()
+        return out
+
+    ours = params()
+    assert clip_grad_norm(ours, 1.0) == pytest.approx(want, rel=1e-6)  # float32 partial norms; no clipping here
+    assert all(torch.equal(p.grad, g) for p, g in zip(ours, grads))
+    clipped = params()
+    clip_grad_norm(clipped, want / 4)
+    for p, g in zip(clipped, grads):  # torch's rule, coefficient max_norm / (norm + 1e-6), at the exact norm
+        torch.testing.assert_close(p.grad, g * (want / 4 / (want + 1e-6)), rtol=1e-6, atol=0)
+    torch_norm = float(torch.nn.utils.clip_grad_norm_(params(), 1.0))
+    assert abs(clip_grad_norm(params(), 1.0) - want) <= abs(torch_norm - want)
+    assert clip_grad_norm([torch.nn.Parameter(torch.zeros(2))], 1.0) == 0.0  # no gradient at all

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from opd.optim import make_optimizer, make_scheduler
+from opd.optim import clip_grad_norm, make_optimizer, make_scheduler
 
 IGNORE = -100
 
@@ -298,7 +298,7 @@ def train_sft(
             loss_sum, _ = token_loss_sum(model, ids.to(device), mask.to(device), lab.to(device))
             (loss_sum / n_tokens).backward()
             loss_total += float(loss_sum.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf")))
+        grad_norm = clip_grad_norm(model.parameters(), config.grad_clip or float("inf"))
         if math.isfinite(grad_norm):
             opt.step()
         sched.step()

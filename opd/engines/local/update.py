@@ -22,6 +22,7 @@ from opd.core.step import Targets, loss_totals, merge_loss_metrics, needs_studen
 from opd.engines.local.heads import head_logits, output_head, response_hidden
 from opd.engines.local.rollout import RolloutBatch, micro_batch_bounds
 from opd.engines.local.scoring import response_logits
+from opd.optim import clip_grad_norm
 
 
 def loss_and_backward(
@@ -65,7 +66,7 @@ def loss_and_backward(
 def optimizer_step(model, optimizer, scheduler, *, grad_clip: float) -> dict[str, float]:
     """Clip, step (unless the gradient norm is not finite), advance the schedule, clear gradients."""
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    grad_norm = clip_grad_norm(params, grad_clip)
     lr = optimizer.param_groups[0]["lr"]
     skipped = not math.isfinite(grad_norm)
     if not skipped:
