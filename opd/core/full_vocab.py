@@ -191,7 +191,7 @@ class _FullVocabPGFromHidden(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_RH, w_VH, b_V, th_RH, tw_VH, tb_V, weights_R, tau, teacher_tau, weight_mode, chunk_size):  # type: ignore[override]
+    def forward(ctx, h_RH, w_VH, b_V, th_RH, tw_VH, tb_V, weights_R, tau, teacher_tau, weight_mode, chunk_size, kl_R):  # type: ignore[override]
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(h_RH) if want_h else None
         grad_w = torch.zeros_like(w_VH) if want_w else None
@@ -210,6 +210,8 @@ class _FullVocabPGFromHidden(torch.autograd.Function):
             q = adv.exp() if weight_mode == "teacher_p" else None
             adv.sub_(lp)  # lq - lp
             p = lp.exp_()  # lp is not needed any more: p takes its buffer
+            if kl_R is not None and weight_mode != "student_p":  # KL_r = -sum_v p (lq - lp), no [R, V] temporary
+                kl_R[start:stop] = -(p[:, None, :] @ adv[:, :, None]).reshape(-1)
             if weight_mode == "student_p":
                 adv.mul_(p)
             elif weight_mode == "teacher_p":
@@ -218,6 +220,8 @@ class _FullVocabPGFromHidden(torch.autograd.Function):
             else:  # none: uniform 1 / V
                 adv.div_(vocab)
             sum_adv = adv.sum(-1, keepdim=True)
+            if kl_R is not None and weight_mode == "student_p":  # the loss term itself is KL_r
+                kl_R[start:stop] = -sum_adv[:, 0]
             w_c = weights_R[start:stop, None]
             loss -= (sum_adv * w_c).sum()
             if grad_h is None and grad_w is None and grad_b is None:
@@ -245,7 +249,7 @@ class _FullVocabPGFromHidden(torch.autograd.Function):
 
         grads = tuple(scaled(g) for g in ctx.grads)
         ctx.grads = None
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def full_vocab_pg_loss_from_hidden(
@@ -257,6 +261,7 @@ def full_vocab_pg_loss_from_hidden(
     temperature: float = 1.0,
     teacher_temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    kl_out_NT: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum_t weights_t * L_t with the `full_vocab_pg_loss_NT` surrogate L_t, from both models' final hidden states.
 
@@ -265,6 +270,8 @@ def full_vocab_pg_loss_from_hidden(
     only chunk_size rows (at most HIDDEN_CHUNK_ELEMENTS / V) of either model's logits exist at a time, and backward
     allocates nothing [T, V]-sized.
     Positions of weight 0 (padding) are skipped. Teacher tensors are constants. Not twice differentiable.
+    `kl_out_NT`, when given (float32 [N, T]), receives the exact reverse KL_t at the positions of nonzero weight
+    (`full_vocab_reverse_kl`'s value, for the diagnostics) at no extra pass.
     """
     _check_settings(weight_mode, temperature, teacher_temperature)
     if chunk_size < 1:
@@ -282,7 +289,8 @@ def full_vocab_pg_loss_from_hidden(
         )
     keep = weights_NT != 0
     rows = max(1, min(int(chunk_size), HIDDEN_CHUNK_ELEMENTS // student.weight_VH.shape[0]))
-    return _FullVocabPGFromHidden.apply(
+    kl_R = None if kl_out_NT is None else torch.zeros(int(keep.sum()), dtype=torch.float64, device=s_h.device)
+    loss = _FullVocabPGFromHidden.apply(
         s_h[keep],
         student.weight_VH,
         student.bias_V,
@@ -294,4 +302,8 @@ def full_vocab_pg_loss_from_hidden(
         float(teacher_temperature),
         weight_mode,
         rows,
+        kl_R,
     )
+    if kl_out_NT is not None:
+        kl_out_NT[keep] = kl_R.to(kl_out_NT.dtype)
+    return loss

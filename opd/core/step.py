@@ -144,11 +144,12 @@ def read_student_at_teacher(
     return logprobs_at(student_logits_NTV, teacher_topk_ids_NTK, temperature=cfg.temperature, chunk_size=cfg.chunk_size)
 
 
-def student_reads_suffice(cfg: OPDConfig) -> bool:
+def student_reads_suffice(cfg: OPDConfig, kl_from_update: bool = False) -> bool:
     """True when scoring needs nothing of the student's logits beyond `read_student` (no reads at the teacher's
     ids, no exact full-vocabulary KL): its reads may then come from wherever its logits were already seen, such
-    as the sampler's own next-token logits, and the student's scoring forward is skipped."""
-    return not needs_student_at_teacher(cfg) and cfg.support != "full"
+    as the sampler's own next-token logits, and the student's scoring forward is skipped. `kl_from_update`: the
+    engine takes the exact KL from the update's full-vocabulary loss (`step_loss(..., full_kl_out_NT=)`)."""
+    return not needs_student_at_teacher(cfg) and (cfg.support != "full" or kl_from_update)
 
 
 @torch.no_grad()
@@ -340,6 +341,7 @@ def step_loss(
     lp_NTC: torch.Tensor | None = None,
     student_head: OutputHead | None = None,
     teacher_head: OutputHead | None = None,
+    full_kl_out_NT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The update's loss on (a micro-batch of) the targets: policy + full-vocabulary + kl_coef * KL terms.
 
@@ -348,7 +350,8 @@ def step_loss(
     instead, and no logits (then the full-vocabulary term is unavailable).
     With the full vocabulary, both models' `OutputHead`s (final hidden states and output embedding) may replace
     their logits for that term: no [T, V] logits are then built. When `needs_student_logits` is False, they are
-    all the loss needs (`logits_NTV` = None).
+    all the loss needs (`logits_NTV` = None). `full_kl_out_NT` then receives the exact reverse KL per position
+    (the diagnostics' `StepReads.full_kl_NT`, so scoring need not compute it).
     Returns the scalar loss and its metrics (see `merge_loss_metrics`)."""
     from_heads = student_head is not None and teacher_head is not None
     if logits_NTV is not None and lp_NTC is not None:
@@ -371,7 +374,13 @@ def step_loss(
         if from_heads:
             weights_NT = agg_weights(mask, cfg.loss_agg_mode, totals)
             full = full_vocab_pg_loss_from_hidden(
-                student_head, teacher_head, weights_NT, cfg.reward_weight_mode, **temps, chunk_size=cfg.chunk_size
+                student_head,
+                teacher_head,
+                weights_NT,
+                cfg.reward_weight_mode,
+                **temps,
+                chunk_size=cfg.chunk_size,
+                kl_out_NT=full_kl_out_NT,
             ).float()
         elif teacher_logits_NTV is None or logits_NTV is None:
             raise ValueError(

@@ -122,3 +122,19 @@ def test_agg_weights_reproduce_agg_loss(agg):
         want = agg_loss(values, mask.double(), agg, totals)
         got = (agg_weights(mask, agg, totals, dtype=torch.float64) * values).sum()
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["student_p", "teacher_p", "none"])
+def test_kl_out_is_the_exact_reverse_kl_at_weighted_positions(mode):
+    s, t, mask = heads(12, T=7, V=41)
+    kl = torch.full(mask.shape, -1.0, dtype=torch.float64)
+    full_vocab_pg_loss_from_hidden(
+        with_grad(s), t, agg_weights(mask, "token-mean", dtype=torch.float64), mode, temperature=0.8,
+        teacher_temperature=1.2, chunk_size=3, kl_out_NT=kl,
+    )  # fmt: skip
+    lp = torch.log_softmax(logits(s) / 0.8, -1)
+    lq = torch.log_softmax(logits(t) / 1.2, -1)
+    want = (lp.exp() * (lp - lq)).sum(-1)
+    torch.testing.assert_close(kl[mask > 0], want[mask > 0], atol=1e-10, rtol=1e-9)
+    assert (kl[mask == 0] == -1.0).all()  # padding untouched
+    assert want.max() > 1e-2

@@ -66,9 +66,10 @@ def score(
     `timings`, when given, accumulates the seconds spent in each model's pass ("student", "teacher").
     `teacher_hidden`, when given (a list, and the teacher `has_output_head`), receives the teacher's final hidden
     states of each micro-batch: the full-vocabulary update rebuilds its logits from them instead of re-running it.
-    `student_reads` (from `SamplerReads`, allowed when `student_reads_suffice`) replace the student's forward.
+    `student_reads` (from `SamplerReads`, allowed when `student_reads_suffice`) replace the student's forward; with
+    the full vocabulary the exact KL is then left to the update (`loss_and_backward(..., full_kl_NT=)`).
     """
-    if student_reads is not None and not student_reads_suffice(cfg):
+    if student_reads is not None and not student_reads_suffice(cfg, kl_from_update=True):
         raise ValueError("student_reads from the sampler cannot serve this configuration (it needs student logits)")
     clock = timings if timings is not None else {}
     clock.setdefault("student", 0.0)
@@ -95,7 +96,7 @@ def score(
                 t_logits = head_logits(output_head(teacher, teacher_hidden[-1], vocab_size))
             reads.teacher = read_teacher(cfg, t_logits, mb.response_ids_NT, reads.student.topk_ids_NTK)
             reads.student.lp_at_other_NTK = read_student_at_teacher(cfg, s_logits, reads.teacher.topk_ids_NTK)
-            reads.full_kl_NT = read_full_kl(cfg, s_logits, t_logits)
+            reads.full_kl_NT = None if s_logits is None else read_full_kl(cfg, s_logits, t_logits)
             del t_logits
             _sync(batch.response_ids_NT.device)
             clock["teacher"] += time.perf_counter() - t1  # the student-at-teacher-ids and full-vocab reads too

@@ -247,7 +247,8 @@ def train_step(s: Session, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
     problems = [s.train_set.problems[i] for i in s.schedule.batch(step)]
     n_rows, width = len(problems) * cfg.n_responses, cfg.max_resp_length
-    seen = SamplerReads(algo, n_rows, width, s.vocab_width) if student_reads_suffice(algo) else None
+    heads = use_output_heads(algo, s.student, s.teacher)  # full vocabulary from hidden states: KL from the update
+    seen = SamplerReads(algo, n_rows, width, s.vocab_width) if student_reads_suffice(algo, heads) else None
     rollouts = sample_rollouts(s, problems, observe=seen)
     device = next(s.student.parameters()).device
     batch = rollouts.batch.to(device)
@@ -255,7 +256,7 @@ def train_step(s: Session, step: int) -> dict[str, float]:
 
     s.student.eval()
     passes: dict[str, float] = {}
-    teacher_hidden = [] if use_output_heads(algo, s.student, s.teacher) else None
+    teacher_hidden = [] if heads else None
     reads = score(
         s.student,
         s.teacher,
@@ -267,6 +268,8 @@ def train_step(s: Session, step: int) -> dict[str, float]:
         teacher_hidden=teacher_hidden,
         student_reads=None if seen is None else seen.stats(batch.response_ids_NT.shape[1]),
     )
+    if heads and reads.full_kl_NT is None:  # filled by the update's full-vocabulary loss
+        reads.full_kl_NT = torch.zeros(batch.response_ids_NT.shape, device=device)
     outcome_N = torch.tensor(rollouts.scores, dtype=torch.float32, device=device)
     has_box_N = torch.tensor(["\\boxed" in text for text in rollouts.texts], device=device)
     targets = build_targets(
@@ -295,6 +298,7 @@ def train_step(s: Session, step: int) -> dict[str, float]:
         teacher=s.teacher,
         vocab_size=s.vocab_width,
         teacher_hidden=teacher_hidden,
+        full_kl_NT=reads.full_kl_NT,
     )
     del teacher_hidden
     metrics.update(optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip))

@@ -36,11 +36,13 @@ def loss_and_backward(
     teacher=None,
     vocab_size: int | None = None,
     teacher_hidden: list[torch.Tensor] | None = None,
+    full_kl_NT: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Accumulate the gradient of the full-batch loss over micro-batches; returns loss metrics.
 
     `teacher_hidden`: the teacher's final hidden states per micro-batch, kept by `score`; then the full-vocabulary
-    term runs from both models' output heads (no [T, V] logits, no second teacher forward)."""
+    term runs from both models' output heads (no [T, V] logits, no second teacher forward), and `full_kl_NT`, when
+    given ([N, T]), receives the exact reverse KL per position for the diagnostics."""
     totals = loss_totals(targets, norm_length)
     parts = []
     for i, (start, stop) in enumerate(micro_batch_bounds(batch, token_budget)):
@@ -50,7 +52,10 @@ def loss_and_backward(
             s_head = output_head(student, response_hidden(student, mb), vocab_size)
             t_head = output_head(teacher, teacher_hidden[i], vocab_size)
             logits = head_logits(s_head) if needs_student_logits(cfg, tg) else None
-            loss, metrics = step_loss(cfg, tg, logits, totals=totals, student_head=s_head, teacher_head=t_head)
+            kl_out = None if full_kl_NT is None else full_kl_NT[start:stop, : mb.resp_width]
+            loss, metrics = step_loss(
+                cfg, tg, logits, totals=totals, student_head=s_head, teacher_head=t_head, full_kl_out_NT=kl_out
+            )
         else:
             logits = response_logits(student, mb, vocab_size)
             teacher_logits = None
