@@ -117,16 +117,16 @@ def main(argv: list[str] | None = None) -> int:
             problems = [s.train_set.problems[i] for i in s.schedule.batch(step)]
             # as trainer.train_step: the student's reads from the sampler, the teacher's hidden states kept
             n_rows = len(problems) * cfg.n_responses
-            seen = (
-                SamplerReads(algo, n_rows, cfg.max_resp_length, s.vocab_width) if student_reads_suffice(algo) else None
-            )
+            heads = use_output_heads(algo, s.student, s.teacher)
+            seen = SamplerReads(algo, n_rows, cfg.max_resp_length, s.vocab_width)
+            seen = seen if student_reads_suffice(algo, heads) else None
             rollouts, t_roll, m_roll = _phase(device, lambda: trainer.sample_rollouts(s, problems, observe=seen))
             batch = rollouts.batch.to(device)
             gen_tokens = float(batch.response_mask_NT.sum())
             all_tokens = float(batch.attention_mask_NL.sum())
             s.student.eval()
             passes: dict[str, float] = {}
-            teacher_hidden = [] if use_output_heads(algo, s.student, s.teacher) else None
+            teacher_hidden = [] if heads else None
             reads, t_score, m_score = _phase(
                 device,
                 lambda: score(
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                     student_reads=None if seen is None else seen.stats(batch.response_ids_NT.shape[1]),
                 ),
             )
+            if heads and reads.full_kl_NT is None:  # filled by the update, as in train_step
+                reads.full_kl_NT = torch.zeros(batch.response_ids_NT.shape, device=device)
             outcome = torch.tensor(rollouts.scores, device=device)
             has_box = torch.ones(batch.n_rows, dtype=torch.bool, device=device)
             targets, t_sig, m_sig = _phase(
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     teacher=s.teacher,
                     vocab_size=s.vocab_width,
                     teacher_hidden=teacher_hidden,
+                    full_kl_NT=reads.full_kl_NT if heads else None,
                 )
                 return optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip)
 
