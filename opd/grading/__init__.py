@@ -9,7 +9,15 @@ verl's custom-reward signature. See ``score.py`` for the order of checks.
 
 from .extract import Extraction, extract_answer, extract_boxed, find_answer
 from .normalize import normalize_answer
-from .score import GradeResult, clear_symbolic_cache, grade_answer, grade_batch, grade_response, score_response
+from .score import (
+    GradeResult,
+    clear_symbolic_cache,
+    grade_answer,
+    grade_batch,
+    grade_response,
+    score_response,
+    start_workers,
+)
 from .symbolic import DEFAULT_TIMEOUT_S, SymbolicChecker, SymbolicTimeout
 
 __all__ = [
@@ -27,4 +35,5 @@ __all__ = [
     "grade_response",
     "normalize_answer",
     "score_response",
+    "start_workers",
 ]

@@ -191,6 +191,28 @@ def _release(checkers: list[SymbolicChecker]) -> None:
         _IDLE.extend(checkers)
 
 
+def start_workers(n: int) -> None:
+    """Start up to `n` idle math-verify workers in a background thread, so that no training step pays a worker's
+    start-up; a trainer calls this once at setup. Workers already idle count; a failure is left to the first
+    check to report."""
+    with _IDLE_LOCK:
+        missing = n - len(_IDLE)
+    if missing <= 0:
+        return
+
+    def run() -> None:
+        for _ in range(missing):
+            checker = SymbolicChecker()
+            try:
+                checker.start()
+            except RuntimeError:
+                checker.close()
+                return
+            _release([checker])
+
+    threading.Thread(target=run, name="opd-grading-start", daemon=True).start()
+
+
 def grade_batch(
     responses: list[str],
     ground_truths: list[str],

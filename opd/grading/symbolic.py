@@ -76,6 +76,11 @@ class SymbolicChecker:
         line, self._buf = self._buf.split(b"\n", 1)
         return line
 
+    def start(self) -> None:
+        """Start the worker now (else the first check does), e.g. off the critical path of a training step."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+
     def check(self, pred: str, gt: str, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
         """True if math-verify shows ``pred`` equal to ``gt``; raises SymbolicTimeout on overrun."""
         if self._owner_pid != os.getpid():  # inherited through fork: start our own worker

@@ -318,3 +318,28 @@ def test_extraction_source_is_recorded():
     assert grade_response("\\boxed{3", "3").source == "unclosed_box"
     batch = grade_batch(["$\\sqrt{8}$", "so \\boxed{3}"], ["2\\sqrt{2}", "3"], workers=1)
     assert [r.source for r in batch] == ["bare", "boxed"]
+
+
+def test_start_workers_fills_the_idle_pool_once():
+    import time
+
+    from opd.grading import score as score_module
+
+    with score_module._IDLE_LOCK:
+        before = len(score_module._IDLE)
+    score_module.start_workers(before + 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with score_module._IDLE_LOCK:
+            if len(score_module._IDLE) >= before + 1:
+                break
+        time.sleep(0.05)
+    with score_module._IDLE_LOCK:
+        idle = list(score_module._IDLE)
+    assert len(idle) == before + 1 and all(c._proc is not None and c._proc.poll() is None for c in idle)
+    score_module.start_workers(before + 1)  # already there: nothing new is started
+    time.sleep(0.2)
+    with score_module._IDLE_LOCK:
+        assert len(score_module._IDLE) == before + 1
+    out = score_module.grade_batch(["\\boxed{x^2+2x+1}"], ["(x+1)^2"], workers=1)  # a pooled worker answers
+    assert out[0].score == 1.0

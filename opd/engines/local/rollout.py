@@ -18,6 +18,8 @@ import torch
 from opd.generation import sample
 from opd.grading import grade_batch
 
+GRADE_WORKERS = 2  # math-verify worker processes of the rule reward (started once per run: `start_workers`)
+
 
 @dataclass
 class RolloutBatch:
@@ -148,7 +150,7 @@ def generate(
     )
     group = [i for i in range(len(prompts)) for _ in range(n)]
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    graded = grade_batch(texts, [ground_truths[g] for g in group], workers=2)
+    graded = grade_batch(texts, [ground_truths[g] for g in group], workers=GRADE_WORKERS)
     eos = set(eos_ids)
     truncated = [not (r and r[-1] in eos) for r in responses]
     return Rollouts(

@@ -43,10 +43,11 @@ from opd.engines.local.data import PromptSchedule, PromptSet, load_prompt_set, p
 from opd.engines.local.heads import use_output_heads
 from opd.engines.local.logging import RunLogger
 from opd.engines.local.resume import restore
-from opd.engines.local.rollout import Rollouts, generate
+from opd.engines.local.rollout import GRADE_WORKERS, Rollouts, generate
 from opd.engines.local.scoring import SamplerReads, reference_logprobs, score
 from opd.engines.local.update import loss_and_backward, optimizer_step
 from opd.engines.local.validation import validate
+from opd.grading import start_workers
 from opd.io import atomic_write_text
 from opd.models import load_causal_lm, load_pair, open_pair, resolve_device
 from opd.optim import make_optimizer, make_scheduler
@@ -126,6 +127,7 @@ def setup(cfg: TrainConfig) -> Session:
         names=("ACTOR_MODEL_PATH", "REWARD_MODEL_PATH"),
         with_teacher=algo.needs_teacher,
     )
+    start_workers(GRADE_WORKERS)  # the rule reward's math-verify workers start while the models load
     tokenizer, vocab_width = folders.tokenizer, folders.vocab_width
     run_dir = Path(cfg.output_dir) / (cfg.run_name or run_name_from(cfg))
     clean_unfinished(run_dir)  # what a save killed midway left (`.tmp-step_*`), before anything is read
