@@ -205,7 +205,8 @@ def start_workers(n: int) -> None:
             checker = SymbolicChecker()
             try:
                 checker.start()
-            except RuntimeError:
+                checker.check("x + 1", "1 + x")  # math-verify's first parse is slow too: pay it here
+            except (RuntimeError, SymbolicTimeout):
                 checker.close()
                 return
             _release([checker])
