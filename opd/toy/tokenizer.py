@@ -50,7 +50,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def _train_raw(vocab_size: int) -> Tokenizer:
+def _train_raw(vocab_size: int, texts: list[str] | None = None) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -67,19 +67,22 @@ def _train_raw(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus() if texts is None else texts, trainer=trainer)
     return tok
 
 
-def build_toy_tokenizer(out_dir: str | os.PathLike | None = None, vocab_size: int = VOCAB_SIZE):
-    """Train the toy BPE and wrap it as a transformers fast tokenizer; save it to `out_dir` if given.
+def build_toy_tokenizer(
+    out_dir: str | os.PathLike | None = None, vocab_size: int = VOCAB_SIZE, texts: list[str] | None = None
+):
+    """Train the toy BPE (on `texts`, default the demo task's text) and wrap it as a transformers fast tokenizer;
+    save it to `out_dir` if given.
 
     The saved folder reloads offline with `AutoTokenizer.from_pretrained(out_dir)`.
     """
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=_train_raw(vocab_size),
+        tokenizer_object=_train_raw(vocab_size, texts),
         pad_token=PAD,
         eos_token=EOS,
         unk_token=UNK,
