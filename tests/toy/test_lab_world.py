@@ -71,3 +71,41 @@ def test_lab_tokenizer_round_trips_the_lab_text():
     # a teacher matching the data would carry this much entropy per token (the lab's top-k must mean something)
     assert ideal_entropy("columns", tok) > 0.3
     assert ideal_entropy("partial", tok) > 0.2
+
+
+@pytest.mark.slow
+def test_a_briefly_trained_model_learns_the_ambiguity_not_one_fixed_text():
+    """After a short SFT on uniformly drawn variants, the operator after the first addend (`+`, ` plus ` or ` and `)
+    is spread over the three synonyms: the trained model's top-k carries meaning, unlike the demo world's."""
+    import torch
+
+    from opd.generation import render_prompt_ids
+    from opd.sft.trainer import SFTConfig, encode_dataset, train_sft
+    from opd.toy import build_tiny_model, build_toy_tokenizer
+    from opd.toy.lab_world import PLUS
+
+    torch.manual_seed(0)
+    tok = build_toy_tokenizer(vocab_size=320, texts=corpus(n=400))
+    rng = random.Random(0)
+    convs = [p.messages(solution(p, "columns", rng)) for p in sample_problems(2000, seed=1)]
+    model = build_tiny_model(tok, "student", seed=1)
+    train_sft(
+        model,
+        encode_dataset(tok, convs, max_length=128),
+        SFTConfig(lr=3e-3, steps=250, batch_size=32, seed=0),
+        pad_token_id=tok.pad_token_id,
+    )
+    model.eval()
+    on_ops, spread = [], []
+    with torch.no_grad():
+        for p in sample_problems(40, seed=9):
+            first = str(p.a % 10)
+            ops = sorted({tok.encode(f"{first}{op}5")[1] for op in PLUS})
+            assert len(ops) == 3  # the synonyms start with different tokens
+            ids = torch.tensor([render_prompt_ids(tok, p.messages()) + tok.encode(first)])
+            probs = model(input_ids=ids).logits[0, -1].float().softmax(-1)[ops]
+            on_ops.append(float(probs.sum()))
+            q = probs / probs.sum()
+            spread.append(float(-(q * q.log()).sum()))
+    assert sum(on_ops) / len(on_ops) > 0.9  # it writes an operator ...
+    assert sum(spread) / len(spread) > 0.9  # ... and keeps all three open (ln 3 = 1.10 if uniform)
