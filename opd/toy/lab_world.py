@@ -29,6 +29,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from opd.toy.task import draw_pairs
+
 N_DIGITS = 2
 PATTERNS = ("columns", "partial")
 TEMPLATES = ("what_is", "sum_of")
@@ -81,27 +83,27 @@ def _step(terms: list[int], total: int, rng: random.Random) -> str:
     return text + rng.choice(EQUALS) + str(total)
 
 
-def solution(problem: LabProblem, pattern: str, rng: random.Random) -> str:
-    """A correct step-by-step solution in `pattern`, with its free choices drawn from `rng`."""
+def steps(problem: LabProblem, pattern: str) -> list[tuple[list[int], int]]:
+    """The pattern's steps as (terms, total), in order: what every valid text of it writes, in some wording."""
     a, b = problem.a, problem.b
     if pattern == "columns":
         da, db = f"{a:0{N_DIGITS}d}"[::-1], f"{b:0{N_DIGITS}d}"[::-1]
-        lines, carry = [], 0
+        out, carry = [], 0
         for x, y in zip(da, db):
             s = int(x) + int(y) + carry
-            lines.append(_step([int(x), int(y), carry], s, rng))
+            out.append(([int(x), int(y), carry], s))
             carry = s // 10
-    elif pattern == "partial":
-        tens_a, tens_b = a - a % 10, b - b % 10
-        tens, ones = tens_a + tens_b, a % 10 + b % 10
-        lines = [
-            _step([tens_a, tens_b], tens, rng),
-            _step([a % 10, b % 10], ones, rng),
-            _step([tens, ones], a + b, rng),
-        ]
-    else:
-        raise ValueError(f"pattern={pattern!r} is not valid; allowed: {', '.join(PATTERNS)}")
-    return "\n".join([*lines, f"\\boxed{{{a + b}}}"])
+        return out
+    if pattern == "partial":
+        tens, ones = a - a % 10 + b - b % 10, a % 10 + b % 10
+        return [([a - a % 10, b - b % 10], tens), ([a % 10, b % 10], ones), ([tens, ones], a + b)]
+    raise ValueError(f"pattern={pattern!r} is not valid; allowed: {', '.join(PATTERNS)}")
+
+
+def solution(problem: LabProblem, pattern: str, rng: random.Random) -> str:
+    """A correct step-by-step solution in `pattern`, with its free choices drawn from `rng`."""
+    lines = [_step(terms, total, rng) for terms, total in steps(problem, pattern)]
+    return "\n".join([*lines, f"\\boxed{{{problem.a + problem.b}}}"])
 
 
 def _parse(text: str) -> tuple[list[tuple[list[int], int]], int | None] | None:
@@ -123,12 +125,11 @@ def verify(text: str, problem: LabProblem) -> str | None:
     parsed = _parse(text)
     if parsed is None or parsed[1] != problem.a + problem.b:
         return None
-    steps = parsed[0]
+    written = parsed[0]
     for pattern in PATTERNS:
-        rng = random.Random(0)
-        gold = _parse(solution(problem, pattern, rng))[0]
-        if len(gold) == len(steps) and all(
-            sorted(t) == sorted(g) and s == h for (t, s), (g, h) in zip(steps, gold, strict=True)
+        gold = steps(problem, pattern)
+        if len(gold) == len(written) and all(
+            sorted(t) == sorted(g) and s == h for (t, s), (g, h) in zip(written, gold, strict=True)
         ):
             return pattern
     return None
@@ -136,10 +137,8 @@ def verify(text: str, problem: LabProblem) -> str | None:
 
 def variants(problem: LabProblem, pattern: str) -> int:
     """How many distinct correct texts `pattern` allows for `problem` (the size of the ambiguity)."""
-    rng = random.Random(0)
-    steps = _parse(solution(problem, pattern, rng))[0]
     count = 1
-    for terms, _ in steps:
+    for terms, _ in steps(problem, pattern):
         orders = len(set(itertools.permutations(terms)))
         count *= orders * len(PLUS) ** (len(terms) - 1) * len(EQUALS)
     return count
@@ -147,18 +146,7 @@ def variants(problem: LabProblem, pattern: str) -> int:
 
 def sample_problems(n: int, seed: int, template: str = "what_is", exclude: set | None = None) -> list[LabProblem]:
     """`n` distinct problems drawn by `seed`, none of them in `exclude` (a set of (a, b))."""
-    hi = 10**N_DIGITS - 1
-    if n > (hi + 1) ** 2 - len(exclude or ()):
-        raise ValueError(f"cannot draw {n} distinct {N_DIGITS}-digit problems")
-    rng = random.Random(seed)
-    seen = set(exclude or ())
-    out = []
-    while len(out) < n:
-        key = (rng.randint(0, hi), rng.randint(0, hi))
-        if key not in seen:
-            seen.add(key)
-            out.append(LabProblem(*key, template=template))
-    return out
+    return [LabProblem(a, b, template) for a, b in draw_pairs(n, seed, N_DIGITS, exclude)]
 
 
 def corpus(n: int = 1500, seed: int = 4321) -> list[str]:

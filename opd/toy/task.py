@@ -79,19 +79,25 @@ def gold_solution(a: int, b: int) -> str:
     return "\n".join(lines)
 
 
-def sample_problems(n: int, seed: int, exclude: set[tuple[int, int]] | None = None) -> list[Problem]:
-    """`n` distinct problems drawn uniformly by `seed`, none of them in `exclude` (to keep splits disjoint)."""
+def draw_pairs(n: int, seed: int, n_digits: int, exclude: set[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """`n` distinct operand pairs of `n_digits` digits drawn uniformly by `seed`, none of them in `exclude`."""
+    hi = 10**n_digits - 1
+    if n > (hi + 1) ** 2 - len(exclude or ()):
+        raise ValueError(f"cannot draw {n} distinct {n_digits}-digit problems")
     rng = random.Random(seed)
     seen = set(exclude or ())
-    out: list[Problem] = []
-    hi = 10**N_DIGITS - 1
+    out: list[tuple[int, int]] = []
     while len(out) < n:
         key = (rng.randint(0, hi), rng.randint(0, hi))
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(Problem(*key))
+        if key not in seen:
+            seen.add(key)
+            out.append(key)
     return out
+
+
+def sample_problems(n: int, seed: int, exclude: set[tuple[int, int]] | None = None) -> list[Problem]:
+    """`n` distinct problems drawn uniformly by `seed`, none of them in `exclude` (to keep splits disjoint)."""
+    return [Problem(*key) for key in draw_pairs(n, seed, N_DIGITS, exclude)]
 
 
 def make_splits(seed: int, n_train: int, n_dev: int, n_test: int) -> dict[str, list[Problem]]:
