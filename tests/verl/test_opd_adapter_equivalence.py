@@ -64,6 +64,14 @@ def rollouts(models):
     return prompts, responses, scores, groups
 
 
+def assert_grad_close(ours, theirs, name):
+    """Equal up to float32 summation order, which changes with the thread count. The sharpened logits make some
+    gradients large (the embedding's largest entry is about 290), so the absolute tolerance is the old 1e-5 or one
+    millionth of the tensor's largest entry, whichever is larger (with 2 threads one entry was 3.6e-5 off)."""
+    atol = max(1e-5, 1e-6 * float(theirs.abs().max()))
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 def nested(rows):
     return torch.nested.as_nested_tensor(list(rows), layout=torch.jagged)
 
@@ -215,7 +223,7 @@ def test_verl_path_equals_local_engine(models, rollouts, overrides):
     assert loss_verl == pytest.approx(float(loss_local.detach()), abs=1e-5)
     assert sum(float(p.grad.abs().sum()) for p in student_local.parameters()) > 1e-3  # a real gradient is compared
     for (name, p_local), p_verl in zip(student_local.named_parameters(), student_verl.parameters()):
-        torch.testing.assert_close(p_verl.grad, p_local.grad, atol=1e-5, rtol=1e-4, msg=name)
+        assert_grad_close(p_verl.grad, p_local.grad, name)
 
     student_dp = copy.deepcopy(student)
     rank_losses = [
@@ -226,4 +234,4 @@ def test_verl_path_equals_local_engine(models, rollouts, overrides):
         float(loss_local.detach()), abs=1e-5
     )  # verl logs the dp mean of rank sums
     for (name, p_local), p_dp in zip(student_local.named_parameters(), student_dp.parameters()):
-        torch.testing.assert_close(p_dp.grad / 2, p_local.grad, atol=1e-5, rtol=1e-4, msg=name)
+        assert_grad_close(p_dp.grad / 2, p_local.grad, name)
