@@ -36,11 +36,10 @@ PATTERNS = ("columns", "partial")
 TEMPLATES = ("what_is", "sum_of")
 PLUS = ("+", " plus ", " and ")
 EQUALS = ("=", " is ", " makes ")
-DATA_SOURCE = "lab_add"
 
 _TERM = r"(\d+)"
-_OP = r"(?:\+| plus | and )"
-_EQ = r"(?:=| is | makes )"
+_OP = "(?:" + "|".join(map(re.escape, PLUS)) + ")"
+_EQ = "(?:" + "|".join(map(re.escape, EQUALS)) + ")"
 _LINE = re.compile(rf"^{_TERM}{_OP}{_TERM}(?:{_OP}{_TERM})?{_EQ}{_TERM}$")
 _BOX = re.compile(r"^\\boxed\{(\d+)\}$")
 
@@ -106,18 +105,18 @@ def solution(problem: LabProblem, pattern: str, rng: random.Random) -> str:
     return "\n".join([*lines, f"\\boxed{{{problem.a + problem.b}}}"])
 
 
-def _parse(text: str) -> tuple[list[tuple[list[int], int]], int | None] | None:
+def _parse(text: str) -> tuple[list[tuple[list[int], int]], int] | None:
     lines = text.strip().split("\n")
     if not lines or not (box := _BOX.match(lines[-1])):
         return None
-    steps = []
+    written = []
     for line in lines[:-1]:
         m = _LINE.match(line)
         if m is None:
             return None
         *terms, total = [int(g) for g in m.groups() if g is not None]
-        steps.append((terms, total))
-    return steps, int(box.group(1))
+        written.append((terms, total))
+    return written, int(box.group(1))
 
 
 def verify(text: str, problem: LabProblem) -> str | None:
