@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.core.logits import DEFAULT_CHUNK_SIZE, RowChunks, _check_temperature, _float_chunk
+from opd.core.logits import (
+    DEFAULT_CHUNK_SIZE,
+    RowChunks,
+    _check_temperature,
+    _float_chunk,
+    _head_chunk,
+    hidden_chunk_rows,
+)
 
 # The weightings this kernel implements in closed form over the vocabulary (a weight mode registered by a plugin
 # works on slot supports; over the full vocabulary it needs its own kernel here).
@@ -159,11 +166,10 @@ def full_vocab_pg_loss_NT(
 # --- from final hidden states: the [T, V] logits never exist ------------------------------------------------------
 
 
-# Rows of the hidden-state kernel per chunk: chunk_size, but at most this many logits (64 MiB of float32) per
-# buffer; a chunk holds about four such buffers. At V = 151,936 that is 110 rows: peak ~1/20 of the naive path
+# Rows of the hidden-state kernel per chunk: `hidden_chunk_rows` (chunk_size, at most HIDDEN_CHUNK_ELEMENTS logits
+# per buffer); a chunk holds about four such buffers. At V = 151,936 that is 110 rows: peak ~1/20 of the naive path
 # (bench/bench_rewards.py), where 256 rows would need ~600 MiB. Fewer rows cost speed (each chunk's rank-R update
 # of the output embedding's gradient streams the whole [V, H] matrix).
-HIDDEN_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -173,13 +179,6 @@ class OutputHead:
     hidden_NTH: torch.Tensor  # final hidden states at the scored positions (after the final norm)
     weight_VH: torch.Tensor  # the output embedding (lm_head.weight), possibly tied to the input embedding
     bias_V: torch.Tensor | None = None
-
-
-def _head_logits(h_RH: torch.Tensor, w_VH: torch.Tensor, b_V: torch.Tensor | None, tau: float) -> torch.Tensor:
-    """One chunk of logits / tau, at least float32; the matmul runs in the head's dtype, as the model's lm_head does."""
-    x = torch.nn.functional.linear(h_RH, w_VH, b_V)
-    x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-    return x.div_(tau) if tau != 1.0 else x
 
 
 class _FullVocabPGFromHidden(torch.autograd.Function):
@@ -203,9 +202,9 @@ class _FullVocabPGFromHidden(torch.autograd.Function):
         for start in range(0, h_RH.shape[0], chunk_size):
             stop = min(start + chunk_size, h_RH.shape[0])
             h_c = h_RH[start:stop]
-            lp = _head_logits(h_c, w_VH, b_V, tau)
+            lp = _head_chunk(h_c, w_VH, b_V, tau)
             lp.sub_(torch.logsumexp(lp, -1, keepdim=True))
-            adv = _head_logits(th_RH[start:stop], tw_VH, tb_V, teacher_tau)
+            adv = _head_chunk(th_RH[start:stop], tw_VH, tb_V, teacher_tau)
             adv.sub_(torch.logsumexp(adv, -1, keepdim=True))  # lq
             q = adv.exp() if weight_mode == "teacher_p" else None
             adv.sub_(lp)  # lq - lp
@@ -274,8 +273,6 @@ def full_vocab_pg_loss_from_hidden(
     (`full_vocab_reverse_kl`'s value, for the diagnostics) at no extra pass.
     """
     _check_settings(weight_mode, temperature, teacher_temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} is not valid; expected >= 1")
     s_h, t_h = student.hidden_NTH, teacher.hidden_NTH
     if s_h.shape[:-1] != t_h.shape[:-1] or weights_NT.shape != s_h.shape[:-1]:
         raise ValueError(
@@ -288,7 +285,7 @@ def full_vocab_pg_loss_from_hidden(
             "teacher and student must share the vocabulary"
         )
     keep = weights_NT != 0
-    rows = max(1, min(int(chunk_size), HIDDEN_CHUNK_ELEMENTS // student.weight_VH.shape[0]))
+    rows = hidden_chunk_rows(chunk_size, student.weight_VH.shape[0])
     kl_R = None if kl_out_NT is None else torch.zeros(int(keep.sum()), dtype=torch.float64, device=s_h.device)
     loss = _FullVocabPGFromHidden.apply(
         s_h[keep],

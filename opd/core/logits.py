@@ -10,6 +10,8 @@ Peak extra memory of every function here is O(chunk_size * V) float32 (a few suc
 Logits may be bf16, fp16 or fp32; results are float32. `_NTV` inputs may have any number of leading dims (outputs
 keep them) and may be strided views such as the response slice `logits[:, prompt_len - 1:-1]`: rows are read
 chunk by chunk through views (`RowChunks`), never by flattening, which would copy the whole slice.
+`head_logit_stats` reads the same from a model's final hidden states and output embedding: each chunk's logits
+are built by the head's matmul and dropped after use, so the [N, T, V] logits never exist at all.
 """
 
 from __future__ import annotations
@@ -23,6 +25,17 @@ from opd.core.types import LogitStats
 # a few more loop iterations.
 DEFAULT_CHUNK_SIZE = 256
 
+# Rows of a chunk built from hidden states: chunk_size, but at most this many logits (64 MiB of float32) per
+# buffer. At V = 151,936 that is 110 rows (bench/bench_rewards.py): fewer rows cost speed, more cost memory.
+HIDDEN_CHUNK_ELEMENTS = 1 << 24
+
+
+def hidden_chunk_rows(chunk_size: int, vocab: int) -> int:
+    """Rows per chunk of the hidden-state kernels: `chunk_size`, capped at HIDDEN_CHUNK_ELEMENTS logits."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} is not valid; expected >= 1")
+    return max(1, min(int(chunk_size), HIDDEN_CHUNK_ELEMENTS // max(vocab, 1)))
+
 
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
@@ -31,16 +44,21 @@ def _check_temperature(temperature: float) -> None:
 
 def _check_ids(ids_NTJ: torch.Tensor, logits_NTV: torch.Tensor, name: str = "ids_NTJ") -> None:
     """Shape and range check up front: an out-of-range gather is a device assert on GPU, unreadable."""
+    _check_ids_for(ids_NTJ, tuple(logits_NTV.shape), name)
+
+
+def _check_ids_for(ids_NTJ: torch.Tensor, logits_shape: tuple, name: str = "ids_NTJ") -> None:
+    """`_check_ids` against the shape [..., V] of logits that may never be built (the hidden-state reads)."""
     if ids_NTJ.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an integer tensor (long), got {ids_NTJ.dtype}")
-    if ids_NTJ.dim() != logits_NTV.dim() or ids_NTJ.shape[:-1] != logits_NTV.shape[:-1]:
+    if ids_NTJ.dim() != len(logits_shape) or tuple(ids_NTJ.shape[:-1]) != tuple(logits_shape[:-1]):
         raise ValueError(
-            f"{name} has shape {tuple(ids_NTJ.shape)}; expected leading dims {tuple(logits_NTV.shape[:-1])} "
-            f"of the logits {tuple(logits_NTV.shape)} plus one trailing id dim"
+            f"{name} has shape {tuple(ids_NTJ.shape)}; expected leading dims {tuple(logits_shape[:-1])} "
+            f"of the logits {tuple(logits_shape)} plus one trailing id dim"
         )
     if ids_NTJ.numel():
         lo, hi = int(ids_NTJ.min()), int(ids_NTJ.max())
-        vocab = logits_NTV.shape[-1]
+        vocab = logits_shape[-1]
         if lo < 0 or hi >= vocab:
             raise ValueError(f"{name} holds ids in [{lo}, {hi}]; expected ids in [0, {vocab - 1}] (vocab size {vocab})")
 
@@ -113,23 +131,73 @@ def logit_stats(
     Peak extra memory: about 2 * chunk_size * V float32.
     """
     _check_temperature(temperature)
-    lead, vocab = logits_NTV.shape[:-1], logits_NTV.shape[-1]
+    chunks = RowChunks(logits_NTV, chunk_size)
+    return _stats(
+        tuple(logits_NTV.shape),
+        chunks.ranges(),
+        lambda start, stop: _float_chunk(chunks.rows(start, stop), temperature),
+        k=k,
+        ids_NTJ=ids_NTJ,
+        device=logits_NTV.device,
+    )
+
+
+def _head_chunk(h_RH: torch.Tensor, w_VH: torch.Tensor, b_V: torch.Tensor | None, tau: float) -> torch.Tensor:
+    """One chunk of logits / tau, at least float32; the matmul runs in the head's dtype, as the model's lm_head
+    does, so the values are those of the model's own (upcast) logits."""
+    x = torch.nn.functional.linear(h_RH, w_VH, b_V)
+    x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    return x.div_(tau) if tau != 1.0 else x
+
+
+@torch.no_grad()
+def head_logit_stats(
+    hidden_NTH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None = None,
+    *,
+    k: int,
+    ids_NTJ: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> LogitStats:
+    """`logit_stats` of the logits `hidden @ weight.T + bias`, which are never built whole: each chunk of rows
+    (`hidden_chunk_rows`: at most HIDDEN_CHUNK_ELEMENTS logits) comes from the head's matmul and is read and
+    dropped at once. Peak extra memory: about 2 * HIDDEN_CHUNK_ELEMENTS float32, whatever N * T and V are."""
+    _check_temperature(temperature)
+    lead, vocab = tuple(hidden_NTH.shape[:-1]), weight_VH.shape[0]
+    h_RH = hidden_NTH.reshape(-1, hidden_NTH.shape[-1])
+    rows = hidden_chunk_rows(chunk_size, vocab)
+    ranges = ((start, min(start + rows, h_RH.shape[0])) for start in range(0, h_RH.shape[0], rows))
+    return _stats(
+        (*lead, vocab),
+        ranges,
+        lambda start, stop: _head_chunk(h_RH[start:stop], weight_VH, bias_V, temperature),
+        k=k,
+        ids_NTJ=ids_NTJ,
+        device=hidden_NTH.device,
+    )
+
+
+def _stats(logits_shape: tuple, ranges, chunk_at, *, k: int, ids_NTJ, device) -> LogitStats:
+    """The reads of `logit_stats` over row ranges; `chunk_at(start, stop)` gives a fresh float32 [R, V] chunk of
+    logits / temperature that this function may overwrite."""
+    lead, vocab = logits_shape[:-1], logits_shape[-1]
     if not 0 <= k <= vocab:
         raise ValueError(f"k={k!r} is not valid; expected 0 <= k <= vocab size {vocab}")
     if ids_NTJ is not None:
-        _check_ids(ids_NTJ, logits_NTV)
-
-    chunks = RowChunks(logits_NTV, chunk_size)
-    n_rows = chunks.n_rows
-    device = logits_NTV.device
+        _check_ids_for(ids_NTJ, logits_shape)
+    n_rows = 1
+    for d in lead:
+        n_rows *= d
     topk_ids_RK = torch.empty(n_rows, k, dtype=torch.long, device=device) if k else None
     topk_lp_RK = torch.empty(n_rows, k, dtype=torch.float32, device=device) if k else None
     ids_RJ = ids_NTJ.reshape(n_rows, ids_NTJ.shape[-1]).long() if ids_NTJ is not None else None
     lp_at_RJ = torch.empty(ids_RJ.shape, dtype=torch.float32, device=device) if ids_RJ is not None else None
     entropy_R = torch.empty(n_rows, dtype=torch.float32, device=device)
 
-    for start, stop in chunks.ranges():
-        x_RV = _float_chunk(chunks.rows(start, stop), temperature)
+    for start, stop in ranges:
+        x_RV = chunk_at(start, stop)
         lse_R1 = torch.logsumexp(x_RV, dim=-1, keepdim=True)
         if k:
             vals, idx = torch.topk(x_RV, k, dim=-1)

@@ -38,7 +38,7 @@ from opd.core.full_vocab import (
     full_vocab_pg_loss_NT,
     full_vocab_reverse_kl,
 )
-from opd.core.logits import logit_stats, logprobs_at
+from opd.core.logits import head_logit_stats, logit_stats, logprobs_at
 from opd.core.loss import BatchTotals, agg_loss, agg_weights, apply_format_mask, kl_loss, policy_loss
 from opd.core.metrics import DEFAULT_POSITION_EDGES, DiagnosticInputs, dynamics_metrics, per_position_profile
 from opd.core.rewards import compute_rewards, sampled_token_rewards
@@ -107,9 +107,16 @@ def needs_student_at_teacher(cfg: OPDConfig) -> bool:
     return cfg.support == "topk" and STRATEGIES.get(cfg.top_k_strategy).needs_student_lp_at_teacher
 
 
-def _read(cfg: OPDConfig, logits_NTV: torch.Tensor, ids_NTJ: torch.Tensor, k: int, temperature: float) -> ModelStats:
-    """One model's reads: column 0 of `ids_NTJ` is the sampled token, the others (if any) the other model's top-k."""
-    stats = logit_stats(logits_NTV, k=k, ids_NTJ=ids_NTJ, temperature=temperature, chunk_size=cfg.chunk_size)
+def _read(
+    cfg: OPDConfig, logits_NTV: torch.Tensor | OutputHead, ids_NTJ: torch.Tensor, k: int, temperature: float
+) -> ModelStats:
+    """One model's reads: column 0 of `ids_NTJ` is the sampled token, the others (if any) the other model's top-k.
+    From an `OutputHead` the logits are built chunk by chunk from the hidden states and never exist whole."""
+    kw = dict(k=k, ids_NTJ=ids_NTJ, temperature=temperature, chunk_size=cfg.chunk_size)
+    if isinstance(logits_NTV, OutputHead):
+        stats = head_logit_stats(logits_NTV.hidden_NTH, logits_NTV.weight_VH, logits_NTV.bias_V, **kw)
+    else:
+        stats = logit_stats(logits_NTV, **kw)
     other = stats.lp_at_ids_NTJ[..., 1:] if ids_NTJ.shape[-1] > 1 else None
     return ModelStats(
         lp_NT=stats.lp_at_ids_NTJ[..., 0],
@@ -120,16 +127,25 @@ def _read(cfg: OPDConfig, logits_NTV: torch.Tensor, ids_NTJ: torch.Tensor, k: in
     )
 
 
+def _vocab(logits_NTV: torch.Tensor | OutputHead) -> int:
+    return logits_NTV.weight_VH.shape[0] if isinstance(logits_NTV, OutputHead) else logits_NTV.shape[-1]
+
+
 @torch.no_grad()
-def read_student(cfg: OPDConfig, logits_NTV: torch.Tensor, response_ids_NT: torch.Tensor) -> ModelStats:
-    return _read(cfg, logits_NTV, response_ids_NT[..., None], reads_width(cfg, logits_NTV.shape[-1]), cfg.temperature)
+def read_student(cfg: OPDConfig, logits_NTV: torch.Tensor | OutputHead, response_ids_NT: torch.Tensor) -> ModelStats:
+    """The student's reads from its logits [N, T, V] or its `OutputHead` (the same values, no [N, T, V] tensor)."""
+    return _read(cfg, logits_NTV, response_ids_NT[..., None], reads_width(cfg, _vocab(logits_NTV)), cfg.temperature)
 
 
 @torch.no_grad()
 def read_teacher(
-    cfg: OPDConfig, logits_NTV: torch.Tensor, response_ids_NT: torch.Tensor, student_topk_ids_NTK: torch.Tensor
+    cfg: OPDConfig,
+    logits_NTV: torch.Tensor | OutputHead,
+    response_ids_NT: torch.Tensor,
+    student_topk_ids_NTK: torch.Tensor,
 ) -> ModelStats:
-    """The teacher scores the student's exact ids: the sampled token and the student's top-k."""
+    """The teacher scores the student's exact ids: the sampled token and the student's top-k. From its logits
+    [N, T, V] or its `OutputHead` (the same values, and no [N, T, V] tensor is built)."""
     ids_NTJ = torch.cat([response_ids_NT[..., None], student_topk_ids_NTK], -1)
     return _read(cfg, logits_NTV, ids_NTJ, student_topk_ids_NTK.shape[-1], cfg.teacher_temperature)
 

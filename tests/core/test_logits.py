@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opd.core.logits import RowChunks, logit_stats, logprobs_at
+from opd.core import logits as logits_module
+from opd.core.logits import RowChunks, head_logit_stats, logit_stats, logprobs_at
 
 
 def ref_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -200,3 +201,65 @@ def test_response_slice_is_read_in_place_with_gradient():
     torch.testing.assert_close(lp.double(), ref_lp, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(full.grad.double(), ref_in.grad, atol=2e-2, rtol=1e-2)
     assert (full.grad[:, :3] == 0).all() and (full.grad[:, -1] == 0).all()
+
+
+# --- reads from hidden states (head_logit_stats) ----------------------------------------------------------------
+
+
+def _head(gen, N, T, H, V, dtype, bias):
+    hidden = (torch.randn(N, T, H, generator=gen, dtype=torch.float64)).to(dtype)
+    weight = (torch.randn(V, H, generator=gen, dtype=torch.float64) * 0.7).to(dtype)
+    b = (torch.randn(V, generator=gen, dtype=torch.float64)).to(dtype) if bias else None
+    return hidden, weight, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_logit_stats_matches_float64(dtype, temperature, bias):
+    gen = torch.Generator().manual_seed(7)
+    hidden, weight, b = _head(gen, 3, 5, 8, 61, dtype, bias)
+    ids = torch.randint(0, 61, (3, 5, 4), generator=gen)
+    st = head_logit_stats(hidden, weight, b, k=6, ids_NTJ=ids, temperature=temperature, chunk_size=4)
+    # float64 reference on the logits the model's own head gives (its matmul runs in the head's dtype)
+    ref = ref_logprobs(torch.nn.functional.linear(hidden, weight, b), temperature)
+    tol = dict(atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(st.topk_lp_NTK.double(), ref.topk(6, dim=-1).values, **tol)
+    torch.testing.assert_close(ref.gather(-1, st.topk_ids_NTK), st.topk_lp_NTK.double(), **tol)
+    torch.testing.assert_close(st.lp_at_ids_NTJ.double(), ref.gather(-1, ids), **tol)
+    torch.testing.assert_close(st.entropy_NT.double(), -(ref.exp() * ref).sum(-1), atol=5e-5, rtol=1e-5)
+    assert st.topk_lp_NTK.dtype == st.lp_at_ids_NTJ.dtype == st.entropy_NT.dtype == torch.float32
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 1000])
+def test_head_logit_stats_equals_logit_stats_of_the_built_logits(chunk, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    hidden, weight, b = _head(gen, 2, 9, 16, 97, torch.float32, True)
+    ids = torch.randint(0, 97, (2, 9, 3), generator=gen)
+    logits = torch.nn.functional.linear(hidden, weight, b)
+    whole = logit_stats(logits, k=5, ids_NTJ=ids, temperature=0.8)
+    part = head_logit_stats(hidden, weight, b, k=5, ids_NTJ=ids, temperature=0.8, chunk_size=chunk)
+    assert torch.equal(whole.topk_ids_NTK, part.topk_ids_NTK)
+    for a, c in (
+        (whole.topk_lp_NTK, part.topk_lp_NTK),
+        (whole.lp_at_ids_NTJ, part.lp_at_ids_NTJ),
+        (whole.entropy_NT, part.entropy_NT),
+    ):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-6)  # a chunk's matmul may block differently
+    # the element cap bounds the rows of a chunk whatever chunk_size asks for: 97 logits a row, 2 rows a chunk
+    monkeypatch.setattr(logits_module, "HIDDEN_CHUNK_ELEMENTS", 2 * 97)
+    assert logits_module.hidden_chunk_rows(chunk, 97) == min(chunk, 2)
+    capped = head_logit_stats(hidden, weight, b, k=5, ids_NTJ=ids, temperature=0.8, chunk_size=chunk)
+    torch.testing.assert_close(capped.entropy_NT, whole.entropy_NT, atol=1e-5, rtol=1e-6)
+
+
+def test_head_logit_stats_rejects_bad_input():
+    hidden, weight = torch.zeros(2, 3, 4), torch.zeros(13, 4)
+    with pytest.raises(ValueError, match="expected ids in"):
+        head_logit_stats(hidden, weight, k=2, ids_NTJ=torch.full((2, 3, 1), 13))
+    with pytest.raises(ValueError, match="leading dims"):
+        head_logit_stats(hidden, weight, k=2, ids_NTJ=torch.zeros(2, 4, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="k="):
+        head_logit_stats(hidden, weight, k=14)
+    with pytest.raises(ValueError, match="chunk_size"):
+        head_logit_stats(hidden, weight, k=2, chunk_size=0)

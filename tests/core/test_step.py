@@ -331,3 +331,27 @@ def test_full_vocabulary_from_output_heads_equals_the_logits_path(case):
     torch.testing.assert_close(gw_b, gw_a, rtol=1e-5, atol=1e-6)
     assert gh_a.abs().max() > 1e-3
     assert needs_student_logits(cfg, targets) == (targets.adv_NTC is not None)
+
+
+@pytest.mark.parametrize("case", [{"top_k": 4}, {"top_k": 0}, {"top_k": -1, "teacher_temperature": 0.7}], ids=str)
+def test_reads_from_output_heads_equal_the_logits_reads(case):
+    """`read_student` / `read_teacher` from an `OutputHead` (logits built chunk by chunk) equal the logits reads."""
+    cfg = OPDConfig(**case, chunk_size=3)
+    gen = torch.Generator().manual_seed(5)
+    H = 6
+    s_h, t_h = (torch.randn(N, T, H, generator=gen, dtype=F64) for _ in range(2))
+    s_w, t_w = (torch.randn(V, H, generator=gen, dtype=F64) for _ in range(2))
+    t_b = torch.randn(V, generator=gen, dtype=F64)
+    _, _, ids, _, _ = make_batch(seed=3)
+    want_s = read_student(cfg, s_h @ s_w.T, ids)
+    got_s = read_student(cfg, OutputHead(s_h, s_w), ids)
+    want_t = read_teacher(cfg, t_h @ t_w.T + t_b, ids, want_s.topk_ids_NTK)
+    got_t = read_teacher(cfg, OutputHead(t_h, t_w, t_b), ids, got_s.topk_ids_NTK)
+    for want, got in ((want_s, got_s), (want_t, got_t)):
+        assert torch.equal(want.topk_ids_NTK, got.topk_ids_NTK)
+        for name in ("lp_NT", "entropy_NT", "topk_lp_NTK", "lp_at_other_NTK"):
+            a, b = getattr(want, name), getattr(got, name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert got_t.lp_at_other_NTK.shape == (N, T, got_s.topk_ids_NTK.shape[-1])

@@ -61,3 +61,29 @@ def test_a_model_with_a_changed_head_falls_back(tiny_cfg, capsys):
     assert "uses their logits" in capsys.readouterr().err
     metrics = trainer.train_step(s, 1)
     assert metrics["actor/grad_norm"] > 0 and metrics["actor/full_vocab_loss"] == metrics["actor/full_vocab_loss"]
+
+
+@pytest.mark.parametrize("top_k", [-1, 4])
+def test_teacher_reads_from_hidden_states_equal_its_logits_reads(tiny_cfg, top_k):
+    """Scoring with `teacher_hidden` reads the teacher from its hidden states chunk by chunk (its [n, T, V] logits
+    are never built): the same reads, and the full-vocabulary KL, as scoring from its logits."""
+    from opd.engines.local.scoring import score
+
+    s = trainer.setup(tiny_cfg(**{"algo.top_k": top_k, "algo.chunk_size": 5, "micro_batch_tokens": 40}))
+    problems = [s.train_set.problems[i] for i in s.schedule.batch(1)]
+    batch = trainer.sample_rollouts(s, problems).batch
+    kw = dict(token_budget=s.cfg.micro_batch_tokens, vocab_size=s.vocab_width)
+    hidden: list = []
+    via_hidden = score(s.student, s.teacher, batch, s.cfg.algo, teacher_hidden=hidden, **kw)
+    via_logits = score(s.student, s.teacher, batch, s.cfg.algo, **kw)
+    assert len(hidden) > 1  # several micro-batches
+    mask = batch.response_mask_NT.bool()
+    t_a, t_b = via_hidden.teacher, via_logits.teacher
+    assert torch.equal(t_a.topk_ids_NTK[mask], t_b.topk_ids_NTK[mask])
+    for name in ("lp_NT", "entropy_NT", "topk_lp_NTK", "lp_at_other_NTK"):
+        torch.testing.assert_close(getattr(t_a, name)[mask], getattr(t_b, name)[mask], rtol=1e-5, atol=1e-5)
+    if top_k == -1:
+        torch.testing.assert_close(via_hidden.full_kl_NT[mask], via_logits.full_kl_NT[mask], rtol=1e-5, atol=1e-6)
+        assert via_logits.full_kl_NT[mask].abs().max() > 0
+    else:
+        assert via_hidden.full_kl_NT is None and via_logits.full_kl_NT is None

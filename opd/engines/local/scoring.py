@@ -3,7 +3,9 @@
 The engine only moves tensors: what is read from the logits is `opd.core.step` (read_student, read_teacher, ...).
 Per micro-batch the student and the teacher each run once in eval mode; their logits live only inside the
 micro-batch, and only [N, T, K]-sized reads are kept. The student's log-probs at the teacher's top-k ids reuse the
-student logits of the same micro-batch (no third forward), and only when the strategy needs them.
+student logits of the same micro-batch (no third forward), and only when the strategy needs them. When the update
+runs from output heads (`teacher_hidden`), the teacher's reads come from its final hidden states chunk by chunk
+(`opd.core.logits.head_logit_stats`): its [n, T, V] logits are never built.
 """
 
 from __future__ import annotations
@@ -90,14 +92,17 @@ def score(
         clock["student"] += t1 - t0
         if teacher is not None:
             if teacher_hidden is None:
-                t_logits = response_logits(teacher, mb, vocab_size)
-            else:
+                t_source = response_logits(teacher, mb, vocab_size)
+            else:  # read from its hidden states chunk by chunk: the teacher's [n, T, V] logits are never built
                 teacher_hidden.append(response_hidden(teacher, mb))
-                t_logits = head_logits(output_head(teacher, teacher_hidden[-1], vocab_size))
-            reads.teacher = read_teacher(cfg, t_logits, mb.response_ids_NT, reads.student.topk_ids_NTK)
+                t_source = output_head(teacher, teacher_hidden[-1], vocab_size)
+            reads.teacher = read_teacher(cfg, t_source, mb.response_ids_NT, reads.student.topk_ids_NTK)
             reads.student.lp_at_other_NTK = read_student_at_teacher(cfg, s_logits, reads.teacher.topk_ids_NTK)
-            reads.full_kl_NT = None if s_logits is None else read_full_kl(cfg, s_logits, t_logits)
-            del t_logits
+            if s_logits is not None:
+                t_logits = head_logits(t_source) if teacher_hidden is not None else t_source
+                reads.full_kl_NT = read_full_kl(cfg, s_logits, t_logits)
+                del t_logits
+            del t_source
             _sync(batch.response_ids_NT.device)
             clock["teacher"] += time.perf_counter() - t1  # the student-at-teacher-ids and full-vocab reads too
         del s_logits
