@@ -5,9 +5,10 @@
 
 It builds the toy world in a temporary folder (BPE tokenizer trained locally, teacher and student from
 `opd.toy`, untrained, so every response runs to --max-resp tokens: the worst case for the sampler), then times
-the phases of a training step with the engine's own functions: rollout (KV-cached sampling), the student's and
-the teacher's no-grad passes (`score`), the core's support / rewards / advantages (`build_targets`), the update
-(forward + backward + AdamW) and the dynamics metrics. Warm-up steps are excluded. Tokens/s counts generated
+the phases of a training step with the pieces `trainer.train_step` itself runs: rollout (KV-cached sampling and
+grading, `sample_rollouts`), the student's and the teacher's no-grad passes (`score_rollouts`), the core's
+support / rewards / advantages (`rollout_targets`), the update (forward + backward + AdamW, `update_student`) and
+the dynamics metrics. Warm-up steps are excluded. Tokens/s counts generated
 tokens for the rollout, the core's maths, the metrics and the whole step, and prompt + response tokens for the
 model passes and the update (the table says which). Peak memory: on CUDA the peak allocated during each phase; on
 Linux CPUs the process's resident-set high-water mark during the phase (reset through /proc/self/clear_refs before
@@ -65,12 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", help="MODEL_DTYPE: fp32 | bf16 | fp16")
     args = parser.parse_args(argv)
 
-    from opd.core.step import build_targets, step_diagnostics, student_reads_suffice
+    from opd.core.step import step_diagnostics
     from opd.engines.local import trainer
     from opd.engines.local.config import resolve
-    from opd.engines.local.heads import use_output_heads
-    from opd.engines.local.scoring import SamplerReads, score
-    from opd.engines.local.update import loss_and_backward, optimizer_step
     from opd.toy import build_tiny_model, build_toy_tokenizer, save_model, write_datasets
     from opd.toy.models import SIZES
 
@@ -107,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         s = trainer.setup(cfg)
-        algo = cfg.algo
         rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
 
         def record(name, seconds, tokens, peak):
@@ -115,66 +112,16 @@ def main(argv: list[str] | None = None) -> int:
 
         for step in range(1, n_steps + 1):
             problems = [s.train_set.problems[i] for i in s.schedule.batch(step)]
-            # as trainer.train_step: the student's reads from the sampler, the teacher's hidden states kept
-            n_rows = len(problems) * cfg.n_responses
-            heads = use_output_heads(algo, s.student, s.teacher)
-            seen = SamplerReads(algo, n_rows, cfg.max_resp_length, s.vocab_width)
-            seen = seen if student_reads_suffice(algo, heads) else None
+            # train_step's own pieces, phase by phase: nothing of the step is restated here
+            heads, seen = trainer.step_plan(s, len(problems))
             rollouts, t_roll, m_roll = _phase(device, lambda: trainer.sample_rollouts(s, problems, observe=seen))
             batch = rollouts.batch.to(device)
             gen_tokens = float(batch.response_mask_NT.sum())
             all_tokens = float(batch.attention_mask_NL.sum())
-            s.student.eval()
-            passes: dict[str, float] = {}
-            teacher_hidden = [] if heads else None
-            reads, t_score, m_score = _phase(
-                device,
-                lambda: score(
-                    s.student,
-                    s.teacher,
-                    batch,
-                    algo,
-                    token_budget=cfg.micro_batch_tokens,
-                    vocab_size=s.vocab_width,
-                    timings=passes,
-                    teacher_hidden=teacher_hidden,
-                    student_reads=None if seen is None else seen.stats(batch.response_ids_NT.shape[1]),
-                ),
-            )
-            if heads and reads.full_kl_NT is None:  # filled by the update, as in train_step
-                reads.full_kl_NT = torch.zeros(batch.response_ids_NT.shape, device=device)
-            outcome = torch.tensor(rollouts.scores, device=device)
-            has_box = torch.ones(batch.n_rows, dtype=torch.bool, device=device)
-            targets, t_sig, m_sig = _phase(
-                device,
-                lambda: build_targets(
-                    algo,
-                    reads,
-                    response_ids_NT=batch.response_ids_NT,
-                    response_mask_NT=batch.response_mask_NT,
-                    group_index_N=batch.group_index_N,
-                    outcome_scores_N=outcome,
-                    has_box_N=has_box,
-                ),
-            )
-            s.student.train()
-
-            def update():
-                loss_and_backward(
-                    s.student,
-                    batch,
-                    targets,
-                    algo,
-                    token_budget=cfg.micro_batch_tokens,
-                    norm_length=cfg.max_resp_length,
-                    teacher=s.teacher,
-                    vocab_size=s.vocab_width,
-                    teacher_hidden=teacher_hidden,
-                    full_kl_NT=reads.full_kl_NT if heads else None,
-                )
-                return optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip)
-
-            _, t_upd, m_upd = _phase(device, update)
+            scores, t_score, m_score = _phase(device, lambda: trainer.score_rollouts(s, batch, heads=heads, seen=seen))
+            reads, passes = scores.reads, scores.passes
+            targets, t_sig, m_sig = _phase(device, lambda: trainer.rollout_targets(s, rollouts, batch, reads))
+            _, t_upd, m_upd = _phase(device, lambda: trainer.update_student(s, batch, targets, scores))
             _, t_diag, m_diag = _phase(device, lambda: step_diagnostics(reads, batch.response_mask_NT, targets))
             if step <= args.warmup:
                 continue

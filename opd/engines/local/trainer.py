@@ -36,14 +36,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from opd.core.step import build_targets, step_diagnostics, step_profile, student_reads_suffice
+from opd.core.step import StepReads, Targets, build_targets, step_diagnostics, step_profile, student_reads_suffice
 from opd.engines.local.checkpoint import clean_unfinished, latest_checkpoint, save_checkpoint
 from opd.engines.local.config import TrainConfig, config_yaml, run_name_from, sampling_bias_warnings
 from opd.engines.local.data import PromptSchedule, PromptSet, load_prompt_set, prompts_fingerprint
 from opd.engines.local.heads import use_output_heads
 from opd.engines.local.logging import RunLogger
 from opd.engines.local.resume import restore
-from opd.engines.local.rollout import GRADE_WORKERS, Rollouts, generate
+from opd.engines.local.rollout import GRADE_WORKERS, RolloutBatch, Rollouts, generate
 from opd.engines.local.scoring import SamplerReads, reference_logprobs, score
 from opd.engines.local.update import loss_and_backward, optimizer_step
 from opd.engines.local.validation import validate
@@ -245,66 +245,24 @@ def setup(cfg: TrainConfig) -> Session:
 
 
 def train_step(s: Session, step: int) -> dict[str, float]:
-    cfg, algo = s.cfg, s.cfg.algo
+    cfg = s.cfg
     t0 = time.perf_counter()
     problems = [s.train_set.problems[i] for i in s.schedule.batch(step)]
-    n_rows, width = len(problems) * cfg.n_responses, cfg.max_resp_length
-    heads = use_output_heads(algo, s.student, s.teacher)  # full vocabulary from hidden states: KL from the update
-    seen = SamplerReads(algo, n_rows, width, s.vocab_width) if student_reads_suffice(algo, heads) else None
+    heads, seen = step_plan(s, len(problems))
     rollouts = sample_rollouts(s, problems, observe=seen)
     device = next(s.student.parameters()).device
     batch = rollouts.batch.to(device)
     t1 = time.perf_counter()
 
-    s.student.eval()
-    passes: dict[str, float] = {}
-    teacher_hidden = [] if heads else None
-    reads = score(
-        s.student,
-        s.teacher,
-        batch,
-        algo,
-        token_budget=cfg.micro_batch_tokens,
-        vocab_size=s.vocab_width,
-        timings=passes,
-        teacher_hidden=teacher_hidden,
-        student_reads=None if seen is None else seen.stats(batch.response_ids_NT.shape[1]),
-    )
-    if heads and reads.full_kl_NT is None:  # filled by the update's full-vocabulary loss
-        reads.full_kl_NT = torch.zeros(batch.response_ids_NT.shape, device=device)
-    outcome_N = torch.tensor(rollouts.scores, dtype=torch.float32, device=device)
-    has_box_N = torch.tensor(["\\boxed" in text for text in rollouts.texts], device=device)
-    targets = build_targets(
-        algo,
-        reads,
-        response_ids_NT=batch.response_ids_NT,
-        response_mask_NT=batch.response_mask_NT,
-        group_index_N=batch.group_index_N,
-        outcome_scores_N=outcome_N,
-        has_box_N=has_box_N,
-    )
-    if s.reference is not None:
-        targets.ref_lp_NTC = reference_logprobs(
-            s.reference, batch, targets, algo, token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width
-        )
+    scores = score_rollouts(s, batch, heads=heads, seen=seen)
+    reads = scores.reads
+    targets = rollout_targets(s, rollouts, batch, reads)
     t2 = time.perf_counter()
 
-    s.student.train()
-    metrics = loss_and_backward(
-        s.student,
-        batch,
-        targets,
-        algo,
-        token_budget=cfg.micro_batch_tokens,
-        norm_length=cfg.max_resp_length,
-        teacher=s.teacher,
-        vocab_size=s.vocab_width,
-        teacher_hidden=teacher_hidden,
-        full_kl_NT=reads.full_kl_NT,
-    )
-    del teacher_hidden
-    metrics.update(optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip))
+    metrics = update_student(s, batch, targets, scores)
     t3 = time.perf_counter()
+    passes = scores.passes
+    del scores
 
     metrics.update(rollout_metrics(rollouts))
     keep = range(min(cfg.log_samples, len(rollouts.texts)))
@@ -337,6 +295,89 @@ def train_step(s: Session, step: int) -> dict[str, float]:
             "train/epoch": float(s.schedule.position(step)["epoch"]),
         }
     )
+    return metrics
+
+
+@dataclass
+class StepScores:
+    """What scoring hands the update: the reads, the teacher's final hidden states when the update runs from
+    output heads (one teacher forward per step), and the seconds of each model's pass."""
+
+    reads: StepReads
+    teacher_hidden: list[torch.Tensor] | None
+    passes: dict[str, float]
+
+
+def step_plan(s: Session, n_prompts: int) -> tuple[bool, SamplerReads | None]:
+    """(heads, observer): whether the full-vocabulary update runs from output heads (then the KL diagnostic comes
+    from the update), and the sampler observer that records the student's reads, when they suffice for scoring."""
+    algo = s.cfg.algo
+    heads = use_output_heads(algo, s.student, s.teacher)
+    if not student_reads_suffice(algo, heads):
+        return heads, None
+    return heads, SamplerReads(algo, n_prompts * s.cfg.n_responses, s.cfg.max_resp_length, s.vocab_width)
+
+
+def score_rollouts(s: Session, batch: RolloutBatch, *, heads: bool, seen: SamplerReads | None) -> StepScores:
+    """The step's no-grad passes (`opd.engines.local.scoring.score`) as `train_step` runs them."""
+    s.student.eval()
+    passes: dict[str, float] = {}
+    teacher_hidden = [] if heads else None
+    reads = score(
+        s.student,
+        s.teacher,
+        batch,
+        s.cfg.algo,
+        token_budget=s.cfg.micro_batch_tokens,
+        vocab_size=s.vocab_width,
+        timings=passes,
+        teacher_hidden=teacher_hidden,
+        student_reads=None if seen is None else seen.stats(batch.response_ids_NT.shape[1]),
+    )
+    if heads and reads.full_kl_NT is None:  # filled by the update's full-vocabulary loss
+        reads.full_kl_NT = torch.zeros(batch.response_ids_NT.shape, device=batch.response_ids_NT.device)
+    return StepScores(reads, teacher_hidden, passes)
+
+
+def rollout_targets(s: Session, rollouts: Rollouts, batch: RolloutBatch, reads: StepReads) -> Targets:
+    """Support, rewards and advantages of the step (`build_targets`), and the reference's log-probs with USE_KL."""
+    cfg, algo = s.cfg, s.cfg.algo
+    device = batch.response_ids_NT.device
+    targets = build_targets(
+        algo,
+        reads,
+        response_ids_NT=batch.response_ids_NT,
+        response_mask_NT=batch.response_mask_NT,
+        group_index_N=batch.group_index_N,
+        outcome_scores_N=torch.tensor(rollouts.scores, dtype=torch.float32, device=device),
+        has_box_N=torch.tensor(["\\boxed" in text for text in rollouts.texts], device=device),
+    )
+    if s.reference is not None:
+        targets.ref_lp_NTC = reference_logprobs(
+            s.reference, batch, targets, algo, token_budget=cfg.micro_batch_tokens, vocab_size=s.vocab_width
+        )
+    return targets
+
+
+def update_student(s: Session, batch: RolloutBatch, targets: Targets, scores: StepScores) -> dict[str, float]:
+    """The update (forward + backward, micro-batched) and the optimiser step; fills `scores.reads.full_kl_NT`
+    when the full-vocabulary loss runs from output heads."""
+    cfg = s.cfg
+    s.student.train()
+    metrics = loss_and_backward(
+        s.student,
+        batch,
+        targets,
+        cfg.algo,
+        token_budget=cfg.micro_batch_tokens,
+        norm_length=cfg.max_resp_length,
+        teacher=s.teacher,
+        vocab_size=s.vocab_width,
+        teacher_hidden=scores.teacher_hidden,
+        full_kl_NT=scores.reads.full_kl_NT,
+    )
+    scores.teacher_hidden = None  # free the teacher's hidden states before the optimiser step
+    metrics.update(optimizer_step(s.student, s.optimizer, s.scheduler, grad_clip=cfg.grad_clip))
     return metrics
 
 
