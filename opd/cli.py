@@ -19,6 +19,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "opd.demo",
         "run the embedded end-to-end toy demo (SFT teacher, cold-start student, OPD, eval, report)",
     ),
+    ("lab",): (
+        "opd.lab.cli",
+        "reproduce the paper's OPD phenomena on a toy world, with a pre-declared verdict for each (report)",
+    ),
     ("train",): ("opd.engines.local.cli", "train with the local engine from a YAML file and/or launcher variables"),
     ("report",): ("opd.report", "draw the OPD dynamics report (markdown + PNG) from a run folder's metrics.jsonl"),
     ("eval", "gen"): ("opd.eval.gen", "generate N answers per benchmark problem"),

@@ -1,0 +1,163 @@
+"""What the lab trains and runs, as job specs, and the runner that executes them in worker processes.
+
+The cast (one world; the two pattern teachers are shared by every seed, the rest is drawn per seed):
+  teacher_columns  3 x 64, SFT on gold answers in the columns pattern, `what_is` template only
+  teacher_partial  the same budget in the partial-sums pattern (similar accuracy, another way of thinking)
+  student          2 x 64, a short SFT in the columns pattern on a smaller pool, both templates: weak
+  peer             the student's size, data and budget from another init: a teacher with nothing new to teach
+  student_cold     the student after SFT on teacher_partial's accepted samples (the off-policy cold start)
+The OPD pairs (student <- teacher, prompt template): compatible, incompatible, cold_start, peer, misaligned
+(the compatible teacher on prompts in the template it never saw). `--quick` runs the first three.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from opd.lab.config import LabConfig
+from opd.lab.stages import JOBS, job_dir
+
+QUICK_PAIRS = ("compatible", "incompatible", "cold_start")
+ALL_PAIRS = (*QUICK_PAIRS, "peer", "misaligned")
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str  # a key of stages.JOBS
+    spec: dict
+
+
+def world_sizes(cfg: LabConfig) -> dict[str, int]:
+    return {
+        "test": cfg.n_test,
+        "prompts": cfg.n_prompts,
+        "teacher": cfg.n_teacher_problems,
+        "student": cfg.n_student_problems,
+        "dev": cfg.n_dev,
+    }
+
+
+def _model_dir(lab_dir: Path, spec: dict) -> str:
+    return str(job_dir(lab_dir, "models", spec) / "model")
+
+
+def cast(cfg: LabConfig, lab_dir: Path, seed: int) -> dict[str, dict]:
+    """The SFT specs of every model one seed needs, by role."""
+    common = {"world_seed": cfg.world_seed, "sizes": world_sizes(cfg), "batch_size": cfg.batch_size}
+    teachers = {
+        f"teacher_{pattern}": {
+            **common,
+            "name": f"teacher_{pattern}",
+            "size": cfg.teacher_size,
+            "pattern": pattern,
+            "templates": ["what_is"],
+            "pool": "teacher",
+            "n_problems": cfg.n_teacher_problems,
+            "steps": cfg.teacher_steps,
+            "lr": cfg.teacher_lr,
+            "init_seed": cfg.world_seed * 7 + 1 + i,
+            "data_seed": cfg.world_seed * 7 + 1 + i,
+        }
+        for i, pattern in enumerate(("columns", "partial"))
+    }
+    student_like = {
+        **common,
+        "size": cfg.student_size,
+        "pattern": "columns",
+        "templates": ["what_is", "sum_of"],
+        "pool": "student",
+        "n_problems": cfg.n_student_problems,
+        "steps": cfg.student_steps,
+        "lr": cfg.student_lr,
+        "data_seed": seed * 7 + 3,
+        "stop_at": cfg.student_target,
+        "eval_every": cfg.eval_every,
+    }
+    student = {**student_like, "name": f"student_s{seed}", "init_seed": seed * 7 + 3}
+    peer = {**student_like, "name": f"peer_s{seed}", "init_seed": seed * 7 + 4}
+    cold = {
+        **common,
+        "name": f"student_cold_s{seed}",
+        "size": cfg.student_size,
+        "templates": ["what_is"],
+        "pool": "student",
+        "n_problems": cfg.cold_rollouts,
+        "steps": cfg.cold_steps,
+        "lr": cfg.student_lr,
+        "data_seed": seed * 7 + 5,
+        "accept": cfg.cold_accept,
+        "samples_from": _model_dir(lab_dir, teachers["teacher_partial"]),
+        "init_from": _model_dir(lab_dir, student),
+    }
+    return {**teachers, "student": student, "peer": peer, "student_cold": cold}
+
+
+def pairs(cfg: LabConfig, lab_dir: Path, seed: int, names: tuple[str, ...]) -> dict[str, dict]:
+    """The OPD / check spec of each pair: student, teacher (model folders) and the prompt template."""
+    c = {role: _model_dir(lab_dir, spec) for role, spec in cast(cfg, lab_dir, seed).items()}
+    table = {
+        "compatible": (c["student"], c["teacher_columns"], "what_is"),
+        "incompatible": (c["student"], c["teacher_partial"], "what_is"),
+        "cold_start": (c["student_cold"], c["teacher_partial"], "what_is"),
+        "peer": (c["student"], c["peer"], "what_is"),
+        "misaligned": (c["student"], c["teacher_columns"], "sum_of"),
+    }
+    common = {"world_seed": cfg.world_seed, "sizes": world_sizes(cfg), "seed": seed, "top_k": cfg.top_k}
+    return {
+        name: {**common, "name": f"{name}_s{seed}", "student": s, "teacher": t, "template": tpl}
+        for name, (s, t, tpl) in table.items()
+        if name in names
+    }
+
+
+def phases(cfg: LabConfig, lab_dir: Path, names: tuple[str, ...]) -> list[list[Job]]:
+    """Jobs in dependency order: independent models, then the cold starts, then OPD runs and checks."""
+    first, second, third = {}, {}, []
+    for seed in cfg.seeds:
+        roles = cast(cfg, lab_dir, seed)
+        for role in ("teacher_columns", "teacher_partial", "student", "peer"):
+            if role != "peer" or "peer" in names:
+                first[roles[role]["name"]] = Job("sft", roles[role])
+        if "cold_start" in names:
+            second[roles["student_cold"]["name"]] = Job("sft", roles["student_cold"])
+        opd = {
+            "steps": cfg.opd_steps,
+            "lr": cfg.opd_lr,
+            "prompts": cfg.opd_prompts,
+            "n": cfg.opd_n,
+            "test_freq": cfg.test_freq,
+        }
+        for spec in pairs(cfg, lab_dir, seed, names).values():
+            third.append(Job("opd", {**spec, **opd}))
+            third.append(Job("check", {**spec, "n_prompts": cfg.check_prompts}))
+    # the longest jobs first, so two workers finish together
+    third.sort(key=lambda job: job.kind != "opd")
+    return [list(first.values()), list(second.values()), third]
+
+
+def _run(kind: str, lab_dir: str, spec: dict) -> dict:
+    return JOBS[kind](Path(lab_dir), spec)
+
+
+def run_jobs(jobs: list[Job], lab_dir: Path, workers: int, on_done=None) -> dict[str, dict]:
+    """Run `jobs` (independent of each other) on `workers` processes; results by job kind and name."""
+    results: dict[str, dict] = {}
+    if workers == 1 or len(jobs) == 1:
+        for job in jobs:
+            results[f"{job.kind}:{job.spec['name']}"] = _run(job.kind, str(lab_dir), job.spec)
+            if on_done:
+                on_done(job)
+        return results
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(_run, job.kind, str(lab_dir), job.spec): job for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            results[f"{job.kind}:{job.spec['name']}"] = future.result()
+            if on_done:
+                on_done(job)
+    return results
