@@ -235,3 +235,140 @@ def test_verl_path_equals_local_engine(models, rollouts, overrides):
     )  # verl logs the dp mean of rank sums
     for (name, p_local), p_dp in zip(student_local.named_parameters(), student_dp.parameters()):
         assert_grad_close(p_dp.grad / 2, p_local.grad, name)
+
+
+# --- the full vocabulary (top_k = -1): the teacher's hidden states cross over, its head is read from its checkpoint
+
+FULL_CASES = {
+    "full-student_p": dict(top_k=-1),
+    "full-teacher_p-seq_norm": dict(top_k=-1, reward_weight_mode="teacher_p", loss_agg_mode="seq-mean-token-sum-norm"),
+    "full-none-plus_grpo": dict(
+        top_k=-1, reward_weight_mode="none", adv_estimator="token_reward_direct_plus_grpo", grpo_outcome_weight=0.5
+    ),
+}
+
+
+def packed_teacher_logits(model, td, temperature, padded: bool):
+    """`packed_logits`, leaving the output layer's captured input and output as one forward over the micro-batch
+    would: packed rows [1, L, ...] (use_remove_padding), or right-padded rows [B, S, ...] (without it)."""
+    from opd.engines.verl import heads
+
+    hidden, raw, parts = [], [], []
+    with torch.no_grad():
+        for ids in td["input_ids"].unbind():
+            parts.append(model(input_ids=ids[None]).logits[0])
+            hidden.append(heads._CAPTURED["hidden"][0])
+            raw.append(heads._CAPTURED["logits"][0])
+    if padded:  # padding rows hold garbage: only each sequence's first rows may be read
+        width = max(len(x) for x in hidden) + 1
+        hidden, raw = ([torch.cat([x, torch.randn(width - len(x), x.shape[1])]) for x in xs] for xs in (hidden, raw))
+        heads._CAPTURED.update(hidden=torch.stack(hidden), logits=torch.stack(raw))
+    else:
+        heads._CAPTURED.update(hidden=torch.cat(hidden)[None], logits=torch.cat(raw)[None])
+    return (torch.cat(parts) / temperature)[None]
+
+
+def run_teacher_full(spec, teacher, store, micro_batches, temperature):
+    """The teacher's read pass as its worker runs it: the hook, then `merge_hidden` on the pass's output (every
+    second micro-batch with padded rows)."""
+    from opd.engines.verl.teacher_worker import merge_hidden
+
+    outputs = {}
+    for i, rows in enumerate(micro_batches):
+        td = micro_batch(store, rows, **{F.PHASE: F.READ_TEACHER})
+        logits = packed_teacher_logits(teacher, td, temperature, padded=i % 2 == 1)
+        out = teacher_loss(spec, student_logits=logits, data=td)
+        offsets = td["input_ids"].offsets()
+        output = tu.get_tensordict(
+            {k: torch.nested.nested_tensor_from_jagged(v.contiguous(), offsets) for k, v in out.items()}
+        )
+        output = merge_hidden(output, td["input_ids"], td["responses"])
+        assert F.TEACHER_HIDDEN in output.keys()
+        assert not [k for k in output.keys() if k.startswith(F.TEACHER_HIDDEN_ROW + "_")]  # H keys -> one field
+        for key in output.keys():
+            outputs.setdefault(key, []).extend(output[key].unbind())
+    store.update(outputs)
+
+
+@pytest.mark.parametrize("overrides", list(FULL_CASES.values()), ids=list(FULL_CASES))
+def test_full_vocabulary_verl_path_equals_local_engine(models, rollouts, verl_assets, overrides):
+    from opd.engines.verl.heads import capture_output_layer
+
+    student = models[0]
+    teacher = copy.deepcopy(models[1])  # the capture hook stays on this copy
+    capture_output_layer(teacher)
+    prompts, responses, scores, groups = rollouts
+    cfg = OPDConfig(temperature=0.7, teacher_temperature=0.9, **overrides)
+
+    # --- local engine: the teacher's logits next to the student's
+    batch = collate(prompts, responses, groups, pad_id=0)
+    reads_local = score(student, teacher, batch, cfg, token_budget=1 << 20)
+    targets_local = build_targets(
+        cfg,
+        reads_local,
+        response_ids_NT=batch.response_ids_NT,
+        response_mask_NT=batch.response_mask_NT,
+        group_index_N=batch.group_index_N,
+        outcome_scores_N=torch.tensor(scores),
+    )
+    student_local = copy.deepcopy(student)
+    with torch.no_grad():
+        teacher_logits = response_logits(teacher, batch)
+    loss_local, metrics_local = step_loss(
+        cfg,
+        targets_local,
+        response_logits(student_local, batch),
+        totals=loss_totals(targets_local, MAX_RESP),
+        teacher_logits_NTV=teacher_logits,
+    )
+    loss_local.backward()
+    assert metrics_local["actor/full_vocab_loss"] != 0.0
+
+    # --- verl adapter: student read, teacher read (+ hidden states), exact KL pass, targets, update
+    settings = OPDSettings(algo=cfg, teacher=TeacherSettings(None, 1, 1, False, None, None, None), norm_length=MAX_RESP)
+    spec = HookSpec(
+        algo=settings.hook_algo(),
+        reads_k=settings.reads_k,
+        norm_length=MAX_RESP,
+        teacher_path=verl_assets["other"],
+        teacher_temperature=cfg.teacher_temperature,
+    )
+    store = store_of(prompts, responses, scores)
+    mbs = [[0, 1, 2], [3, 4, 5]]
+    run_hook(actor_loss, spec, student, store, mbs, cfg.temperature, F.READ_STUDENT)
+    run_teacher_full(spec, teacher, store, [[0, 1], [2, 3, 4, 5]], cfg.teacher_temperature)
+    run_hook(actor_loss, spec, student, store, [[0], [1, 2, 3, 4, 5]], cfg.temperature, F.READ_FULL_KL)
+    data = TensorDict({k: nested(v) for k, v in store.items()}, batch_size=len(prompts))
+    reads, targets, mask = opd_targets(settings, data, uids=[f"u{g}" for g in groups])
+
+    m = batch.response_mask_NT.bool()
+    torch.testing.assert_close(reads.full_kl_NT[m], reads_local.full_kl_NT[m], atol=2e-5, rtol=0)
+    assert float(reads.full_kl_NT[m].max()) > 1e-3  # two different models: a nonzero KL is compared
+    assert (targets.adv_NTC is None) == (targets_local.adv_NTC is None)
+    if targets_local.adv_NTC is not None:
+        valid = targets_local.valid_NTC
+        torch.testing.assert_close(targets.adv_NTC[valid], targets_local.adv_NTC[valid], atol=2e-5, rtol=0)
+    ours_metrics = step_diagnostics(reads, mask, targets)
+    local_metrics = step_diagnostics(reads_local, batch.response_mask_NT, targets_local)
+    assert ours_metrics.keys() == local_metrics.keys()
+    for key, value in local_metrics.items():
+        assert ours_metrics[key] == pytest.approx(value, abs=2e-4), key
+
+    lengths = data["responses"].offsets().diff()
+    store.update({k: list(v.unbind()) for k, v in target_fields(targets, reads, lengths).items()})
+    extra = slot_info(targets)
+    student_verl = copy.deepcopy(student)
+    loss_verl = verl_update(spec, student_verl, store, mbs, cfg.temperature, extra)
+    assert loss_verl == pytest.approx(float(loss_local.detach()), abs=1e-5)
+    assert sum(float(p.grad.abs().sum()) for p in student_local.parameters()) > 1e-3
+    for (name, p_local), p_verl in zip(student_local.named_parameters(), student_verl.parameters()):
+        assert_grad_close(p_verl.grad, p_local.grad, name)
+
+    student_dp = copy.deepcopy(student)
+    rank_losses = [
+        verl_update(spec, student_dp, store, [rows], cfg.temperature, extra, dp_size=2, n_rows=len(prompts))
+        for rows in ([0, 1, 2], [3, 4, 5])
+    ]
+    assert sum(rank_losses) / 2 == pytest.approx(float(loss_local.detach()), abs=1e-5)
+    for (name, p_local), p_dp in zip(student_local.named_parameters(), student_dp.parameters()):
+        assert_grad_close(p_dp.grad / 2, p_local.grad, name)

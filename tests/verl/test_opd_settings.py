@@ -54,7 +54,6 @@ def test_defaults_are_the_core_defaults():
         (["+opd.top_k_strategy=nope"], "opd.top_k_strategy='nope' is not valid; allowed:"),
         (["+opd.topk=4"], "unknown OPDConfig field(s) ['topk']"),
         (["+opd.teacher.offload=true"], "unknown opd.teacher key(s) ['offload']"),
-        (["+opd.top_k=-1"], "opd.top_k=-1 (full vocabulary) is not supported by the verl trainer mode"),
         (["+opd.use_kl=true"], "opd.use_kl=True (USE_KL) is not supported"),
         (["+opd.temperature=0.5"], "differs from actor_rollout_ref.rollout.temperature"),
         (["algorithm.adv_estimator=gae"], "a critic (algorithm.adv_estimator=gae"),
@@ -67,6 +66,11 @@ def test_refusals_name_the_setting(overrides, message):
     with pytest.raises(SettingsError) as err:
         read_settings(cfg)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_full_vocabulary_is_accepted():
+    s = read_settings(verl_config("+opd.top_k=-1", "+opd.reward_weight_mode=teacher_p"))
+    assert s.algo.support == "full" and s.reads_k == 16  # the diagnostics' top-k width
 
 
 def test_grpo_needs_no_teacher():

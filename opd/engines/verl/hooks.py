@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from opd.core import OPDConfig
+from opd.core.full_vocab import OutputHead
+from opd.core.full_vocab_teacher_head import full_vocab_pg_loss_at_rows, full_vocab_reverse_kl_at_rows, full_vocab_term
 from opd.core.step import (
     BatchTotals,
     Targets,
@@ -35,6 +37,7 @@ from opd.core.step import (
     target_logprobs,
 )
 from opd.engines.verl import fields as F
+from opd.engines.verl.heads import captured_hidden, output_embedding
 from opd.engines.verl.tensors import (
     PackedLayout,
     from_nested,
@@ -45,7 +48,8 @@ from opd.engines.verl.tensors import (
     split_slots,
 )
 
-LOSS_METRICS_SUMMED = ("actor/pg_loss", "actor/kl_loss")  # micro-batch shares of the mini-batch loss: they add up
+# micro-batch shares of the mini-batch loss: they add up
+LOSS_METRICS_SUMMED = ("actor/pg_loss", "actor/kl_loss", "actor/full_vocab_loss")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,12 @@ class HookSpec:
     reads_k: int  # top-k width of the read passes
     norm_length: int  # seq-mean-token-sum-norm divisor (data.max_response_length)
     vocab_width: int | None = None  # read only the first columns of the logits (a padded output layer)
+    teacher_path: str | None = None  # full vocabulary: the checkpoint the teacher's output embedding is read from
+    teacher_temperature: float = 1.0  # full vocabulary: the teacher's head logits are divided by it in the actor
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.algo.support == "full"
 
 
 def _phase(data) -> str | None:
@@ -116,17 +126,40 @@ def _read_teacher(spec: HookSpec, logits: torch.Tensor, data) -> dict[str, torch
     out.update(split_slots(stats.topk_ids_NTK[0], F.TEACHER_TOPK_IDS))
     out.update(split_slots(stats.topk_lp_NTK[0], F.TEACHER_TOPK_LP))
     out.update(split_slots(stats.lp_at_other_NTK[0], F.TEACHER_AT_STUDENT))
+    if spec.full_vocab:  # its final hidden states, for the student's full-vocabulary passes (see `heads`)
+        lengths = data["input_ids"].offsets().diff()
+        out.update(split_slots(captured_hidden(logits, spec.teacher_temperature, lengths), F.TEACHER_HIDDEN_ROW))
     return out
 
 
-def _slot_layout(data) -> tuple[int, bool, bool]:
+def _teacher_head(spec: HookSpec, data, layout: PackedLayout, device) -> tuple[OutputHead, torch.Tensor]:
+    """(the teacher's head at its hidden states [R, H], the packed rows R they belong to), R = the response rows."""
+    weight, bias = output_embedding(spec.teacher_path, spec.vocab_width, device)
+    hidden = data[F.TEACHER_HIDDEN].values().to(device)
+    rows, _, _ = layout.response_rows()
+    if hidden.shape[0] != rows.shape[0]:
+        raise ValueError(f"{F.TEACHER_HIDDEN} holds {hidden.shape[0]} rows for {rows.shape[0]} response tokens")
+    return OutputHead(hidden, weight, bias), rows.to(device)
+
+
+@torch.no_grad()
+def _read_full_kl(spec: HookSpec, logits: torch.Tensor, data) -> dict[str, torch.Tensor]:
+    layout = PackedLayout.from_nested(data["input_ids"], data["responses"])
+    head, rows = _teacher_head(spec, data, layout, logits.device)
+    kl = full_vocab_reverse_kl_at_rows(
+        logits, rows, head, teacher_temperature=spec.teacher_temperature, chunk_size=spec.algo.chunk_size
+    )
+    return {F.FULL_KL: logits.new_zeros(layout.n_rows, dtype=torch.float32).index_put((rows,), kl)}
+
+
+def _info(data, key: str, default):
     from verl.utils import tensordict_utils as tu
 
-    return (
-        int(tu.get_non_tensor_data(data=data, key=F.N_SLOTS, default=0)),
-        bool(tu.get_non_tensor_data(data=data, key=F.HAS_TAIL, default=False)),
-        bool(tu.get_non_tensor_data(data=data, key=F.EXTRA_SLOT, default=False)),
-    )
+    return tu.get_non_tensor_data(data=data, key=key, default=default)
+
+
+def _slot_layout(data) -> tuple[int, bool, bool]:
+    return int(_info(data, F.N_SLOTS, 0)), bool(_info(data, F.HAS_TAIL, False)), bool(_info(data, F.EXTRA_SLOT, False))
 
 
 def _targets(data, layout: PackedLayout, *, packed: bool, with_values: bool) -> Targets:
@@ -144,7 +177,7 @@ def _targets(data, layout: PackedLayout, *, packed: bool, with_values: bool) -> 
         raise ValueError(f"the update's targets have {ids.shape[-1]} slots; extra_info says {n_slots}")
     mask = from_nested(data[F.LOSS_MASK], T).float()
     old = field(F.TARGET_OLD_LP, torch.float32) if with_values else torch.zeros(ids.shape)
-    adv = field(F.TARGET_ADV, torch.float32) if with_values else None
+    adv = field(F.TARGET_ADV, torch.float32) if with_values and _info(data, F.HAS_ADV, True) else None
     # `support` is read only by the diagnostics, which run on the driver
     return Targets(
         ids_NTC=ids,
@@ -164,7 +197,20 @@ def _update_rows(spec: HookSpec, logits: torch.Tensor, data) -> dict[str, torch.
     layout = PackedLayout.from_nested(data["input_ids"], data["responses"])
     targets = _targets(data, layout, packed=True, with_values=False)
     targets.ids_NTC, targets.valid_NTC = targets.ids_NTC.to(logits.device), targets.valid_NTC.to(logits.device)
-    out = split_slots(target_logprobs(spec.algo, logits, targets)[0], F.UPDATE_LP)
+    out = {}
+    if _info(data, F.HAS_ADV, True):  # with the full vocabulary and no outcome advantage, no slot is trained
+        out.update(split_slots(target_logprobs(spec.algo, logits, targets)[0], F.UPDATE_LP))
+    if _info(data, F.FULL_VOCAB, False):  # the surrogate per response row, against the teacher's head
+        head, rows = _teacher_head(spec, data, layout, logits.device)
+        loss_R = full_vocab_pg_loss_at_rows(
+            logits,
+            rows,
+            head,
+            spec.algo.reward_weight_mode,
+            teacher_temperature=spec.teacher_temperature,
+            chunk_size=spec.algo.chunk_size,
+        )
+        out[F.FULL_PG] = loss_R.new_zeros(layout.n_rows).index_put((rows,), loss_R)
     if F.TEACHER_TOP1 in data.keys():  # the probe: log p at the teacher's argmax, no gradient
         top1 = response_to_packed(from_nested(data[F.TEACHER_TOP1], layout.width).long(), layout)
         probe = Targets(
@@ -190,15 +236,10 @@ def _update_loss(spec: HookSpec, model_output, data):
 
     layout = PackedLayout.from_nested(data["input_ids"], data["responses"])
     targets = _targets(data, layout, packed=False, with_values=True)
-    device = model_output[f"{F.UPDATE_LP}_0"].values().device
+    device = next(iter(model_output.values())).values().device
     for name in ("ids_NTC", "valid_NTC", "old_lp_NTC", "adv_NTC", "response_mask_NT"):
-        setattr(targets, name, getattr(targets, name).to(device))
-    lp = join_slots(
-        model_output,
-        F.UPDATE_LP,
-        targets.ids_NTC.shape[-1],
-        convert=lambda nested: packed_to_response(nested.values(), layout),
-    )
+        if getattr(targets, name) is not None:
+            setattr(targets, name, getattr(targets, name).to(device))
     dp_size = int(tu.get_non_tensor_data(data=data, key="dp_size", default=1))
     batch_tokens = tu.get_non_tensor_data(data=data, key="batch_num_tokens", default=None)
     batch_seqs = tu.get_non_tensor_data(data=data, key="global_batch_size", default=None)
@@ -211,7 +252,20 @@ def _update_loss(spec: HookSpec, model_output, data):
         total_tokens=float(batch_tokens) / dp_size,
         total_seqs=float(batch_seqs) / dp_size,
     )
-    loss, core_metrics = step_loss(spec.algo, targets, None, lp_NTC=lp, totals=totals)
+    loss, core_metrics = torch.zeros((), device=device), {}
+    if targets.adv_NTC is not None:  # the slot terms (policy loss; the full vocabulary's is added below)
+        lp = join_slots(
+            model_output,
+            F.UPDATE_LP,
+            targets.ids_NTC.shape[-1],
+            convert=lambda nested: packed_to_response(nested.values(), layout),
+        )
+        loss, core_metrics = step_loss(spec.algo, targets, None, lp_NTC=lp, totals=totals)
+    if F.FULL_PG in model_output.keys():
+        per_pos = packed_to_response(model_output[F.FULL_PG].values(), layout)
+        full, full_metrics = full_vocab_term(spec.algo, per_pos, targets.response_mask_NT, totals)
+        loss = loss + full
+        core_metrics.update(full_metrics)
     metrics = {}
     for key, value in core_metrics.items():
         if key == "actor/loss":  # verl logs the summed micro-batch losses itself as actor/loss
@@ -235,9 +289,11 @@ def actor_loss(spec: HookSpec, student_logits=None, data=None, model_output=None
             return _read_student(spec, logits, data)
         if phase == F.READ_STUDENT_AT_TEACHER:
             return _read_student_at_teacher(spec, logits, data)
+        if phase == F.READ_FULL_KL:
+            return _read_full_kl(spec, logits, data)
         if phase == F.UPDATE:
             return _update_rows(spec, logits, data)
-    elif phase in (F.READ_STUDENT, F.READ_STUDENT_AT_TEACHER):
+    elif phase in (F.READ_STUDENT, F.READ_STUDENT_AT_TEACHER, F.READ_FULL_KL):
         return _zero_loss(data)
     elif phase == F.UPDATE:
         return _update_loss(spec, model_output, data)

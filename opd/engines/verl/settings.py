@@ -106,12 +106,6 @@ def read_settings(config) -> OPDSettings:
 def check_supported(settings: OPDSettings, config) -> None:
     """The combinations this slice refuses, each with the one setting to change."""
     algo, teacher = settings.algo, settings.teacher
-    if algo.support == "full":
-        raise SettingsError(
-            "opd.top_k=-1 (full vocabulary) is not supported by the verl trainer mode: the loss needs "
-            "the student's and the teacher's logits in one process, and here they live in two worker "
-            "groups; use a top-k support (opd.top_k=K) or the local engine"
-        )
     if algo.use_kl:
         raise SettingsError(
             "opd.use_kl=True (USE_KL) is not supported by the verl trainer mode yet: the reference's "

@@ -33,6 +33,8 @@ def read_field_names(settings: OPDSettings) -> list[str]:
         ]
     if needs_student_at_teacher(settings):
         names += slot_names(F.STUDENT_AT_TEACHER, k)
+    if algo.support == "full":
+        names.append(F.FULL_KL)
     return names
 
 
@@ -78,7 +80,8 @@ def reads_from_fields(settings: OPDSettings, data, layout: PackedLayout) -> Step
             F.TEACHER_TOPK_LP,
             F.TEACHER_AT_STUDENT,
         )
-    return StepReads(student=student, teacher=teacher)
+    full_kl = full_sequence_to_response(data[F.FULL_KL], layout).float() if settings.algo.support == "full" else None
+    return StepReads(student=student, teacher=teacher, full_kl_NT=full_kl)
 
 
 def group_index(uids, padding: np.ndarray | None = None) -> torch.Tensor:
@@ -113,19 +116,26 @@ def opd_targets(
 
 def target_fields(targets: Targets, reads: StepReads, lengths: torch.Tensor, loss_mask_dtype=torch.int64) -> dict:
     """The nested, response-long fields the update hook reads (slot dimension kept), plus verl's own
-    ``advantages`` / ``returns`` ([N, T]: the advantage summed over valid slots) so verl's data metrics describe the
-    OPD signal."""
+    ``advantages`` / ``returns`` ([N, T]: the advantage summed over valid slots; with the full vocabulary and no
+    outcome advantage, the exact -KL_t that the surrogate's value is for student_p) so verl's data metrics describe
+    the OPD signal."""
     adv = targets.adv_NTC
-    adv_NT = torch.where(targets.valid_NTC, adv, torch.zeros_like(adv)).sum(-1)
+    if adv is not None:
+        adv_NT = torch.where(targets.valid_NTC, adv, torch.zeros_like(adv)).sum(-1)
+    elif reads.full_kl_NT is not None:
+        adv_NT = -reads.full_kl_NT * targets.response_mask_NT
+    else:
+        adv_NT = torch.zeros_like(targets.response_mask_NT)
     out = {
         F.TARGET_IDS: to_nested(targets.ids_NTC.long(), lengths),
         F.TARGET_VALID: to_nested(targets.valid_NTC.bool(), lengths),
         F.TARGET_OLD_LP: to_nested(targets.old_lp_NTC.float(), lengths),
-        F.TARGET_ADV: to_nested(adv.float(), lengths),
         F.LOSS_MASK: to_nested(targets.response_mask_NT.to(loss_mask_dtype), lengths),
         "advantages": to_nested(adv_NT.float(), lengths),
         "returns": to_nested(adv_NT.float(), lengths),
     }
+    if adv is not None:
+        out[F.TARGET_ADV] = to_nested(adv.float(), lengths)
     if reads.teacher is not None:
         top = reads.teacher.topk_lp_NTK.argmax(-1, keepdim=True)
         out[F.TEACHER_TOP1] = to_nested(reads.teacher.topk_ids_NTK.gather(-1, top)[..., 0].long(), lengths)
@@ -138,4 +148,6 @@ def slot_info(targets: Targets) -> dict:
         F.N_SLOTS: int(targets.ids_NTC.shape[-1]),
         F.HAS_TAIL: bool(targets.has_tail),
         F.EXTRA_SLOT: bool(targets.extra_sampled_slot),
+        F.FULL_VOCAB: bool(targets.full_vocab),
+        F.HAS_ADV: targets.adv_NTC is not None,
     }

@@ -7,6 +7,7 @@ gives the server's own top-k only). The engine config is the actor's, so with th
 two reads are the same computation (advantages exactly 0); the optimizer the engine builds never steps (its states
 are created lazily, so it costs no memory). ``+opd.teacher.param_offload=true`` keeps the weights on the CPU
 between forwards; ``+opd.teacher.model_dtype=bf16`` holds them in bf16 (the actor's default is fp32 masters).
+With the full vocabulary the group also returns its final hidden states (`teacher_worker.TeacherWorker`).
 """
 
 from __future__ import annotations
@@ -65,12 +66,14 @@ def worker_config(config, settings: OPDSettings):
 
 
 def build_group(config, settings: OPDSettings, resource_pool, loss_fn):
-    """Start the teacher's workers in `resource_pool`, load the weights, install the read hook."""
+    """Start the teacher's workers in `resource_pool`, load the weights, install the read hook (and, for the full
+    vocabulary, the capture of the final hidden states)."""
     import ray
     from verl.single_controller.ray import RayClassWithInitArgs, RayWorkerGroup
-    from verl.workers.engine_workers import TrainingWorker
 
-    worker = RayClassWithInitArgs(cls=ray.remote(TrainingWorker), config=worker_config(config, settings))
+    from opd.engines.verl.teacher_worker import TeacherWorker
+
+    worker = RayClassWithInitArgs(cls=ray.remote(TeacherWorker), config=worker_config(config, settings))
     group = RayWorkerGroup(
         resource_pool=resource_pool,
         ray_cls_with_init=worker,
@@ -79,6 +82,8 @@ def build_group(config, settings: OPDSettings, resource_pool, loss_fn):
     )
     group.reset()
     group.set_loss_fn(loss_fn)
+    if settings.algo.support == "full":
+        group.capture_hidden()
     return group
 
 

@@ -5,14 +5,17 @@ three of its stages and keeps the maths in `opd.core`:
 - ``_compute_old_log_prob``: verl's own old-log-prob pass also runs the actor's read hook (the student's log p at the
   sampled token, entropy and top-k; no extra forward);
 - ``_compute_advantage``: the teacher worker group scores the student's ids; strategies that need it get one more
-  actor pass (log p at the teacher's top-k); then `build_targets` on [N, T, K] (group = ``uid``, outcome =
+  actor pass (log p at the teacher's top-k), and so does the full vocabulary (the exact reverse KL against the
+  teacher's output head, for the diagnostics); then `build_targets` on [N, T, K] (group = ``uid``, outcome =
   ``rm_scores``), the dynamics metrics (``opd/...``, the local engine's names) and the update's targets back to
   TransferQueue;
 - ``_update_actor``: verl's update with the actor's logits hook computing log p at every target slot (the K
-  dimension kept) and `step_loss` as the loss.
+  dimension kept) and `step_loss` as the loss; with the full vocabulary the hook also computes the per-position
+  surrogate against the teacher's head (its final hidden states from the teacher pass, its output embedding read
+  from its checkpoint once per actor process).
 The mode behaves as verl's ``sync`` wherever verl branches on the mode's name (replay buffer, data loader, configs
 under ``trainer.v1.sync``). Timings of the added passes: ``timing_s/opd_teacher``, ``timing_s/opd_student_at_teacher``,
-``timing_s/opd_targets``.
+``timing_s/opd_full_kl``, ``timing_s/opd_targets``.
 """
 
 from __future__ import annotations
@@ -107,7 +110,16 @@ class OPDTrainer(PPOTrainerSync):
             reads_k=self.settings.reads_k,
             norm_length=self.settings.norm_length,
             vocab_width=self.settings.vocab_width,
+            teacher_path=self.settings.teacher.path,
+            teacher_temperature=self.settings.algo.teacher_temperature,
         )
+        if self.settings.algo.support == "full":  # the actor reads the teacher's output embedding: is it there?
+            from opd.engines.verl.heads import HeadError, find_output_embedding
+
+            try:
+                find_output_embedding(self.settings.teacher.path)
+            except HeadError as exc:
+                raise SettingsError(str(exc)) from None
         self.teacher_wg = None
         self._slot_info: dict = {}
         super().__init__(config)
@@ -170,6 +182,11 @@ class OPDTrainer(PPOTrainerSync):
                 with marked_timer("opd_student_at_teacher", self.timing_raw):
                     batch = all_fields(batch)
                     batch.extra_info.update(self._read_flags(F.READ_STUDENT_AT_TEACHER, with_verl_outputs=False))
+                    self.actor_rollout_wg.compute_log_prob(batch)
+            if settings.algo.support == "full":  # the exact KL for the diagnostics, against the teacher's head
+                with marked_timer("opd_full_kl", self.timing_raw):
+                    batch = all_fields(batch)
+                    batch.extra_info.update(self._read_flags(F.READ_FULL_KL, with_verl_outputs=False))
                     self.actor_rollout_wg.compute_log_prob(batch)
         with marked_timer("opd_targets", self.timing_raw):
             names = ["uid", "input_ids", "responses", "response_mask", "rm_scores", *read_field_names(settings)]
