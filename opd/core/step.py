@@ -56,6 +56,7 @@ __all__ = [
     "build_targets",
     "loss_totals",
     "merge_loss_metrics",
+    "needs_outcome_scores",
     "needs_student_at_teacher",
     "needs_student_logits",
     "read_full_kl",
@@ -99,6 +100,12 @@ class StepReads:
 def reads_width(cfg: OPDConfig, vocab_size: int) -> int:
     """The top-k width both models are read at: K for a top-k support, else DIAGNOSTIC_K (for the metrics)."""
     return min(cfg.top_k if cfg.support == "topk" else DIAGNOSTIC_K, vocab_size)
+
+
+def needs_outcome_scores(cfg: OPDConfig) -> bool:
+    """Whether `build_targets` reads the rollouts' rule rewards (`outcome_scores_N`): an engine that grades in the
+    background waits for the grades there only then."""
+    return ADV_ESTIMATORS.get(cfg.adv_estimator).needs_outcome_scores
 
 
 def needs_student_at_teacher(cfg: OPDConfig) -> bool:

@@ -180,15 +180,28 @@ def clear_symbolic_cache() -> None:
         _SYMBOLIC_CACHE.clear()
 
 
+_STARTER: threading.Thread | None = None  # the background start of `start_workers`, while it runs
+_IDLE_CHANGED = threading.Condition(_IDLE_LOCK)
+
+
 def _acquire(n: int) -> list[SymbolicChecker]:
-    with _IDLE_LOCK:
+    """Up to `n` idle workers, else new ones. While `start_workers` is still starting some, the first of those is
+    waited for and fewer than `n` may be returned: a started worker is nearer to ready than a new one, and a
+    duplicate start would compete with it for the CPU."""
+    with _IDLE_CHANGED:
+        while not _IDLE and _STARTER is not None and _STARTER.is_alive():
+            _IDLE_CHANGED.wait(timeout=0.05)
         taken = [_IDLE.pop() for _ in range(min(n, len(_IDLE)))]
+        starting = _STARTER is not None and _STARTER.is_alive()
+    if taken and starting:
+        return taken
     return taken + [SymbolicChecker() for _ in range(n - len(taken))]
 
 
 def _release(checkers: list[SymbolicChecker]) -> None:
-    with _IDLE_LOCK:
+    with _IDLE_CHANGED:
         _IDLE.extend(checkers)
+        _IDLE_CHANGED.notify_all()
 
 
 def start_workers(n: int) -> None:
@@ -211,7 +224,9 @@ def start_workers(n: int) -> None:
                 return
             _release([checker])
 
-    threading.Thread(target=run, name="opd-grading-start", daemon=True).start()
+    global _STARTER
+    _STARTER = threading.Thread(target=run, name="opd-grading-start", daemon=True)
+    _STARTER.start()
 
 
 def grade_batch(

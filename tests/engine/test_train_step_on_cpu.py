@@ -209,3 +209,51 @@ def test_sampler_reads_equal_a_separate_pass(tiny_cfg, settings):
         torch.testing.assert_close(getattr(got, name)[mask], want[mask], rtol=1e-4, atol=1e-5, msg=name)
     assert torch.equal(got.topk_ids_NTK[mask], alone.topk_ids_NTK[mask])
     assert float(alone.lp_NT[mask].abs().sum()) > 0  # real log-probs were compared
+
+
+def test_buffered_sampler_reads_equal_reads_per_position(tiny_cfg, monkeypatch):
+    """SamplerReads reads its buffered positions in one call: the same values as one call per position (the reads
+    are row-wise), over several sampler batches and with rows finishing early."""
+    from opd.engines.local.scoring import SamplerReads
+
+    s = trainer.setup(tiny_cfg(n_responses=3, rollout_batch_size=5, **{"algo.top_k": 4}))
+    problems = [s.train_set.problems[i] for i in s.schedule.batch(1)]
+    results = []
+    vocab = s.vocab_width or s.student.config.vocab_size
+    for budget in (SamplerReads.BUFFER_ELEMENTS, 1, 3 * 5 * vocab):  # all, one position, three at a time
+        monkeypatch.setattr(SamplerReads, "BUFFER_ELEMENTS", budget)
+        s.generator.manual_seed(0)
+        seen = SamplerReads(s.cfg.algo, len(problems) * 3, s.cfg.max_resp_length, s.vocab_width)
+        batch = trainer.sample_rollouts(s, problems, observe=seen).batch
+        results.append((batch, seen.stats(batch.response_ids_NT.shape[1])))
+    (batch, want), *others = results
+    assert batch.n_rows > 5  # several sampler batches
+    mask = batch.response_mask_NT > 0
+    for other_batch, got in others:
+        assert torch.equal(other_batch.response_ids_NT, batch.response_ids_NT)
+        for name in ("lp_NT", "entropy_NT", "topk_lp_NTK", "topk_ids_NTK"):
+            assert torch.equal(getattr(got, name)[mask], getattr(want, name)[mask]), name
+
+
+def test_rollouts_graded_in_the_background_equal_grading_in_place(tiny_cfg, monkeypatch):
+    """`generate` grades in a background thread: the scores and answers are those of grade_batch on the texts, an
+    error of the grader surfaces where the scores are read, and a replaced reward sticks."""
+    from opd.engines.local import rollout
+    from opd.grading import grade_batch
+
+    s = trainer.setup(tiny_cfg(n_responses=2))
+    problems = [s.train_set.problems[i] for i in s.schedule.batch(1)]
+    out = trainer.sample_rollouts(s, problems)
+    truths = [problems[g].ground_truth for g in out.batch.group_index_N.tolist()]
+    want = grade_batch(out.texts, truths)
+    assert out.scores == [g.score for g in want] and out.extracted == [g.extracted for g in want]
+    out.scores = [1.0] * len(out.texts)
+    assert out.scores == [1.0] * len(out.texts)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("grader broke")
+
+    monkeypatch.setattr(rollout, "grade_batch", broken)
+    failing = trainer.sample_rollouts(s, problems)
+    with pytest.raises(RuntimeError, match="grader broke"):
+        failing.scores

@@ -343,3 +343,44 @@ def test_start_workers_fills_the_idle_pool_once():
         assert len(score_module._IDLE) == before + 1
     out = score_module.grade_batch(["\\boxed{x^2+2x+1}"], ["(x+1)^2"], workers=1)  # a pooled worker answers
     assert out[0].score == 1.0
+
+
+def test_a_check_during_the_background_start_waits_for_it_instead_of_starting_another(monkeypatch):
+    """While `start_workers` is starting workers, grade_batch takes the first started one rather than starting a
+    duplicate (which would compete with it for the CPU); the verdict is the same."""
+    import threading
+
+    from opd.grading import score as score_module
+
+    created: list[int] = []
+    release = threading.Event()
+
+    class FakeChecker:
+        def __init__(self):
+            created.append(1)
+
+        def start(self):
+            release.wait(10)
+
+        def check(self, a, b):
+            return True
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(score_module, "_IDLE", [])
+    monkeypatch.setattr(score_module, "_STARTER", None)
+    monkeypatch.setattr(score_module, "SymbolicChecker", FakeChecker)
+    monkeypatch.setattr(score_module, "_SYMBOLIC_CACHE", type(score_module._SYMBOLIC_CACHE)())
+    score_module.start_workers(2)
+    assert len(created) == 1  # the background thread is starting its first worker
+    taken: list = []
+    waiter = threading.Thread(target=lambda: taken.extend(score_module._acquire(2)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and len(created) == 1  # waiting for the started worker, not starting a new one
+    release.set()
+    waiter.join(10)
+    score_module._STARTER.join(10)
+    assert 1 <= len(taken) <= 2 and len(created) == 2  # only the background start's two workers exist
+    score_module._release(taken)

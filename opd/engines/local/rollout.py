@@ -11,6 +11,7 @@ truncated importance weights between a separate rollout engine (vLLM) and the tr
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import torch
@@ -103,13 +104,51 @@ def micro_batch_bounds(batch: RolloutBatch, token_budget: int) -> list[tuple[int
     return bounds
 
 
-@dataclass
 class Rollouts:
-    batch: RolloutBatch
-    texts: list[str]  # decoded responses (special tokens skipped)
-    scores: list[float]  # rule reward (1.0 correct)
-    extracted: list[str | None]  # final answer found by the grader (None: no answer)
-    truncated: list[bool]  # hit the length limit without EOS
+    """A step's rollouts: the padded batch, the decoded texts and, from the rule reward, `scores` (1.0 correct) and
+    `extracted` (the final answer found, None: none). `generate` grades in a background thread (the grader's
+    symbolic checks run in worker processes), so the step's model passes overlap with it; reading `scores` or
+    `extracted` waits for the grades (and raises what grading raised)."""
+
+    def __init__(self, batch: RolloutBatch, texts: list[str], truncated: list[bool], grades):
+        self.batch = batch
+        self.texts = texts  # decoded responses (special tokens skipped)
+        self.truncated = truncated  # hit the length limit without EOS
+        self._grades = grades  # a Future of, or a list of, GradeResult
+        self._scores: list[float] | None = None
+        self._extracted: list[str | None] | None = None
+
+    def _resolve(self) -> None:
+        if self._extracted is None:
+            graded = self._grades.result() if isinstance(self._grades, Future) else self._grades
+            self._extracted = [g.extracted for g in graded]
+            if self._scores is None:
+                self._scores = [g.score for g in graded]
+
+    @property
+    def scores(self) -> list[float]:
+        self._resolve()
+        return self._scores
+
+    @scores.setter
+    def scores(self, value: list[float]) -> None:  # a test's or an experiment's own reward
+        self._resolve()
+        self._scores = list(value)
+
+    @property
+    def extracted(self) -> list[str | None]:
+        self._resolve()
+        return self._extracted
+
+
+_GRADER: ThreadPoolExecutor | None = None  # one background thread grades each step's rollouts
+
+
+def _grade_in_background(texts: list[str], ground_truths: list[str]) -> Future:
+    global _GRADER
+    if _GRADER is None:
+        _GRADER = ThreadPoolExecutor(1, thread_name_prefix="opd-grade")
+    return _GRADER.submit(grade_batch, texts, ground_truths, workers=GRADE_WORKERS)
 
 
 def generate(
@@ -130,7 +169,8 @@ def generate(
     progress: bool = False,
     observe=None,
 ) -> Rollouts:
-    """n samples per prompt (rows grouped by prompt: prompt i owns rows i*n .. i*n+n-1), graded by the rule reward.
+    """n samples per prompt (rows grouped by prompt: prompt i owns rows i*n .. i*n+n-1), graded by the rule reward
+    in the background (`Rollouts`).
 
     `observe` goes to the sampler (`opd.generation.sample`): it sees each position's logits and sampled token."""
     repeated = [list(p) for p in prompts for _ in range(n)]
@@ -150,13 +190,7 @@ def generate(
     )
     group = [i for i in range(len(prompts)) for _ in range(n)]
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    graded = grade_batch(texts, [ground_truths[g] for g in group], workers=GRADE_WORKERS)
+    grades = _grade_in_background(texts, [ground_truths[g] for g in group])
     eos = set(eos_ids)
     truncated = [not (r and r[-1] in eos) for r in responses]
-    return Rollouts(
-        batch=collate(repeated, responses, group, pad_id),
-        texts=texts,
-        scores=[g.score for g in graded],
-        extracted=[g.extracted for g in graded],
-        truncated=truncated,
-    )
+    return Rollouts(collate(repeated, responses, group, pad_id), texts, truncated, grades)

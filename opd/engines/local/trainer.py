@@ -36,7 +36,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from opd.core.step import StepReads, Targets, build_targets, step_diagnostics, step_profile, student_reads_suffice
+from opd.core.step import (
+    StepReads,
+    Targets,
+    build_targets,
+    needs_outcome_scores,
+    step_diagnostics,
+    step_profile,
+    student_reads_suffice,
+)
 from opd.engines.local.checkpoint import clean_unfinished, latest_checkpoint, save_checkpoint
 from opd.engines.local.config import TrainConfig, config_yaml, run_name_from, sampling_bias_warnings
 from opd.engines.local.data import PromptSchedule, PromptSet, load_prompt_set, prompts_fingerprint
@@ -349,7 +357,11 @@ def rollout_targets(s: Session, rollouts: Rollouts, batch: RolloutBatch, reads: 
         response_ids_NT=batch.response_ids_NT,
         response_mask_NT=batch.response_mask_NT,
         group_index_N=batch.group_index_N,
-        outcome_scores_N=torch.tensor(rollouts.scores, dtype=torch.float32, device=device),
+        outcome_scores_N=(
+            torch.tensor(rollouts.scores, dtype=torch.float32, device=device)
+            if needs_outcome_scores(algo)
+            else None  # not read: the grading, in the background since the rollout, is waited for only at the metrics
+        ),
         has_box_N=torch.tensor(["\\boxed" in text for text in rollouts.texts], device=device),
     )
     if s.reference is not None:
