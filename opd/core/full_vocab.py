@@ -166,10 +166,10 @@ def full_vocab_pg_loss_NT(
 # --- from final hidden states: the [T, V] logits never exist ------------------------------------------------------
 
 
-# Rows of the hidden-state kernel per chunk: `hidden_chunk_rows` (chunk_size, at most HIDDEN_CHUNK_ELEMENTS logits
-# per buffer); a chunk holds about four such buffers. At V = 151,936 that is 110 rows: peak ~1/20 of the naive path
-# (bench/bench_rewards.py), where 256 rows would need ~600 MiB. Fewer rows cost speed (each chunk's rank-R update
-# of the output embedding's gradient streams the whole [V, H] matrix).
+# Rows of the hidden-state kernel per chunk: `hidden_chunk_rows` (chunk_size, at most a device-dependent number of
+# logits per buffer, opd.core.logits); a chunk holds about four such buffers. On a GPU at V = 151,936 that is 110
+# rows: peak ~1/20 of the naive path (bench/bench_rewards.py), where 256 rows would need ~600 MiB. Fewer rows cost
+# speed (each chunk's rank-R update of the output embedding's gradient streams the whole [V, H] matrix).
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,7 @@ def full_vocab_pg_loss_from_hidden(
 
     Equal in value and gradient (w.r.t. the student's hidden states, output weight and bias) to running the
     student's head, `full_vocab_pg_loss_NT` and a linear aggregation with weights `weights_NT` (`agg_weights`), but
-    only chunk_size rows (at most HIDDEN_CHUNK_ELEMENTS / V) of either model's logits exist at a time, and backward
+    only chunk_size rows (at most `hidden_chunk_rows`) of either model's logits exist at a time, and backward
     allocates nothing [T, V]-sized.
     Positions of weight 0 (padding) are skipped. Teacher tensors are constants. Not twice differentiable.
     `kl_out_NT`, when given (float32 [N, T]), receives the exact reverse KL_t at the positions of nonzero weight
@@ -285,7 +285,7 @@ def full_vocab_pg_loss_from_hidden(
             "teacher and student must share the vocabulary"
         )
     keep = weights_NT != 0
-    rows = hidden_chunk_rows(chunk_size, student.weight_VH.shape[0])
+    rows = hidden_chunk_rows(chunk_size, student.weight_VH.shape[0], s_h.device)
     kl_R = None if kl_out_NT is None else torch.zeros(int(keep.sum()), dtype=torch.float64, device=s_h.device)
     loss = _FullVocabPGFromHidden.apply(
         s_h[keep],

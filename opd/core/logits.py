@@ -25,16 +25,22 @@ from opd.core.types import LogitStats
 # a few more loop iterations.
 DEFAULT_CHUNK_SIZE = 256
 
-# Rows of a chunk built from hidden states: chunk_size, but at most this many logits (64 MiB of float32) per
-# buffer. At V = 151,936 that is 110 rows (bench/bench_rewards.py): fewer rows cost speed, more cost memory.
+# Logits per chunk built from hidden states, by device: rows = chunk_size, but at most this many logits per float32
+# buffer (a chunk holds about three such buffers). Each chunk streams the whole [V, H] output embedding (its
+# logits' matmul and, in the update, its gradient's rank-R update), so fewer rows cost bandwidth; on a GPU 2^24
+# (64 MiB, 110 rows at V = 151,936) keeps that cost small. On a CPU 2^22 (16 MiB, 27 rows) measured as fast at
+# H = 64 (the chunk stays nearer the caches) at a quarter of the memory (docs/benchmarks.md); at H = 1,024 the
+# stream costs more there, so raise it for big CPU models.
 HIDDEN_CHUNK_ELEMENTS = 1 << 24
+HIDDEN_CHUNK_ELEMENTS_CPU = 1 << 22
 
 
-def hidden_chunk_rows(chunk_size: int, vocab: int) -> int:
-    """Rows per chunk of the hidden-state kernels: `chunk_size`, capped at HIDDEN_CHUNK_ELEMENTS logits."""
+def hidden_chunk_rows(chunk_size: int, vocab: int, device: torch.device | str = "cpu") -> int:
+    """Rows per chunk of the hidden-state kernels: `chunk_size`, capped at the device's logits per chunk."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} is not valid; expected >= 1")
-    return max(1, min(int(chunk_size), HIDDEN_CHUNK_ELEMENTS // max(vocab, 1)))
+    cap = HIDDEN_CHUNK_ELEMENTS_CPU if torch.device(device).type == "cpu" else HIDDEN_CHUNK_ELEMENTS
+    return max(1, min(int(chunk_size), cap // max(vocab, 1)))
 
 
 def _check_temperature(temperature: float) -> None:
@@ -162,12 +168,12 @@ def head_logit_stats(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> LogitStats:
     """`logit_stats` of the logits `hidden @ weight.T + bias`, which are never built whole: each chunk of rows
-    (`hidden_chunk_rows`: at most HIDDEN_CHUNK_ELEMENTS logits) comes from the head's matmul and is read and
-    dropped at once. Peak extra memory: about 2 * HIDDEN_CHUNK_ELEMENTS float32, whatever N * T and V are."""
+    (`hidden_chunk_rows`: a few MiB of logits) comes from the head's matmul and is read and dropped at once.
+    Peak extra memory: about 3 chunks of float32 logits, whatever N * T is."""
     _check_temperature(temperature)
     lead, vocab = tuple(hidden_NTH.shape[:-1]), weight_VH.shape[0]
     h_RH = hidden_NTH.reshape(-1, hidden_NTH.shape[-1])
-    rows = hidden_chunk_rows(chunk_size, vocab)
+    rows = hidden_chunk_rows(chunk_size, vocab, hidden_NTH.device)
     ranges = ((start, min(start + rows, h_RH.shape[0])) for start in range(0, h_RH.shape[0], rows))
     return _stats(
         (*lead, vocab),
