@@ -64,6 +64,43 @@ def rollouts(models):
     return prompts, responses, scores, groups
 
 
+@pytest.fixture(scope="module")
+def reference(models):
+    """USE_KL's reference policy: the student with its final norm / 10 (a distribution apart from the student's,
+    so the KL term and its gradient are not zero)."""
+    ref = copy.deepcopy(models[0])
+    with torch.no_grad():
+        ref.model.norm.weight.mul_(0.1)
+    return ref
+
+
+def local_reference(reference, batch, targets, cfg):
+    """USE_KL on the local engine: the reference's log-probs at the target slots."""
+    from opd.engines.local.scoring import reference_logprobs
+
+    if cfg.use_kl:
+        targets.ref_lp_NTC = reference_logprobs(reference, batch, targets, cfg, token_budget=1 << 20)
+
+
+def run_reference(spec, reference, store, micro_batches, temperature, extra):
+    """USE_KL on verl: the reference's read pass as the teacher's workers run it (hook, then `merge_rows`)."""
+    from opd.engines.verl.teacher_worker import merge_rows
+
+    outputs = {}
+    for rows in micro_batches:
+        td = micro_batch(store, rows, **{F.PHASE: F.READ_REFERENCE}, **extra)
+        out = actor_loss(spec, student_logits=packed_logits(reference, td, temperature), data=td)
+        offsets = td["input_ids"].offsets()
+        output = tu.get_tensordict(
+            {k: torch.nested.nested_tensor_from_jagged(v.contiguous(), offsets) for k, v in out.items()}
+        )
+        output = merge_rows(output, F.REF_LP_ROW, F.TARGET_REF_LP, td["input_ids"], td["responses"])
+        assert list(output.keys()) == [F.TARGET_REF_LP]
+        for key in output.keys():
+            outputs.setdefault(key, []).extend(output[key].unbind())
+    store.update(outputs)
+
+
 def assert_grad_close(ours, theirs, name):
     """Equal up to float32 summation order, which changes with the thread count. The sharpened logits make some
     gradients large (the embedding's largest entry is about 290), so the absolute tolerance is the old 1e-5 or one
@@ -154,11 +191,13 @@ CASES = {
     "sampled_token": dict(top_k=0),
     "grpo": dict(top_k=0, adv_estimator="grpo"),
     "teachability_weight": dict(top_k=4, teachability="weight", teachability_threshold=0.9),
+    "only_stu-use_kl": dict(top_k=4, use_kl=True, kl_coef=0.5),
+    "union-tail-use_kl-k2": dict(top_k=4, top_k_strategy="union", tail_bucket=True, use_kl=True, kl_loss_type="k2"),
 }
 
 
 @pytest.mark.parametrize("overrides", list(CASES.values()), ids=list(CASES))
-def test_verl_path_equals_local_engine(models, rollouts, overrides):
+def test_verl_path_equals_local_engine(models, rollouts, reference, overrides):
     student, teacher = models
     prompts, responses, scores, groups = rollouts
     cfg = OPDConfig(temperature=0.7, teacher_temperature=0.9, **overrides)
@@ -175,11 +214,13 @@ def test_verl_path_equals_local_engine(models, rollouts, overrides):
         group_index_N=batch.group_index_N,
         outcome_scores_N=torch.tensor(scores),
     )
+    local_reference(reference, batch, targets_local, cfg)
     student_local = copy.deepcopy(student)
-    loss_local, _ = step_loss(
+    loss_local, metrics_local = step_loss(
         cfg, targets_local, response_logits(student_local, batch), totals=loss_totals(targets_local, MAX_RESP)
     )
     loss_local.backward()
+    assert not cfg.use_kl or abs(metrics_local["actor/kl_loss"]) > 1e-3  # a real KL term is compared
 
     # --- verl adapter
     settings = OPDSettings(algo=cfg, teacher=TeacherSettings(None, 1, 1, False, None, None, None), norm_length=MAX_RESP)
@@ -218,6 +259,8 @@ def test_verl_path_equals_local_engine(models, rollouts, overrides):
     lengths = data["responses"].offsets().diff()
     store.update({k: list(v.unbind()) for k, v in target_fields(targets, reads, lengths).items()})
     extra = slot_info(targets)
+    if cfg.use_kl:
+        run_reference(spec, reference, store, [[0, 1, 2, 3], [4, 5]], cfg.temperature, extra)
     student_verl = copy.deepcopy(student)
     loss_verl = verl_update(spec, student_verl, store, mbs, cfg.temperature, extra)
     assert loss_verl == pytest.approx(float(loss_local.detach()), abs=1e-5)
@@ -245,6 +288,7 @@ FULL_CASES = {
     "full-none-plus_grpo": dict(
         top_k=-1, reward_weight_mode="none", adv_estimator="token_reward_direct_plus_grpo", grpo_outcome_weight=0.5
     ),
+    "full-use_kl": dict(top_k=-1, use_kl=True, kl_coef=0.5, kl_loss_type="k1"),
 }
 
 
@@ -291,7 +335,7 @@ def run_teacher_full(spec, teacher, store, micro_batches, temperature):
 
 
 @pytest.mark.parametrize("overrides", list(FULL_CASES.values()), ids=list(FULL_CASES))
-def test_full_vocabulary_verl_path_equals_local_engine(models, rollouts, verl_assets, overrides):
+def test_full_vocabulary_verl_path_equals_local_engine(models, rollouts, verl_assets, reference, overrides):
     from opd.engines.verl.heads import capture_output_layer
 
     student = models[0]
@@ -311,6 +355,7 @@ def test_full_vocabulary_verl_path_equals_local_engine(models, rollouts, verl_as
         group_index_N=batch.group_index_N,
         outcome_scores_N=torch.tensor(scores),
     )
+    local_reference(reference, batch, targets_local, cfg)
     student_local = copy.deepcopy(student)
     with torch.no_grad():
         teacher_logits = response_logits(teacher, batch)
@@ -323,6 +368,7 @@ def test_full_vocabulary_verl_path_equals_local_engine(models, rollouts, verl_as
     )
     loss_local.backward()
     assert metrics_local["actor/full_vocab_loss"] != 0.0
+    assert not cfg.use_kl or abs(metrics_local["actor/kl_loss"]) > 1e-3
 
     # --- verl adapter: student read, teacher read (+ hidden states), exact KL pass, targets, update
     settings = OPDSettings(algo=cfg, teacher=TeacherSettings(None, 1, 1, False, None, None, None), norm_length=MAX_RESP)
@@ -357,6 +403,8 @@ def test_full_vocabulary_verl_path_equals_local_engine(models, rollouts, verl_as
     lengths = data["responses"].offsets().diff()
     store.update({k: list(v.unbind()) for k, v in target_fields(targets, reads, lengths).items()})
     extra = slot_info(targets)
+    if cfg.use_kl:
+        run_reference(spec, reference, store, [[0, 1, 2, 3], [4, 5]], cfg.temperature, extra)
     student_verl = copy.deepcopy(student)
     loss_verl = verl_update(spec, student_verl, store, mbs, cfg.temperature, extra)
     assert loss_verl == pytest.approx(float(loss_local.detach()), abs=1e-5)

@@ -54,7 +54,10 @@ def test_defaults_are_the_core_defaults():
         (["+opd.top_k_strategy=nope"], "opd.top_k_strategy='nope' is not valid; allowed:"),
         (["+opd.topk=4"], "unknown OPDConfig field(s) ['topk']"),
         (["+opd.teacher.offload=true"], "unknown opd.teacher key(s) ['offload']"),
-        (["+opd.use_kl=true"], "opd.use_kl=True (USE_KL) is not supported"),
+        (
+            ["~opd.teacher.path", "+opd.top_k=0", "+opd.adv_estimator=grpo", "+opd.use_kl=true"],
+            "opd.use_kl=True with opd.adv_estimator='grpo': the OPD trainer mode holds the reference",
+        ),
         (["+opd.temperature=0.5"], "differs from actor_rollout_ref.rollout.temperature"),
         (["algorithm.adv_estimator=gae"], "a critic (algorithm.adv_estimator=gae"),
         (["actor_rollout_ref.actor.use_kl_loss=true"], "actor_rollout_ref.actor.use_kl_loss=True is not supported"),
@@ -68,9 +71,10 @@ def test_refusals_name_the_setting(overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_full_vocabulary_is_accepted():
-    s = read_settings(verl_config("+opd.top_k=-1", "+opd.reward_weight_mode=teacher_p"))
+def test_full_vocabulary_and_kl_to_reference_are_accepted():
+    s = read_settings(verl_config("+opd.top_k=-1", "+opd.reward_weight_mode=teacher_p", "+opd.use_kl=true"))
     assert s.algo.support == "full" and s.reads_k == 16  # the diagnostics' top-k width
+    assert s.algo.use_kl and s.algo.kl_coef == 0.005
 
 
 def test_grpo_needs_no_teacher():

@@ -11,6 +11,7 @@ READ_TEACHER = "read_teacher"  # teacher: the same, plus log q at the student's 
 READ_STUDENT_AT_TEACHER = "read_student_at_teacher"  # actor: log p at the teacher's top-k ids (only_tch, union...)
 UPDATE = "update"  # actor: log p at the target slots, with gradient, then the OPD loss
 READ_FULL_KL = "read_full_kl"  # actor, full vocabulary: the exact reverse KL against the teacher's head
+READ_REFERENCE = "read_reference"  # reference (USE_KL, in the teacher's workers): log p_ref at the target slots
 
 # read passes: per packed row, [L] each (ids as int64)
 STUDENT_LP, STUDENT_ENTROPY, STUDENT_TOPK_IDS, STUDENT_TOPK_LP = "opd_s_lp", "opd_s_ent", "opd_s_id", "opd_s_tlp"
@@ -26,6 +27,9 @@ TEACHER_HIDDEN_ROW, TEACHER_HIDDEN = "opd_t_h", "opd_t_hidden"
 # the update's targets, written by the driver: nested [n, R_i, C] (C slots), and the teacher's argmax [n, R_i]
 TARGET_IDS, TARGET_VALID, TARGET_OLD_LP, TARGET_ADV = "opd_tg_ids", "opd_tg_valid", "opd_tg_old", "opd_tg_adv"
 TEACHER_TOP1 = "opd_tg_t_top1"
+# USE_KL: the reference's hook returns its log-probs at the C target slots as per-row keys (REF_LP_ROW_j); its
+# worker merges them into the response-long target field [n, R_i, C] (TARGET_REF_LP) the update reads
+REF_LP_ROW, TARGET_REF_LP = "opd_ref_lp", "opd_tg_ref"
 LOSS_MASK = "loss_mask"  # verl counts this field's tokens for its loss normalisation: the core's response mask
 
 # the update hook's outputs, per packed row: log p at each slot (with gradient), and at the teacher's argmax

@@ -178,6 +178,7 @@ def _targets(data, layout: PackedLayout, *, packed: bool, with_values: bool) -> 
     mask = from_nested(data[F.LOSS_MASK], T).float()
     old = field(F.TARGET_OLD_LP, torch.float32) if with_values else torch.zeros(ids.shape)
     adv = field(F.TARGET_ADV, torch.float32) if with_values and _info(data, F.HAS_ADV, True) else None
+    ref = field(F.TARGET_REF_LP, torch.float32) if with_values and F.TARGET_REF_LP in data.keys() else None
     # `support` is read only by the diagnostics, which run on the driver
     return Targets(
         ids_NTC=ids,
@@ -189,7 +190,26 @@ def _targets(data, layout: PackedLayout, *, packed: bool, with_values: bool) -> 
         has_tail=has_tail,
         extra_sampled_slot=extra,
         full_vocab=False,
+        ref_lp_NTC=ref,
     )
+
+
+def _slot_logprobs(spec: HookSpec, logits: torch.Tensor, data) -> torch.Tensor:
+    """[L, C] log-probs at the update's target slots per packed row (differentiable when `logits` are)."""
+    layout = PackedLayout.from_nested(data["input_ids"], data["responses"])
+    targets = _targets(data, layout, packed=True, with_values=False)
+    targets.ids_NTC, targets.valid_NTC = targets.ids_NTC.to(logits.device), targets.valid_NTC.to(logits.device)
+    return target_logprobs(spec.algo, logits, targets)[0]
+
+
+@torch.no_grad()
+def _read_reference(spec: HookSpec, logits: torch.Tensor, data) -> dict[str, torch.Tensor]:
+    return split_slots(_slot_logprobs(spec, logits, data), F.REF_LP_ROW)
+
+
+def _needs_slots(spec: HookSpec, data) -> bool:
+    """Whether the loss reads log p at the target slots: slot advantages, or the KL-to-reference term."""
+    return bool(_info(data, F.HAS_ADV, True)) or spec.algo.use_kl
 
 
 def _update_rows(spec: HookSpec, logits: torch.Tensor, data) -> dict[str, torch.Tensor]:
@@ -198,7 +218,7 @@ def _update_rows(spec: HookSpec, logits: torch.Tensor, data) -> dict[str, torch.
     targets = _targets(data, layout, packed=True, with_values=False)
     targets.ids_NTC, targets.valid_NTC = targets.ids_NTC.to(logits.device), targets.valid_NTC.to(logits.device)
     out = {}
-    if _info(data, F.HAS_ADV, True):  # with the full vocabulary and no outcome advantage, no slot is trained
+    if _needs_slots(spec, data):  # with the full vocabulary alone (no outcome advantage, no KL) no slot is read
         out.update(split_slots(target_logprobs(spec.algo, logits, targets)[0], F.UPDATE_LP))
     if _info(data, F.FULL_VOCAB, False):  # the surrogate per response row, against the teacher's head
         head, rows = _teacher_head(spec, data, layout, logits.device)
@@ -237,7 +257,7 @@ def _update_loss(spec: HookSpec, model_output, data):
     layout = PackedLayout.from_nested(data["input_ids"], data["responses"])
     targets = _targets(data, layout, packed=False, with_values=True)
     device = next(iter(model_output.values())).values().device
-    for name in ("ids_NTC", "valid_NTC", "old_lp_NTC", "adv_NTC", "response_mask_NT"):
+    for name in ("ids_NTC", "valid_NTC", "old_lp_NTC", "adv_NTC", "response_mask_NT", "ref_lp_NTC"):
         if getattr(targets, name) is not None:
             setattr(targets, name, getattr(targets, name).to(device))
     dp_size = int(tu.get_non_tensor_data(data=data, key="dp_size", default=1))
@@ -253,7 +273,7 @@ def _update_loss(spec: HookSpec, model_output, data):
         total_seqs=float(batch_seqs) / dp_size,
     )
     loss, core_metrics = torch.zeros((), device=device), {}
-    if targets.adv_NTC is not None:  # the slot terms (policy loss; the full vocabulary's is added below)
+    if _needs_slots(spec, data):  # the slot terms (policy loss, KL; the full vocabulary's is added below)
         lp = join_slots(
             model_output,
             F.UPDATE_LP,
@@ -293,7 +313,9 @@ def actor_loss(spec: HookSpec, student_logits=None, data=None, model_output=None
             return _read_full_kl(spec, logits, data)
         if phase == F.UPDATE:
             return _update_rows(spec, logits, data)
-    elif phase in (F.READ_STUDENT, F.READ_STUDENT_AT_TEACHER, F.READ_FULL_KL):
+        if phase == F.READ_REFERENCE:
+            return _read_reference(spec, logits, data)
+    elif phase in (F.READ_STUDENT, F.READ_STUDENT_AT_TEACHER, F.READ_FULL_KL, F.READ_REFERENCE):
         return _zero_loss(data)
     elif phase == F.UPDATE:
         return _update_loss(spec, model_output, data)

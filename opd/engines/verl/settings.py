@@ -106,10 +106,10 @@ def read_settings(config) -> OPDSettings:
 def check_supported(settings: OPDSettings, config) -> None:
     """The combinations this slice refuses, each with the one setting to change."""
     algo, teacher = settings.algo, settings.teacher
-    if algo.use_kl:
+    if algo.use_kl and not algo.needs_teacher:
         raise SettingsError(
-            "opd.use_kl=True (USE_KL) is not supported by the verl trainer mode yet: the reference's "
-            "log-probs at the target slots are not read; set opd.use_kl=False"
+            f"opd.use_kl=True with opd.adv_estimator={algo.adv_estimator!r}: the OPD trainer mode holds the "
+            "reference in the teacher's workers; without a teacher use verl's own trainer (actor.use_kl_loss)"
         )
     if algo.needs_teacher and not teacher.path:
         raise SettingsError(f"opd.adv_estimator={algo.adv_estimator!r} needs a teacher: set +opd.teacher.path=DIR")
@@ -126,7 +126,7 @@ def check_supported(settings: OPDSettings, config) -> None:
         (
             config.actor_rollout_ref.actor.get("use_kl_loss", False),
             "actor_rollout_ref.actor.use_kl_loss=True",
-            "the OPD loss replaces verl's; use opd.use_kl once supported",
+            "the OPD loss replaces verl's; use opd.use_kl (the core's KL-to-reference term)",
         ),
         (
             config.algorithm.adv_estimator == "gae" or config.critic.get("enable"),

@@ -26,9 +26,10 @@ def pool_spec(settings: OPDSettings) -> list[int]:
     return [settings.teacher.n_gpus_per_node] * settings.teacher.nnodes
 
 
-def worker_config(config, settings: OPDSettings):
-    """verl's TrainingWorkerConfig for the teacher: the actor's model config with the teacher's path (no LoRA) and
-    the actor's FSDP engine with the teacher's offload, dtype and micro-batch settings."""
+def worker_config(config, settings: OPDSettings, path: str | None = None):
+    """verl's TrainingWorkerConfig for the teacher (or, with `path`, another model held like it: the reference):
+    the actor's model config with the teacher's path (no LoRA) and the actor's FSDP engine with the teacher's
+    offload, dtype and micro-batch settings."""
     from omegaconf import open_dict
     from verl.utils.config import omega_conf_to_dataclass
     from verl.workers.engine_workers import TrainingWorkerConfig
@@ -36,7 +37,7 @@ def worker_config(config, settings: OPDSettings):
     teacher = settings.teacher
     model_node = copy.deepcopy(config.actor_rollout_ref.model)
     with open_dict(model_node):
-        model_node.path = teacher.path
+        model_node.path = path or teacher.path
         model_node.tokenizer_path = None
         model_node.hf_config_path = None
         model_node.lora_rank = 0
@@ -87,19 +88,37 @@ def build_group(config, settings: OPDSettings, resource_pool, loss_fn):
     return group
 
 
+def build_reference(group, config, settings: OPDSettings, loss_fn) -> None:
+    """USE_KL: the reference policy (the initial student, ``actor_rollout_ref.model.path``) as a second engine in
+    the teacher's workers."""
+    group.init_reference(worker_config(config, settings, path=config.actor_rollout_ref.model.path), loss_fn)
+
+
+def _read_flags(phase: str, temperature: float) -> dict:
+    return {
+        "compute_loss": True,
+        "distillation_use_topk": True,
+        "distillation_only": True,
+        "calculate_entropy": False,
+        "temperature": float(temperature),
+        F.PHASE: phase,
+    }
+
+
 def score(group, batch, temperature: float) -> None:
     """One read pass of the teacher over `batch` (a KVBatchMeta); its fields land in TransferQueue."""
     import ray
 
-    batch.extra_info.update(
-        {
-            "compute_loss": True,
-            "distillation_use_topk": True,
-            "distillation_only": True,
-            "calculate_entropy": False,
-            "temperature": float(temperature),
-            F.PHASE: F.READ_TEACHER,
-        }
-    )
+    batch.extra_info.update(_read_flags(F.READ_TEACHER, temperature))
     output = group.infer_batch(batch)
     ray.get(output.futures)  # in TransferQueue mode the workers return metadata, not a batch to collect
+
+
+def score_reference(group, batch, temperature: float, slot_info: dict) -> None:
+    """USE_KL: the reference's log-probs at the update's target slots (`slot_info`: their layout) into
+    TransferQueue, as the update's ``opd_tg_ref`` field."""
+    import ray
+
+    batch.extra_info.update(_read_flags(F.READ_REFERENCE, temperature), **slot_info)
+    output = group.reference_batch(batch)
+    ray.get(output.futures)

@@ -15,7 +15,8 @@ three of its stages and keeps the maths in `opd.core`:
   from its checkpoint once per actor process).
 The mode behaves as verl's ``sync`` wherever verl branches on the mode's name (replay buffer, data loader, configs
 under ``trainer.v1.sync``). Timings of the added passes: ``timing_s/opd_teacher``, ``timing_s/opd_student_at_teacher``,
-``timing_s/opd_full_kl``, ``timing_s/opd_targets``.
+``timing_s/opd_full_kl``, ``timing_s/opd_targets``, ``timing_s/opd_reference`` (USE_KL: the reference's log-probs at
+the target slots, read by a second engine in the teacher's workers once the targets exist).
 """
 
 from __future__ import annotations
@@ -98,6 +99,17 @@ def without_fields(batch: KVBatchMeta, names: list[str]) -> KVBatchMeta:
     )
 
 
+def with_fields(batch: KVBatchMeta, names: tuple[str, ...] = ()) -> KVBatchMeta:
+    """A copy of `batch` (its own extra_info), plus fields `names` (written to TransferQueue by a worker since)."""
+    return KVBatchMeta(
+        keys=list(batch.keys),
+        tags=list(batch.tags),
+        partition_id=batch.partition_id,
+        fields=None if batch.fields is None else [*batch.fields, *names],
+        extra_info=dict(batch.extra_info or {}),
+    )
+
+
 @register_trainer(TRAINER_MODE)
 class OPDTrainer(PPOTrainerSync):
     """verl's sync trainer with OPD's reads, targets and K-dimensional update (see the module docstring)."""
@@ -147,6 +159,10 @@ class OPDTrainer(PPOTrainerSync):
             self.teacher_wg = teacher_group.build_group(
                 self.config, self.settings, pool, partial(teacher_loss, self.hook_spec)
             )
+            if self.settings.algo.use_kl:  # the reference (the initial student) in the teacher's workers
+                teacher_group.build_reference(
+                    self.teacher_wg, self.config, self.settings, partial(actor_loss, self.hook_spec)
+                )
 
     # ------------------------------------------------------------------ the step
     def _read_flags(self, phase: str, *, with_verl_outputs: bool) -> dict:
@@ -204,7 +220,13 @@ class OPDTrainer(PPOTrainerSync):
             batch = tq.kv_batch_put(
                 keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(out, batch_size=len(batch.keys))
             )
-        return without_fields(batch, read_field_names(settings))
+        batch = without_fields(batch, read_field_names(settings))
+        if settings.algo.use_kl:
+            with marked_timer("opd_reference", self.timing_raw):
+                temperature = float(self.config.actor_rollout_ref.rollout.temperature)
+                teacher_group.score_reference(self.teacher_wg, with_fields(batch), temperature, self._slot_info)
+            batch = with_fields(batch, (F.TARGET_REF_LP,))
+        return batch
 
     def _has_box(self, data):
         """ENABLE_FORMAT_REWARD: which responses hold a \\boxed answer (decoded as the local engine does)."""
