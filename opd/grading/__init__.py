@@ -17,6 +17,7 @@ from .score import (
     grade_response,
     score_response,
     start_workers,
+    wait_for_workers,
 )
 from .symbolic import DEFAULT_TIMEOUT_S, SymbolicChecker, SymbolicTimeout
 
@@ -36,4 +37,5 @@ __all__ = [
     "normalize_answer",
     "score_response",
     "start_workers",
+    "wait_for_workers",
 ]

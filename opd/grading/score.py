@@ -229,6 +229,13 @@ def start_workers(n: int) -> None:
     _STARTER.start()
 
 
+def wait_for_workers(timeout: float | None = None) -> None:
+    """Wait until `start_workers`' background start is over (benchmarks that time steady-state steps call it)."""
+    starter = _STARTER
+    if starter is not None:
+        starter.join(timeout)
+
+
 def grade_batch(
     responses: list[str],
     ground_truths: list[str],

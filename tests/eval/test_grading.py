@@ -381,6 +381,7 @@ def test_a_check_during_the_background_start_waits_for_it_instead_of_starting_an
     assert waiter.is_alive() and len(created) == 1  # waiting for the started worker, not starting a new one
     release.set()
     waiter.join(10)
-    score_module._STARTER.join(10)
+    score_module.wait_for_workers(10)
+    assert not score_module._STARTER.is_alive()
     assert 1 <= len(taken) <= 2 and len(created) == 2  # only the background start's two workers exist
     score_module._release(taken)
