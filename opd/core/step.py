@@ -8,13 +8,15 @@ between is here, in this order:
        `read_teacher`              the same for the teacher, plus log q at the student's top-k ids
        `read_student_at_teacher`   log p at the teacher's top-k ids (only strategies that read it; else None)
        `read_full_kl`              the exact per-position reverse KL (full vocabulary only; else None)
-     bundled as `StepReads` over the whole batch;
+     bundled as `StepReads` over the whole batch; an engine whose teacher runs in another process reads the exact KL
+     with `full_vocab_reverse_kl_at_rows` against the teacher's `OutputHead` (opd.core.full_vocab_teacher_head);
   2. `build_targets`: support -> rewards -> teachability -> advantages -> the update's `Targets` (slot ids, validity,
      old log-probs, advantages, flags). This is the only place that branches on the kind of support
      (`OPDConfig.support`: the sampled token, a top-k set, or the full vocabulary);
   3. `step_loss` per micro-batch: the student's differentiable log-probs at the targets (`target_logprobs`), the
      policy loss, the full-vocabulary term and the KL-to-reference term, one aggregation (`loss_totals` makes the
      micro-batch losses add up to the full-batch loss); `merge_loss_metrics` combines the micro-batches' metrics;
+     such an engine takes the full-vocabulary term from `full_vocab_pg_loss_at_rows` + `full_vocab_term` instead;
   4. `step_diagnostics` / `step_profile`: the dynamics metrics of `opd.core.metrics` on the same tensors.
 
 What LOG_PROB_TOP_K selects, in one place:
@@ -38,6 +40,7 @@ from opd.core.full_vocab import (
     full_vocab_pg_loss_NT,
     full_vocab_reverse_kl,
 )
+from opd.core.full_vocab_teacher_head import full_vocab_pg_loss_at_rows, full_vocab_reverse_kl_at_rows, full_vocab_term
 from opd.core.logits import head_logit_stats, logit_stats, logprobs_at
 from opd.core.loss import BatchTotals, agg_loss, agg_weights, apply_format_mask, kl_loss, policy_loss
 from opd.core.metrics import DEFAULT_POSITION_EDGES, DiagnosticInputs, dynamics_metrics, per_position_profile
@@ -54,6 +57,9 @@ __all__ = [
     "StepReads",
     "Targets",
     "build_targets",
+    "full_vocab_pg_loss_at_rows",
+    "full_vocab_reverse_kl_at_rows",
+    "full_vocab_term",
     "loss_totals",
     "merge_loss_metrics",
     "needs_outcome_scores",

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from opd.core import OPDConfig
-from opd.core.full_vocab import OutputHead
-from opd.core.full_vocab_teacher_head import full_vocab_pg_loss_at_rows, full_vocab_reverse_kl_at_rows, full_vocab_term
 from opd.core.step import (
     BatchTotals,
+    OutputHead,
     Targets,
+    full_vocab_pg_loss_at_rows,
+    full_vocab_reverse_kl_at_rows,
+    full_vocab_term,
     read_student,
     read_student_at_teacher,
     read_teacher,
