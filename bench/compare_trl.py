@@ -22,7 +22,9 @@ The same step in both:
   every response is 32 tokens long;
 - the loss: TRL `beta=1` (reverse KL over the full vocabulary, token mean, from hidden states in chunks); ours
   `LOG_PROB_TOP_K=-1` (`algo.top_k=-1`: full-vocabulary reverse KL, token mean; the default estimator adds no outcome
-  term), and `algo.top_k=16` as a second row (a cheaper, different loss: top-16 support of the student).
+  term), and `algo.top_k=16` as a second row (a cheaper, different loss: top-16 support of the student); rows
+  "compiled" run the same with `compile_sampler=true` (a torch.compile'd decode step, compiled in the warm-up step:
+  the last table gives that first step's time).
 
 A step is what a user pays per optimiser step: TRL from `on_step_begin` to `on_step_end` (generation, scoring and
 loss forward + backward, clipping, AdamW); ours one `train_step(session, step)` call (rollout and rule grading,
@@ -200,6 +202,7 @@ def _our_session(spec: dict, n_steps: int, run_dir: Path):
             "run_name": "ours",
             "algo.top_k": spec["k"],
             "algo.temperature": 1.0,
+            "compile_sampler": bool(spec.get("compile", False)),
         },
     )
     s = trainer.setup(cfg)
@@ -219,11 +222,12 @@ def run_ours(spec: dict) -> dict:
         wait_for_workers()
         start_mb = _start_mark()
         times, phases, losses = [], {k: [] for k in PHASE_KEYS}, []
-        scored = None
+        scored = first_step = None
         for step in range(1, n_steps + 1):
             t0 = time.perf_counter()
             metrics = trainer.train_step(s, step)
             dt = time.perf_counter() - t0
+            first_step = dt if first_step is None else first_step
             if metrics["train/response_length"] != NEW_TOKENS:
                 raise RuntimeError(f"ours: mean response length {metrics['train/response_length']} != {NEW_TOKENS}")
             scored = round(metrics["perf/tokens_per_s"] * metrics["perf/time_step_s"])
@@ -235,6 +239,7 @@ def run_ours(spec: dict) -> dict:
         peak_mb = _peak_mb()
     return {
         "times": times,
+        "first_step_s": first_step,
         "phases": phases,
         "losses": losses,
         "gen_tokens": N_PROMPTS * NEW_TOKENS,
@@ -336,6 +341,7 @@ def run_trl(spec: dict) -> dict:
     w = spec["warmup"]
     return {
         "times": clock.times[w:],
+        "first_step_s": clock.times[0],
         "phases": {"generate": trl_trainer.gen_times[w:]},
         "gen_tokens": N_PROMPTS * NEW_TOKENS,
         "scored_tokens": sum(len(p) for p in prompt_ids) + N_PROMPTS * NEW_TOKENS,
@@ -476,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first, in both tools")
     parser.add_argument("--ks", default="-1,16", help="our LOG_PROB_TOP_K rows (comma list)")
+    parser.add_argument(
+        "--compiled-ks",
+        default="-1",
+        help="our LOG_PROB_TOP_K rows also run with the compiled sampler (compile_sampler=true; comma list, '' none)",
+    )
     parser.add_argument("--check-loss", action="store_true", help="only the loss / gradient agreement check")
     parser.add_argument("--no-check", action="store_true", help="skip the loss check before the timings")
     parser.add_argument("--json", help="also write the raw measurements here")
@@ -491,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
 
     vocabs = [v.strip() for v in args.vocab.split(",") if v.strip()]
     ks = [int(k) for k in args.ks.split(",")]
+    compiled_ks = [int(k) for k in args.compiled_ks.split(",") if k.strip()]
     raw: dict = {"args": vars(args), "vocabs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         world = build_world(Path(tmp), vocabs)
@@ -511,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.check_loss:
                 continue
             tools = [("TRL", {"tool": "trl"})] + [(f"ours K={k}", {"tool": "ours", "k": k}) for k in ks]
+            tools += [(f"ours K={k} compiled", {"tool": "ours", "k": k, "compile": True}) for k in compiled_ks]
             for r in range(args.repeats):
                 for label, extra in tools:
                     res = _spawn({**base, **extra})
@@ -538,8 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     loss_names = {"TRL": "reverse KL, full vocab (beta=1)"}
-    for k in ks:
+    for k in ks + compiled_ks:
         loss_names[f"ours K={k}"] = "reverse KL, full vocab" if k == -1 else f"top-{k} support (different loss)"
+        loss_names[f"ours K={k} compiled"] = loss_names[f"ours K={k}"] + ", compiled sampler"
     for vocab, entry in raw["vocabs"].items():
         trl_runs = entry["runs"]["TRL"]
         for label, runs in entry["runs"].items():
@@ -573,6 +587,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cells = [f"{_med(merged[k]):.3f}" for k in PHASE_KEYS] + ["-"]
             print(f"| {int(vocab):,} | {label} | " + " | ".join(cells) + " |")
+
+    print("\nFirst (untimed warm-up) step, median s: one-time costs such as the sampler's compilation\n")
+    print("| vocab | " + " | ".join(raw["vocabs"][next(iter(raw["vocabs"]))]["runs"]) + " |")
+    print("|---:|" + "---:|" * len(raw["vocabs"][next(iter(raw["vocabs"]))]["runs"]))
+    for vocab, entry in raw["vocabs"].items():
+        cells = [f"{_med([r['first_step_s'] for r in runs]):.3f}" for runs in entry["runs"].values()]
+        print(f"| {int(vocab):,} | " + " | ".join(cells) + " |")
     return 0
 
 

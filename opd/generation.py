@@ -8,6 +8,8 @@ Prompts are left-padded so every row's next token sits in the last column; posit
 
 from __future__ import annotations
 
+import sys
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -74,6 +76,7 @@ def sample(
     batch_size: int = 64,
     progress: bool = False,
     observe: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Sample one response per prompt (repeat a prompt n times for n samples).
 
@@ -82,6 +85,9 @@ def sample(
     `observe(first_row, step, logits_BV, token_B)`, when given, sees the model's raw next-token logits (before
     temperature, top-p or repetition penalty) of rows first_row.. at each response position, with the sampled
     token: a trainer reads the sampling policy's statistics there instead of re-running the model.
+    `compile`: decode with a `torch.compile`d step over a static KV cache (faster for small models after a one-time
+    compilation; samples may differ from eager ones in the last bits, hence off by default; falls back to eager
+    decoding where it cannot compile).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -114,6 +120,7 @@ def sample(
                     generator,
                     device,
                     None if observe is None else (lambda *a, first=start: observe(first, *a)),
+                    compile,
                 )
             )
             bar.update(len(chunk))
@@ -123,8 +130,134 @@ def sample(
     return out
 
 
+class _DynamicDecoder:
+    """The default decoding: the model's own (dynamic) KV cache, a growing attention mask, eager forwards."""
+
+    def __init__(self, model, attn_BL: torch.Tensor):
+        self.model, self.attn, self.past = model, attn_BL, None
+
+    def prefill(self, input_ids_BL, position_ids_BL) -> torch.Tensor:
+        outputs = self.model(
+            input_ids=input_ids_BL,
+            attention_mask=self.attn,
+            position_ids=position_ids_BL,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.past = outputs.past_key_values
+        return outputs.logits[:, -1, :]
+
+    def step(self, tok_B, pos_B) -> torch.Tensor:
+        B = tok_B.shape[0]
+        self.attn = torch.cat([self.attn, torch.ones((B, 1), dtype=self.attn.dtype, device=self.attn.device)], dim=1)
+        outputs = self.model(
+            input_ids=tok_B[:, None],
+            attention_mask=self.attn,
+            position_ids=pos_B[:, None],
+            past_key_values=self.past,
+            use_cache=True,
+        )
+        self.past = outputs.past_key_values
+        return outputs.logits[:, -1, :]
+
+
+# --- compiled decoding (opt-in) ----------------------------------------------------------------------------------
+# A decode step of a small model is mostly Python and dispatch overhead (~0.5 ms per token for the toy models on one
+# CPU thread, most of the step at a small vocabulary); `torch.compile` of one decode step over a static KV cache
+# (fixed shapes: one compilation per batch size and cache length) runs it ~2.5x faster (docs/benchmarks.md). The
+# compiled kernels round differently from eager ones, so the samples of a seed can differ from the eager sampler's:
+# it is off by default, and a model or machine where it cannot compile (no C++ compiler, a model without a static
+# cache) falls back to eager decoding, saying so once.
+STATIC_CACHE_ROUND = 64  # cache lengths are rounded up to a multiple of this, so changing prompt lengths reuse one
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> compiled step, or None: cannot
+
+
+def _compiled_step(model):
+    if model not in _COMPILED:
+
+        def step(tok_B1, attn_BC, pos_B1, cache_position, cache):
+            out = model(
+                input_ids=tok_B1,
+                attention_mask=attn_BC,
+                position_ids=pos_B1,
+                past_key_values=cache,
+                cache_position=cache_position,
+                use_cache=True,
+            )
+            return out.logits[:, -1, :]
+
+        _COMPILED[model] = torch.compile(step, dynamic=False)
+    return _COMPILED[model]
+
+
+class _CompiledDecoder:
+    """Decoding over a static KV cache with a compiled decode step (the prefill stays eager)."""
+
+    def __init__(self, model, attn_BL: torch.Tensor, max_new_tokens: int):
+        from transformers import StaticCache
+
+        B, L = attn_BL.shape
+        length = -(-(L + max_new_tokens) // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
+        self.model, self.L, self.n = model, L, 0
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        self.attn = torch.zeros((B, length), dtype=attn_BL.dtype, device=attn_BL.device)
+        self.attn[:, :L] = attn_BL
+        self.fn = _compiled_step(model)
+
+    def prefill(self, input_ids_BL, position_ids_BL) -> torch.Tensor:
+        outputs = self.model(
+            input_ids=input_ids_BL,
+            attention_mask=self.attn[:, : self.L],
+            position_ids=position_ids_BL,
+            past_key_values=self.cache,
+            cache_position=torch.arange(self.L, device=input_ids_BL.device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return outputs.logits[:, -1, :]
+
+    def step(self, tok_B, pos_B) -> torch.Tensor:
+        at = self.L + self.n
+        self.n += 1
+        self.attn[:, at] = 1
+        cache_position = torch.tensor([at], device=tok_B.device)
+        return self.fn(tok_B[:, None], self.attn, pos_B[:, None], cache_position, self.cache)
+
+
+def _can_compile(model, attn_BL: torch.Tensor, max_new_tokens: int) -> bool:
+    """Whether a compiled decoder runs for this model here: built and run once on a scratch cache (this is where
+    the compilation happens), so a failure costs no sampled token. Said once per model when it cannot."""
+    if model in _COMPILED and _COMPILED[model] is None:
+        return False
+    try:
+        probe = _CompiledDecoder(model, attn_BL, max_new_tokens)
+        B = attn_BL.shape[0]
+        zeros = torch.zeros(B, dtype=torch.long, device=attn_BL.device)
+        probe.step(zeros, zeros)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure to build or compile means: decode eagerly
+        _COMPILED[model] = None
+        print(
+            f"opd: note: compiled sampling is not available for this model here ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); sampling eagerly",
+            file=sys.stderr,
+        )
+        return False
+
+
 def _sample_batch(
-    model, prompts, max_new_tokens, eos, pad_id, temperature, top_p, rep_penalty, generator, device, observe=None
+    model,
+    prompts,
+    max_new_tokens,
+    eos,
+    pad_id,
+    temperature,
+    top_p,
+    rep_penalty,
+    generator,
+    device,
+    observe=None,
+    compile=False,
 ):
     B = len(prompts)
     lengths = [len(p) for p in prompts]
@@ -140,11 +273,11 @@ def _sample_batch(
     position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
     seen = input_ids.masked_fill(attn == 0, -1) if rep_penalty != 1.0 else None
 
-    outputs = model(
-        input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True, logits_to_keep=1
-    )
-    past = outputs.past_key_values
-    logits = outputs.logits[:, -1, :]
+    if compile and max_new_tokens > 1 and _can_compile(model, attn, max_new_tokens):
+        decoder = _CompiledDecoder(model, attn, max_new_tokens)
+    else:
+        decoder = _DynamicDecoder(model, attn)
+    logits = decoder.prefill(input_ids, position_ids)
     next_pos = position_ids[:, -1] + 1
     done = torch.zeros(B, dtype=torch.bool, device=device)
     generated = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -164,16 +297,7 @@ def _sample_batch(
             break
         if seen is not None:
             seen = torch.cat([seen, tok.masked_fill(done, -1)[:, None]], dim=1)
-        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
-        outputs = model(
-            input_ids=tok[:, None],
-            attention_mask=attn,
-            position_ids=next_pos[:, None],
-            past_key_values=past,
-            use_cache=True,
-        )
-        past = outputs.past_key_values
-        logits = outputs.logits[:, -1, :]
+        logits = decoder.step(tok, next_pos)
         next_pos = next_pos + 1
     gen = generated.cpu().tolist()
     return [row[: int(n)] for row, n in zip(gen, n_gen.cpu().tolist())]

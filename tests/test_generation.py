@@ -110,3 +110,62 @@ def test_render_prompt_ids_uses_the_chat_template_without_doubling_special_token
     tok.chat_template = None
     with pytest.raises(ValueError, match="no chat_template"):
         render_prompt_ids(tok, msgs)
+
+
+def _observed(model, prompts, **kw):
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+
+    def observe(first, step, logits, token):
+        seen[(first, step)] = logits.clone()
+
+    out = sample(model, prompts, pad_token_id=PAD, observe=observe, **kw)
+    return out, seen
+
+
+def test_compiled_sampler_equals_the_eager_one(model):
+    """compile=True (a compiled decode step over a static KV cache): the same next-token logits at every position
+    as eager decoding, so the same greedy tokens, over left-padded batches of two sizes, EOS stops, a second call
+    reusing the compilation, and weights changed in place between calls (as an optimiser step does)."""
+    prompts = _prompts() * 2  # batches of 3, 3 and 2 rows
+    kw = dict(max_new_tokens=9, eos_token_ids=[EOS, 7], temperature=0.0, batch_size=3)
+    eager, eager_logits = _observed(model, prompts, **kw)
+    compiled, compiled_logits = _observed(model, prompts, compile=True, **kw)
+    assert compiled == eager
+    assert compiled_logits.keys() == eager_logits.keys()
+    for key, want in eager_logits.items():
+        torch.testing.assert_close(compiled_logits[key], want, rtol=1e-5, atol=1e-5)
+    original = [p.detach().clone() for p in model.parameters()]
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.3)
+        assert _observed(model, prompts, compile=True, **kw)[0] == _observed(model, prompts, **kw)[0]
+    finally:
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), original):
+                p.copy_(value)
+    # sampled (temperature 1): the same random stream, the same draws where the logits agree to the last bits
+    draws = dict(max_new_tokens=9, eos_token_ids=EOS, temperature=1.0, batch_size=3)
+    a = sample(model, prompts, pad_token_id=PAD, generator=torch.Generator().manual_seed(5), compile=True, **draws)
+    b = sample(model, prompts, pad_token_id=PAD, generator=torch.Generator().manual_seed(5), **draws)
+    assert sum(x == y for x, y in zip(a, b)) >= len(a) - 1
+
+
+def test_compiled_sampler_falls_back_to_eager_where_it_cannot_compile(model, monkeypatch, capsys):
+    from opd import generation
+
+    def broken(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    other = LlamaForCausalLM(model.config).eval()  # a model this process has not compiled for
+    monkeypatch.setattr(generation.torch, "compile", broken)
+    kw = dict(max_new_tokens=5, eos_token_ids=EOS, pad_token_id=PAD, temperature=1.0)
+    a = sample(other, _prompts(), generator=torch.Generator().manual_seed(2), compile=True, **kw)
+    b = sample(other, _prompts(), generator=torch.Generator().manual_seed(2), compile=True, **kw)
+    c = sample(other, _prompts(), generator=torch.Generator().manual_seed(2), **kw)
+    assert a == b == c
+    err = capsys.readouterr().err
+    assert err.count("compiled sampling is not available") == 1 and "no C++ compiler" in err

@@ -257,3 +257,22 @@ def test_rollouts_graded_in_the_background_equal_grading_in_place(tiny_cfg, monk
     failing = trainer.sample_rollouts(s, problems)
     with pytest.raises(RuntimeError, match="grader broke"):
         failing.scores
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_compile_sampler_reaches_the_sampler(tiny_cfg, monkeypatch, compiled):
+    """TrainConfig.compile_sampler is what the step's sampler is called with (off by default: eager, bit-exact)."""
+    from opd.engines.local import rollout
+
+    calls = []
+    real_sample = rollout.sample
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["compile"])
+        return real_sample(*args, **{**kwargs, "compile": False})  # the compiled path is tested in test_generation
+
+    monkeypatch.setattr(rollout, "sample", spy)
+    cfg = tiny_cfg(compile_sampler=True) if compiled else tiny_cfg()
+    assert cfg.compile_sampler is compiled
+    trainer.train_step(trainer.setup(cfg), 1)
+    assert calls == [compiled]

@@ -102,6 +102,10 @@ class TrainConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     rollout_batch_size: int = 64  # sequences per sampler call: bounds the KV cache (rows x prompt+response length)
+    # torch.compile the sampler's decode step over a static KV cache (opd.generation): ~2x faster rollouts for small
+    # models on CPU after a one-time compilation (seconds to a minute); samples may differ from the eager sampler's
+    # in the last bits, so off by default; falls back to eager decoding where it cannot compile
+    compile_sampler: bool = False
     # --- validation ---
     val_n: int = EVAL.n  # the evaluation protocol, shared with `opd eval gen`
     val_temperature: float = EVAL.temperature

@@ -55,6 +55,7 @@ RESUME_SETTINGS: dict[str, tuple[str, str]] = {
     "micro_batch_tokens": (APPLY, "chunking of the same passes"),
     "rollout_batch_size": (APPLY, "sequences per sampler call"),
     "gradient_checkpointing": (APPLY, "recomputation of the same backward"),
+    "compile_sampler": (APPLY, "the same sampler, compiled or not (samples may differ in the last bits)"),
     "device": (APPLY, "states are moved on load"),
     "test_files": (APPLY, "validation only"),
     "max_val_resp_length": (APPLY, "validation only"),

@@ -168,11 +168,13 @@ def generate(
     pad_id: int,
     progress: bool = False,
     observe=None,
+    compile: bool = False,
 ) -> Rollouts:
     """n samples per prompt (rows grouped by prompt: prompt i owns rows i*n .. i*n+n-1), graded by the rule reward
     in the background (`Rollouts`).
 
-    `observe` goes to the sampler (`opd.generation.sample`): it sees each position's logits and sampled token."""
+    `observe` and `compile` go to the sampler (`opd.generation.sample`): `observe` sees each position's logits and
+    sampled token, `compile` decodes with a compiled step (TrainConfig.compile_sampler)."""
     repeated = [list(p) for p in prompts for _ in range(n)]
     responses = sample(
         model,
@@ -187,6 +189,7 @@ def generate(
         batch_size=batch_size,
         progress=progress,
         observe=observe,
+        compile=compile,
     )
     group = [i for i in range(len(prompts)) for _ in range(n)]
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)

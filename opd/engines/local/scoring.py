@@ -125,7 +125,9 @@ class SamplerReads:
     read in one `read_student` call per buffer: the same row-wise reads as one call per position, without paying
     the reads' fixed per-call cost at every sampled token (at a small vocabulary that cost was most of it)."""
 
-    BUFFER_ELEMENTS = 1 << 22  # 16 MiB of float32: all 32 positions of 8 rows at V = 273, 3 at V = 151,936
+    # 4 MiB of float32: all positions of 8 rows x 32 tokens at V = 273 in one call; at V = 151,936 one position a
+    # call, as before (a bigger buffer there saves nothing measurable and its reads' float32 copies add to the peak)
+    BUFFER_ELEMENTS = 1 << 20
 
     def __init__(self, cfg: OPDConfig, n_rows: int, max_new_tokens: int, vocab_size: int | None = None):
         self.cfg, self.n_rows, self.width, self.vocab_size = cfg, n_rows, max_new_tokens, vocab_size

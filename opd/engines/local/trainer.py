@@ -413,6 +413,7 @@ def sample_rollouts(s: Session, problems: list, observe=None) -> Rollouts:
         eos_ids=s.eos_ids,
         pad_id=s.pad_id,
         observe=observe,
+        compile=cfg.compile_sampler,
     )
 
 
