@@ -166,10 +166,11 @@ def full_vocab_pg_loss_NT(
 # --- from final hidden states: the [T, V] logits never exist ------------------------------------------------------
 
 
-# Rows of the hidden-state kernel per chunk: `hidden_chunk_rows` (chunk_size, at most a device-dependent number of
-# logits per buffer, opd.core.logits); a chunk holds about four such buffers. On a GPU at V = 151,936 that is 110
-# rows: peak ~1/20 of the naive path (bench/bench_rewards.py), where 256 rows would need ~600 MiB. Fewer rows cost
-# speed (each chunk's rank-R update of the output embedding's gradient streams the whole [V, H] matrix).
+# Rows of the hidden-state kernel per chunk: `hidden_chunk_rows` (chunk_size, at most 16-64 MiB of logits per
+# buffer by the head's size, opd.core.logits); a chunk holds about four such buffers. At V = 151,936, H = 1,024
+# that is 110 rows: peak ~1/20 of the naive path (bench/bench_rewards.py), where 256 rows would need ~600 MiB.
+# Fewer rows cost speed (each chunk's rank-R update of the output embedding's gradient streams the whole [V, H]
+# matrix).
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,7 @@ def full_vocab_pg_loss_from_hidden(
             "teacher and student must share the vocabulary"
         )
     keep = weights_NT != 0
-    rows = hidden_chunk_rows(chunk_size, student.weight_VH.shape[0], s_h.device)
+    rows = hidden_chunk_rows(chunk_size, *student.weight_VH.shape)
     kl_R = None if kl_out_NT is None else torch.zeros(int(keep.sum()), dtype=torch.float64, device=s_h.device)
     loss = _FullVocabPGFromHidden.apply(
         s_h[keep],

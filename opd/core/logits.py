@@ -25,22 +25,22 @@ from opd.core.types import LogitStats
 # a few more loop iterations.
 DEFAULT_CHUNK_SIZE = 256
 
-# Logits per chunk built from hidden states, by device: rows = chunk_size, but at most this many logits per float32
-# buffer (a chunk holds about three such buffers). Each chunk streams the whole [V, H] output embedding (its
-# logits' matmul and, in the update, its gradient's rank-R update), so fewer rows cost bandwidth; on a GPU 2^24
-# (64 MiB, 110 rows at V = 151,936) keeps that cost small. On a CPU 2^22 (16 MiB, 27 rows) measured as fast at
-# H = 64 (the chunk stays nearer the caches) at a quarter of the memory (docs/benchmarks.md); at H = 1,024 the
-# stream costs more there, so raise it for big CPU models.
+# Logits per chunk built from hidden states: rows = chunk_size, but at most about a quarter of the output
+# embedding's own size [V, H] per float32 buffer (a chunk holds about three such buffers), and between 2^22 and
+# 2^24 logits (16-64 MiB). Each chunk streams the whole [V, H] embedding (its logits' matmul and, in the update,
+# its gradient's rank-R update), so fewer rows cost bandwidth and skinnier matmuls: at H = 1,024 (Qwen3-0.6B),
+# 64 rows ran 2.9x slower than 110 (bench/bench_rewards.py), so big heads get 2^24 (110 rows at V = 151,936); at
+# H = 64 (the toy models) 2^22 (27 rows) measured as fast as 110 rows at a quarter of the memory.
+HIDDEN_CHUNK_ELEMENTS_MIN = 1 << 22
 HIDDEN_CHUNK_ELEMENTS = 1 << 24
-HIDDEN_CHUNK_ELEMENTS_CPU = 1 << 22
 
 
-def hidden_chunk_rows(chunk_size: int, vocab: int, device: torch.device | str = "cpu") -> int:
-    """Rows per chunk of the hidden-state kernels: `chunk_size`, capped at the device's logits per chunk."""
+def hidden_chunk_rows(chunk_size: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk of the hidden-state kernels: `chunk_size`, capped as the comment above says."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} is not valid; expected >= 1")
-    cap = HIDDEN_CHUNK_ELEMENTS_CPU if torch.device(device).type == "cpu" else HIDDEN_CHUNK_ELEMENTS
-    return max(1, min(int(chunk_size), cap // max(vocab, 1)))
+    budget = min(HIDDEN_CHUNK_ELEMENTS, max(HIDDEN_CHUNK_ELEMENTS_MIN, vocab * hidden // 4))
+    return max(1, min(int(chunk_size), budget // max(vocab, 1)))
 
 
 def _check_temperature(temperature: float) -> None:
@@ -173,7 +173,7 @@ def head_logit_stats(
     _check_temperature(temperature)
     lead, vocab = tuple(hidden_NTH.shape[:-1]), weight_VH.shape[0]
     h_RH = hidden_NTH.reshape(-1, hidden_NTH.shape[-1])
-    rows = hidden_chunk_rows(chunk_size, vocab, hidden_NTH.device)
+    rows = hidden_chunk_rows(chunk_size, vocab, weight_VH.shape[1])
     ranges = ((start, min(start + rows, h_RH.shape[0])) for start in range(0, h_RH.shape[0], rows))
     return _stats(
         (*lead, vocab),

@@ -247,9 +247,10 @@ def test_head_logit_stats_equals_logit_stats_of_the_built_logits(chunk, monkeypa
     ):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-6)  # a chunk's matmul may block differently
     # the element cap bounds the rows of a chunk whatever chunk_size asks for: 97 logits a row, 2 rows a chunk
-    monkeypatch.setattr(logits_module, "HIDDEN_CHUNK_ELEMENTS_CPU", 2 * 97)
-    assert logits_module.hidden_chunk_rows(chunk, 97) == min(chunk, 2)
-    assert logits_module.hidden_chunk_rows(chunk, 97, "meta") == min(chunk, logits_module.HIDDEN_CHUNK_ELEMENTS // 97)
+    monkeypatch.setattr(logits_module, "HIDDEN_CHUNK_ELEMENTS_MIN", 2 * 97)
+    monkeypatch.setattr(logits_module, "HIDDEN_CHUNK_ELEMENTS", 3 * 97)
+    assert logits_module.hidden_chunk_rows(chunk, 97, 4) == min(chunk, 2)  # 97 x 4 / 4 logits: the floor, 2 rows
+    assert logits_module.hidden_chunk_rows(chunk, 97, 1000) == min(chunk, 3)  # a big head: the ceiling, 3 rows
     capped = head_logit_stats(hidden, weight, b, k=5, ids_NTJ=ids, temperature=0.8, chunk_size=chunk)
     torch.testing.assert_close(capped.entropy_NT, whole.entropy_NT, atol=1e-5, rtol=1e-6)
 
