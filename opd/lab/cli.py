@@ -55,23 +55,21 @@ def run(cfg, out: Path, quick: bool) -> dict:
     from tqdm import tqdm
 
     from opd.lab.criteria import PHENOMENA, QUICK
-    from opd.lab.plan import ALL_PAIRS, QUICK_PAIRS, phases, run_jobs, world_sizes
+    from opd.lab.plan import ALL_PAIRS, QUICK_PAIRS, jobs, run_jobs, world_sizes
     from opd.lab.report import write_report
     from opd.lab.stages import build_world
 
     t0 = time.perf_counter()
     names = QUICK_PAIRS if quick else ALL_PAIRS
     build_world(out, cfg.world_seed, world_sizes(cfg))
-    plan = phases(cfg, out, names)
-    results: dict[str, dict] = {}
-    with tqdm(total=sum(map(len, plan)), desc="opd lab", unit="job") as bar:
-        for jobs in plan:
+    plan = jobs(cfg, out, names)
+    with tqdm(total=len(plan), desc="opd lab", unit="job") as bar:
 
-            def done(job, bar=bar):
-                bar.set_postfix_str(f"{job.kind} {job.spec['name']}")
-                bar.update()
+        def done(job) -> None:
+            bar.set_postfix_str(f"{job.kind} {job.spec['name']}")
+            bar.update()
 
-            results.update(run_jobs(jobs, out, cfg.workers, on_done=done))
+        results = run_jobs(plan, out, cfg.workers, on_done=done)
     seeds = [measurements(results, s, names) for s in cfg.seeds]
     chosen = [ph for ph in PHENOMENA if (ph.key in QUICK) or not quick]
     judged = [(ph, ph.judge(seeds)) for ph in chosen]

@@ -33,20 +33,20 @@ class LabConfig:
     # stopped at the first evaluation with dev accuracy >= student_target (at most student_steps)
     student_steps: int = 800
     student_lr: float = 3e-3
-    student_target: float = 0.25
-    eval_every: int = 20
+    student_target: float = 0.2
+    eval_every: int = 10
     batch_size: int = 64
     # off-policy cold start: SFT the student on the partial-sums teacher's samples
     cold_rollouts: int = 1500
     cold_steps: int = 300
     cold_accept: str = "correct"  # which samples the cold start trains on: "correct" (rejection sampling) or "any"
     # OPD with the local engine
-    opd_steps: int = 60
-    opd_lr: float = 1e-3
+    opd_steps: int = 80
+    opd_lr: float = 3e-4
     opd_prompts: int = 16  # prompts per step
     opd_n: int = 4  # samples per prompt
     top_k: int = 4
-    test_freq: int = 10
+    test_freq: int = 20
     # pre-flight check (`opd check`) of each pair
     check_prompts: int = 64
 
@@ -75,8 +75,8 @@ class LabConfig:
                 raise ValueError(f"LabConfig.{f.name}={value!r} is not valid; expected > 0")
 
     def quick(self) -> "LabConfig":
-        """One seed, the same budgets: the smoke run of experiments (a)-(c)."""
-        return replace(self, seeds=self.seeds[:1])
+        """The smoke run of experiments (a)-(c): one seed and half the OPD steps, the rest as in the full lab."""
+        return replace(self, seeds=self.seeds[:1], opd_steps=self.opd_steps // 2)
 
     def tiny(self) -> "LabConfig":
         """Seconds-long settings for tests of the machinery (nothing can reproduce at this size)."""

@@ -12,7 +12,7 @@ The OPD pairs (student <- teacher, prompt template): compatible, incompatible, c
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,52 +112,68 @@ def pairs(cfg: LabConfig, lab_dir: Path, seed: int, names: tuple[str, ...]) -> d
     }
 
 
-def phases(cfg: LabConfig, lab_dir: Path, names: tuple[str, ...]) -> list[list[Job]]:
-    """Jobs in dependency order: independent models, then the cold starts, then OPD runs and checks."""
-    first, second, third = {}, {}, []
+def jobs(cfg: LabConfig, lab_dir: Path, names: tuple[str, ...]) -> list[Job]:
+    """Every job of the lab, each once (the teachers are shared by the seeds), longest kinds first."""
+    out: dict[str, Job] = {}
+    opd = {"steps": cfg.opd_steps, "lr": cfg.opd_lr, "prompts": cfg.opd_prompts, "n": cfg.opd_n}
     for seed in cfg.seeds:
         roles = cast(cfg, lab_dir, seed)
-        for role in ("teacher_columns", "teacher_partial", "student", "peer"):
-            if role != "peer" or "peer" in names:
-                first[roles[role]["name"]] = Job("sft", roles[role])
-        if "cold_start" in names:
-            second[roles["student_cold"]["name"]] = Job("sft", roles["student_cold"])
-        opd = {
-            "steps": cfg.opd_steps,
-            "lr": cfg.opd_lr,
-            "prompts": cfg.opd_prompts,
-            "n": cfg.opd_n,
-            "test_freq": cfg.test_freq,
-        }
+        wanted = ["teacher_columns", "teacher_partial", "student"]
+        wanted += [role for role, pair in (("peer", "peer"), ("student_cold", "cold_start")) if pair in names]
+        for role in wanted:
+            out[f"sft:{roles[role]['name']}"] = Job("sft", roles[role])
         for spec in pairs(cfg, lab_dir, seed, names).values():
-            third.append(Job("opd", {**spec, **opd}))
-            third.append(Job("check", {**spec, "n_prompts": cfg.check_prompts}))
-    # the longest jobs first, so two workers finish together
-    third.sort(key=lambda job: job.kind != "opd")
-    return [list(first.values()), list(second.values()), third]
+            out[f"opd:{spec['name']}"] = Job("opd", {**spec, **opd, "test_freq": cfg.test_freq})
+            out[f"check:{spec['name']}"] = Job("check", {**spec, "n_prompts": cfg.check_prompts})
+    return list(out.values())
+
+
+def key(job: Job) -> str:
+    return f"{job.kind}:{job.spec['name']}"
+
+
+def needs(job: Job, all_jobs: list[Job], lab_dir: Path) -> set[str]:
+    """The jobs that make the model folders `job` reads."""
+    made_by = {_model_dir(lab_dir, j.spec): key(j) for j in all_jobs if j.kind == "sft"}
+    return {made_by[v] for v in job.spec.values() if isinstance(v, str) and v in made_by}
 
 
 def _run(kind: str, lab_dir: str, spec: dict) -> dict:
     return JOBS[kind](Path(lab_dir), spec)
 
 
-def run_jobs(jobs: list[Job], lab_dir: Path, workers: int, on_done=None) -> dict[str, dict]:
-    """Run `jobs` (independent of each other) on `workers` processes; results by job kind and name."""
+RANK = {"sft": 0, "opd": 1, "check": 2}  # among ready jobs: models first (others wait on them), checks last
+
+
+def run_jobs(all_jobs: list[Job], lab_dir: Path, workers: int, on_done=None) -> dict[str, dict]:
+    """Run `all_jobs` on `workers` processes, each as soon as the models it reads exist; results by job key."""
+    deps = {key(j): needs(j, all_jobs, lab_dir) for j in all_jobs}
+    waiting = sorted(all_jobs, key=lambda j: (RANK[j.kind], -len(deps[key(j)])))
     results: dict[str, dict] = {}
-    if workers == 1 or len(jobs) == 1:
-        for job in jobs:
-            results[f"{job.kind}:{job.spec['name']}"] = _run(job.kind, str(lab_dir), job.spec)
-            if on_done:
-                on_done(job)
+
+    def ready() -> list[Job]:
+        return [j for j in waiting if deps[key(j)] <= results.keys()]
+
+    def finished(job: Job, result: dict) -> None:
+        results[key(job)] = result
+        if on_done:
+            on_done(job)
+
+    if workers == 1:
+        while waiting:
+            job = ready()[0]
+            waiting.remove(job)
+            finished(job, _run(job.kind, str(lab_dir), job.spec))
         return results
     import multiprocessing
 
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(_run, job.kind, str(lab_dir), job.spec): job for job in jobs}
-        for future in as_completed(futures):
-            job = futures[future]
-            results[f"{job.kind}:{job.spec['name']}"] = future.result()
-            if on_done:
-                on_done(job)
+    running = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while waiting or running:
+            for job in ready()[: max(0, workers - len(running))]:
+                waiting.remove(job)
+                running[pool.submit(_run, job.kind, str(lab_dir), job.spec)] = job
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                finished(running.pop(future), future.result())
     return results
