@@ -24,7 +24,7 @@ CHECK_COLUMNS = (
 
 
 def _fmt(name: str, mean: float, spread: float) -> str:
-    if "accuracy" in name or "gain" in name:
+    if "accuracy" in name or name.startswith("gain"):  # fractions of problems, shown in points
         return f"{name}: {100 * mean:.1f} ± {100 * spread:.1f} pts"
     return f"{name}: {mean:.3f} ± {spread:.3f}"
 
