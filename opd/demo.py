@@ -193,24 +193,9 @@ def stage_teacher(cfg: DemoConfig, out: Path, tok, splits) -> dict:
 
 def teacher_rollouts(teacher, tok, problems, seed: int) -> tuple[list[list[dict]], dict]:
     """Teacher samples (temperature 1) as SFT conversations; samples without a \\boxed answer are rejected."""
-    import torch
+    from opd.toy.evaluate import sample_responses
 
-    from opd.generation import render_prompt_ids, sample
-    from opd.toy.evaluate import MAX_NEW_TOKENS
-
-    prompts = [render_prompt_ids(tok, p.messages()) for p in problems]
-    gen = torch.Generator().manual_seed(seed)
-    responses = sample(
-        teacher,
-        prompts,
-        max_new_tokens=MAX_NEW_TOKENS,
-        temperature=1.0,
-        eos_token_ids=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        generator=gen,
-        batch_size=512,
-        progress=True,
-    )
+    responses = sample_responses(teacher, tok, problems, temperature=1.0, seed=seed, batch_size=512, progress=True)
     texts = tok.batch_decode(responses, skip_special_tokens=True)
     kept = [p.messages() + [{"role": "assistant", "content": t}] for p, t in zip(problems, texts) if "\\boxed" in t]
     return kept, {"rollouts": len(problems), "kept": len(kept), "rejected_no_box": len(problems) - len(kept)}

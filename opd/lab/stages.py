@@ -110,21 +110,11 @@ def accuracies(model, tok, test: list[tuple[int, int]]) -> dict[str, float]:
 def teacher_samples(teacher, tok, problems: list[LabProblem], seed: int, accept: str) -> list[list[dict]]:
     """The teacher's temperature-1 answers as SFT conversations: those the rule grader accepts (`accept="correct"`,
     rejection sampling) or every one (`"any"`, for the machinery tests' untrained teachers)."""
-    import torch
-
-    from opd.generation import render_prompt_ids, sample
     from opd.grading import score_response
+    from opd.toy.evaluate import sample_responses
 
-    gen = torch.Generator().manual_seed(seed)
-    responses = sample(
-        teacher,
-        [render_prompt_ids(tok, p.messages()) for p in problems],
-        max_new_tokens=MAX_NEW_TOKENS,
-        temperature=1.0,
-        eos_token_ids=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        generator=gen,
-        batch_size=512,
+    responses = sample_responses(
+        teacher, tok, problems, temperature=1.0, seed=seed, max_new_tokens=MAX_NEW_TOKENS, batch_size=512
     )
     texts = tok.batch_decode(responses, skip_special_tokens=True)
     return [p.messages(t) for p, t in zip(problems, texts) if accept == "any" or score_response(t, p.answer)]
@@ -135,7 +125,7 @@ def own_entropy(model, tok, problems: list[LabProblem], seed: int) -> float:
     samples: how much real choice the model keeps (the lab world needs >= 0.3 for top-k to carry meaning)."""
     import torch
 
-    from opd.generation import render_prompt_ids, sample
+    from opd.toy.evaluate import sample_responses
 
     ent: dict[tuple[int, int], float] = {}
 
@@ -144,16 +134,8 @@ def own_entropy(model, tok, problems: list[LabProblem], seed: int) -> float:
         for i, e in enumerate((-(lp.exp() * lp).sum(-1)).tolist()):
             ent[(first + i, step)] = e
 
-    responses = sample(
-        model,
-        [render_prompt_ids(tok, p.messages()) for p in problems],
-        max_new_tokens=MAX_NEW_TOKENS,
-        temperature=1.0,
-        eos_token_ids=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        generator=torch.Generator().manual_seed(seed),
-        batch_size=512,
-        observe=observe,
+    responses = sample_responses(
+        model, tok, problems, temperature=1.0, seed=seed, max_new_tokens=MAX_NEW_TOKENS, batch_size=512, observe=observe
     )
     values = [ent[(r, s)] for r, resp in enumerate(responses) for s in range(len(resp))]
     return sum(values) / len(values)

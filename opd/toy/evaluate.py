@@ -18,6 +18,35 @@ from opd.toy.task import N_DIGITS, Problem
 MAX_NEW_TOKENS = 12 * N_DIGITS + 16
 
 
+def sample_responses(
+    model,
+    tokenizer,
+    problems: Sequence,
+    *,
+    temperature: float,
+    seed: int,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 250,
+    progress: bool = False,
+    observe=None,
+) -> list[list[int]]:
+    """One response (token ids) per problem from its chat prompt, with the KV-cached sampler seeded by `seed`."""
+    prompts = [render_prompt_ids(tokenizer, p.messages()) for p in problems]
+    eos_ids, pad_id = special_ids(tokenizer, model)
+    return sample(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad_id,
+        generator=torch.Generator().manual_seed(seed),
+        batch_size=batch_size,
+        progress=progress,
+        observe=observe,
+    )
+
+
 def accuracy(
     model,
     tokenizer,
@@ -29,17 +58,13 @@ def accuracy(
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> dict[str, float]:
     """{"accuracy": fraction graded correct, "response_length": mean tokens} over `problems`."""
-    prompts = [render_prompt_ids(tokenizer, p.messages()) for p in problems]
-    eos_ids, pad_id = special_ids(tokenizer, model)
-    gen = torch.Generator().manual_seed(seed)
-    responses = sample(
+    responses = sample_responses(
         model,
-        prompts,
-        max_new_tokens=max_new_tokens,
+        tokenizer,
+        problems,
         temperature=temperature,
-        eos_token_ids=eos_ids,
-        pad_token_id=pad_id,
-        generator=gen,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
         batch_size=batch_size,
     )
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
