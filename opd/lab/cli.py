@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from opd.errors import command, usage_errors
+from opd.errors import check_writable, command, usage_errors
 
 
 def measurements(results: dict[str, dict], seed: int, names: tuple[str, ...]) -> dict:
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfg.tiny()
         elif args.quick:
             cfg = cfg.quick()
+    check_writable(args.out, "--out")  # refuse before minutes of training, not after
     summary = run(cfg, Path(args.out), quick=args.quick or args.tiny)
     print()
     for key, v in summary["verdicts"].items():

@@ -546,6 +546,11 @@ def test_sft_refuses_a_read_only_output_before_training(world, read_only_dir, ca
     refused(sft_args(world, world["sft_good"], out), capsys, "read-only file system", str(out))
 
 
+def test_lab_refuses_a_read_only_folder_before_training(read_only_dir, capsys):
+    out = read_only_dir / "lab"
+    refused(["lab", "--tiny", "--out", str(out)], capsys, "read-only file system", str(out), "--out")
+
+
 # --------------------------------------------------------------------------- opd rollout
 
 
