@@ -276,3 +276,18 @@ def test_compile_sampler_reaches_the_sampler(tiny_cfg, monkeypatch, compiled):
     assert cfg.compile_sampler is compiled
     trainer.train_step(trainer.setup(cfg), 1)
     assert calls == [compiled]
+
+
+def test_profiles_are_computed_and_logged_on_the_same_steps(tiny_cfg):
+    """The per-position profile is computed only on the steps whose profile is logged (first, last, every
+    PROFILE_FREQ): profiles.jsonl holds exactly those steps, each with its profile."""
+    import json
+
+    cfg = tiny_cfg(total_steps=5, profile_freq=2)
+    run_dir = trainer.train(cfg)
+    lines = [json.loads(line) for line in (run_dir / "profiles.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 4, 5]
+    assert all(len(line) > 1 for line in lines)  # a real profile besides the step
+    s = trainer.setup(tiny_cfg(total_steps=5, profile_freq=0, run_name="again"))
+    due = [step for step in range(1, 6) if trainer.train_step(s, step) is not None and s.last_profile]
+    assert due == [1, 5]

@@ -83,7 +83,7 @@ class Session:
     eos_ids: list[int]
     pad_id: int
     start_step: int
-    last_profile: dict = field(default_factory=dict)  # per-position profile of the latest step
+    last_profile: dict = field(default_factory=dict)  # per-position profile of the latest step, when logged
     last_samples: list = field(default_factory=list)  # decoded rollouts of the latest step
 
 
@@ -112,7 +112,7 @@ def train(cfg: TrainConfig) -> Path:
             logger.log(step, metrics)
             if s.last_samples:
                 logger.log_samples(step, s.last_samples)
-            if step in (1, total) or (cfg.profile_freq > 0 and step % cfg.profile_freq == 0):
+            if profile_due(s, step):
                 logger.log_profile(step, s.last_profile)
             if cfg.save_freq > 0 and (step % cfg.save_freq == 0 or step == total):
                 save(s, step)
@@ -285,8 +285,10 @@ def train_step(s: Session, step: int) -> dict[str, float]:
         for i in keep
     ]
     metrics.update(step_diagnostics(reads, batch.response_mask_NT, targets))
-    s.last_profile = step_profile(
-        reads, batch.response_mask_NT, targets, bin_size=max(1, cfg.max_resp_length // PROFILE_BINS)
+    s.last_profile = (  # only on the steps whose profile is logged: it costs a few ms a step at a small size
+        step_profile(reads, batch.response_mask_NT, targets, bin_size=max(1, cfg.max_resp_length // PROFILE_BINS))
+        if profile_due(s, step)
+        else {}
     )
     tokens = float(batch.attention_mask_NL.sum())
     metrics.update(
@@ -304,6 +306,12 @@ def train_step(s: Session, step: int) -> dict[str, float]:
         }
     )
     return metrics
+
+
+def profile_due(s: Session, step: int) -> bool:
+    """Whether `step`'s per-position profile is logged (profiles.jsonl): the first and last steps, every
+    PROFILE_FREQ steps."""
+    return step in (1, s.schedule.total_steps) or (s.cfg.profile_freq > 0 and step % s.cfg.profile_freq == 0)
 
 
 @dataclass
@@ -328,7 +336,8 @@ def step_plan(s: Session, n_prompts: int) -> tuple[bool, SamplerReads | None]:
 
 def score_rollouts(s: Session, batch: RolloutBatch, *, heads: bool, seen: SamplerReads | None) -> StepScores:
     """The step's no-grad passes (`opd.engines.local.scoring.score`) as `train_step` runs them."""
-    s.student.eval()
+    if seen is None:  # the student runs here only when the sampler's reads do not serve
+        s.student.eval()
     passes: dict[str, float] = {}
     teacher_hidden = [] if heads else None
     reads = score(
