@@ -169,7 +169,12 @@ class _DynamicDecoder:
 # it is off by default, and a model or machine where it cannot compile (no C++ compiler, a model without a static
 # cache) falls back to eager decoding, saying so once.
 STATIC_CACHE_ROUND = 64  # cache lengths are rounded up to a multiple of this, so changing prompt lengths reuse one
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> compiled step, or None: cannot
+# model -> (its compiled decode step, the (batch, cache length) shapes that step has run), or None: cannot compile
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _cache_length(prompt_width: int, max_new_tokens: int) -> int:
+    return -(-(prompt_width + max_new_tokens) // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
 
 
 def _compiled_step(model):
@@ -186,8 +191,8 @@ def _compiled_step(model):
             )
             return out.logits[:, -1, :]
 
-        _COMPILED[model] = torch.compile(step, dynamic=False)
-    return _COMPILED[model]
+        _COMPILED[model] = (torch.compile(step, dynamic=False), set())
+    return _COMPILED[model][0]
 
 
 class _CompiledDecoder:
@@ -197,7 +202,7 @@ class _CompiledDecoder:
         from transformers import StaticCache
 
         B, L = attn_BL.shape
-        length = -(-(L + max_new_tokens) // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
+        length = _cache_length(L, max_new_tokens)
         self.model, self.L, self.n = model, L, 0
         self.cache = StaticCache(config=model.config, max_cache_len=length)
         self.attn = torch.zeros((B, length), dtype=attn_BL.dtype, device=attn_BL.device)
@@ -225,16 +230,18 @@ class _CompiledDecoder:
 
 
 def _can_compile(model, attn_BL: torch.Tensor, max_new_tokens: int) -> bool:
-    """Whether a compiled decoder runs for this model here: built and run once on a scratch cache (this is where
-    the compilation happens), so a failure costs no sampled token. Said once per model when it cannot."""
+    """Whether a compiled decoder runs for this model and shape here. The first time for a (batch, cache length)
+    shape it is built and run once on a scratch cache (this is where the compilation happens), so a failure costs
+    no sampled token. Said once per model when it cannot."""
     if model in _COMPILED and _COMPILED[model] is None:
         return False
+    shape = (attn_BL.shape[0], _cache_length(attn_BL.shape[1], max_new_tokens))
+    if model in _COMPILED and shape in _COMPILED[model][1]:
+        return True
     try:
         probe = _CompiledDecoder(model, attn_BL, max_new_tokens)
-        B = attn_BL.shape[0]
-        zeros = torch.zeros(B, dtype=torch.long, device=attn_BL.device)
+        zeros = torch.zeros(shape[0], dtype=torch.long, device=attn_BL.device)
         probe.step(zeros, zeros)
-        return True
     except Exception as exc:  # noqa: BLE001 - any failure to build or compile means: decode eagerly
         _COMPILED[model] = None
         print(
@@ -243,6 +250,8 @@ def _can_compile(model, attn_BL: torch.Tensor, max_new_tokens: int) -> bool:
             file=sys.stderr,
         )
         return False
+    _COMPILED[model][1].add(shape)
+    return True
 
 
 def _sample_batch(

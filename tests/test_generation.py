@@ -131,6 +131,9 @@ def test_compiled_sampler_equals_the_eager_one(model):
     eager, eager_logits = _observed(model, prompts, **kw)
     compiled, compiled_logits = _observed(model, prompts, compile=True, **kw)
     assert compiled == eager
+    from opd import generation
+
+    assert generation._COMPILED[model][1] == {(3, 64), (2, 64)}  # one probe per (batch, cache length) shape
     assert compiled_logits.keys() == eager_logits.keys()
     for key, want in eager_logits.items():
         torch.testing.assert_close(compiled_logits[key], want, rtol=1e-5, atol=1e-5)
