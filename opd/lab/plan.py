@@ -145,10 +145,24 @@ def _run(kind: str, lab_dir: str, spec: dict) -> dict:
 RANK = {"sft": 0, "opd": 1, "check": 2}  # among ready jobs: models first (others wait on them), checks last
 
 
+def blocked_by(deps: dict[str, set[str]]) -> dict[str, int]:
+    """How many jobs wait, directly or not, on each job: the ones that unblock most start first."""
+    below: dict[str, set[str]] = {k: set() for k in deps}
+    for k, ds in deps.items():
+        stack = list(ds)
+        while stack:
+            d = stack.pop()
+            if k not in below[d]:
+                below[d].add(k)
+                stack.extend(deps[d])
+    return {k: len(v) for k, v in below.items()}
+
+
 def run_jobs(all_jobs: list[Job], lab_dir: Path, workers: int, on_done=None) -> dict[str, dict]:
     """Run `all_jobs` on `workers` processes, each as soon as the models it reads exist; results by job key."""
     deps = {key(j): needs(j, all_jobs, lab_dir) for j in all_jobs}
-    waiting = sorted(all_jobs, key=lambda j: (RANK[j.kind], -len(deps[key(j)])))
+    unblocks = blocked_by(deps)
+    waiting = sorted(all_jobs, key=lambda j: (RANK[j.kind], -unblocks[key(j)]))
     results: dict[str, dict] = {}
 
     def ready() -> list[Job]:
