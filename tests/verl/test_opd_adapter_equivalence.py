@@ -196,6 +196,41 @@ CASES = {
 }
 
 
+def assert_same_metrics_loss_and_gradients(
+    spec, cfg, data, store, mbs, n_rows, students, reads, targets, masks, loss_local
+):
+    """The verl path against the local engine after the targets: every dynamics metric, then the loss and the
+    gradient with 2 micro-batches on one rank and with 2 emulated dp ranks (FSDP averages their gradients).
+    `reads`, `targets` and `masks` are (verl, local) pairs; `students` is (student, local copy, reference)."""
+    student, student_local, reference = students
+    ours_metrics = step_diagnostics(reads[0], masks[0], targets[0])
+    local_metrics = step_diagnostics(reads[1], masks[1], targets[1])
+    assert ours_metrics.keys() == local_metrics.keys()
+    for key, value in local_metrics.items():
+        assert ours_metrics[key] == pytest.approx(value, abs=2e-4), key
+
+    lengths = data["responses"].offsets().diff()
+    store.update({k: list(v.unbind()) for k, v in target_fields(targets[0], reads[0], lengths).items()})
+    extra = slot_info(targets[0])
+    if cfg.use_kl:
+        run_reference(spec, reference, store, [[0, 1, 2, 3], [4, 5]], cfg.temperature, extra)
+    student_verl = copy.deepcopy(student)
+    loss_verl = verl_update(spec, student_verl, store, mbs, cfg.temperature, extra)
+    assert loss_verl == pytest.approx(float(loss_local.detach()), abs=1e-5)
+    assert sum(float(p.grad.abs().sum()) for p in student_local.parameters()) > 1e-3  # a real gradient is compared
+    for (name, p_local), p_verl in zip(student_local.named_parameters(), student_verl.parameters()):
+        assert_grad_close(p_verl.grad, p_local.grad, name)
+
+    student_dp = copy.deepcopy(student)
+    rank_losses = [
+        verl_update(spec, student_dp, store, [rows], cfg.temperature, extra, dp_size=2, n_rows=n_rows)
+        for rows in ([0, 1, 2], [3, 4, 5])
+    ]
+    assert sum(rank_losses) / 2 == pytest.approx(float(loss_local.detach()), abs=1e-5)  # verl logs the dp mean
+    for (name, p_local), p_dp in zip(student_local.named_parameters(), student_dp.parameters()):
+        assert_grad_close(p_dp.grad / 2, p_local.grad, name)
+
+
 @pytest.mark.parametrize("overrides", list(CASES.values()), ids=list(CASES))
 def test_verl_path_equals_local_engine(models, rollouts, reference, overrides):
     student, teacher = models
@@ -249,35 +284,10 @@ def test_verl_path_equals_local_engine(models, rollouts, reference, overrides):
     assert torch.equal(targets.valid_NTC, valid) and torch.equal(targets.ids_NTC[valid], targets_local.ids_NTC[valid])
     torch.testing.assert_close(targets.adv_NTC[valid], targets_local.adv_NTC[valid], atol=2e-5, rtol=0)
     torch.testing.assert_close(targets.old_lp_NTC[valid], targets_local.old_lp_NTC[valid], atol=2e-5, rtol=0)
-    ours_metrics = step_diagnostics(reads, mask, targets)
-    local_metrics = step_diagnostics(reads_local, batch.response_mask_NT, targets_local)
-    assert ours_metrics.keys() == local_metrics.keys()
-    for key, value in local_metrics.items():
-        assert ours_metrics[key] == pytest.approx(value, abs=2e-4), key
-
-    # loss and gradient: 2 micro-batches on one rank, then 2 emulated dp ranks (FSDP averages their gradients)
-    lengths = data["responses"].offsets().diff()
-    store.update({k: list(v.unbind()) for k, v in target_fields(targets, reads, lengths).items()})
-    extra = slot_info(targets)
-    if cfg.use_kl:
-        run_reference(spec, reference, store, [[0, 1, 2, 3], [4, 5]], cfg.temperature, extra)
-    student_verl = copy.deepcopy(student)
-    loss_verl = verl_update(spec, student_verl, store, mbs, cfg.temperature, extra)
-    assert loss_verl == pytest.approx(float(loss_local.detach()), abs=1e-5)
-    assert sum(float(p.grad.abs().sum()) for p in student_local.parameters()) > 1e-3  # a real gradient is compared
-    for (name, p_local), p_verl in zip(student_local.named_parameters(), student_verl.parameters()):
-        assert_grad_close(p_verl.grad, p_local.grad, name)
-
-    student_dp = copy.deepcopy(student)
-    rank_losses = [
-        verl_update(spec, student_dp, store, [rows], cfg.temperature, extra, dp_size=2, n_rows=len(prompts))
-        for rows in ([0, 1, 2], [3, 4, 5])
-    ]
-    assert sum(rank_losses) / 2 == pytest.approx(
-        float(loss_local.detach()), abs=1e-5
-    )  # verl logs the dp mean of rank sums
-    for (name, p_local), p_dp in zip(student_local.named_parameters(), student_dp.parameters()):
-        assert_grad_close(p_dp.grad / 2, p_local.grad, name)
+    assert_same_metrics_loss_and_gradients(
+        spec, cfg, data, store, mbs, len(prompts), (student, student_local, reference), (reads, reads_local),
+        (targets, targets_local), (mask, batch.response_mask_NT), loss_local,
+    )  # fmt: skip
 
 
 # --- the full vocabulary (top_k = -1): the teacher's hidden states cross over, its head is read from its checkpoint
@@ -394,29 +404,7 @@ def test_full_vocabulary_verl_path_equals_local_engine(models, rollouts, verl_as
     if targets_local.adv_NTC is not None:
         valid = targets_local.valid_NTC
         torch.testing.assert_close(targets.adv_NTC[valid], targets_local.adv_NTC[valid], atol=2e-5, rtol=0)
-    ours_metrics = step_diagnostics(reads, mask, targets)
-    local_metrics = step_diagnostics(reads_local, batch.response_mask_NT, targets_local)
-    assert ours_metrics.keys() == local_metrics.keys()
-    for key, value in local_metrics.items():
-        assert ours_metrics[key] == pytest.approx(value, abs=2e-4), key
-
-    lengths = data["responses"].offsets().diff()
-    store.update({k: list(v.unbind()) for k, v in target_fields(targets, reads, lengths).items()})
-    extra = slot_info(targets)
-    if cfg.use_kl:
-        run_reference(spec, reference, store, [[0, 1, 2, 3], [4, 5]], cfg.temperature, extra)
-    student_verl = copy.deepcopy(student)
-    loss_verl = verl_update(spec, student_verl, store, mbs, cfg.temperature, extra)
-    assert loss_verl == pytest.approx(float(loss_local.detach()), abs=1e-5)
-    assert sum(float(p.grad.abs().sum()) for p in student_local.parameters()) > 1e-3
-    for (name, p_local), p_verl in zip(student_local.named_parameters(), student_verl.parameters()):
-        assert_grad_close(p_verl.grad, p_local.grad, name)
-
-    student_dp = copy.deepcopy(student)
-    rank_losses = [
-        verl_update(spec, student_dp, store, [rows], cfg.temperature, extra, dp_size=2, n_rows=len(prompts))
-        for rows in ([0, 1, 2], [3, 4, 5])
-    ]
-    assert sum(rank_losses) / 2 == pytest.approx(float(loss_local.detach()), abs=1e-5)
-    for (name, p_local), p_dp in zip(student_local.named_parameters(), student_dp.parameters()):
-        assert_grad_close(p_dp.grad / 2, p_local.grad, name)
+    assert_same_metrics_loss_and_gradients(
+        spec, cfg, data, store, mbs, len(prompts), (student, student_local, reference), (reads, reads_local),
+        (targets, targets_local), (mask, batch.response_mask_NT), loss_local,
+    )  # fmt: skip
