@@ -1,7 +1,7 @@
 """`opd lab`: run the pre-declared experiments on the lab world and say, for each phenomenon, whether it reproduced.
 
-    opd lab                  # 3 seeds, experiments (a)-(g): report in lab_out/report/report.md (~15 min, 2 cores)
-    opd lab --quick          # 1 seed, experiments (a)-(c): the smoke run (~3 min)
+    opd lab                  # 3 seeds, experiments (a)-(g): report in lab_out/report/report.md (~8 min, 2 cores)
+    opd lab --quick          # 1 seed, experiments (a)-(c): the smoke run (~2 min)
     opd lab --seeds 3,4,5    # other judged seeds (the calibration seeds are refused)
 
 Trained models, OPD runs and checks are cached in OUT by a hash of their settings, so a second run (or a `--quick`
@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "built on the spot, with a pre-declared criterion and an honest verdict for each.",
     )
     p.add_argument("--out", default="lab_out", help="lab folder: cached models and runs, report/ (default lab_out/)")
-    p.add_argument("--quick", action="store_true", help="one seed, experiments (a)-(c) only (about 3 minutes)")
+    p.add_argument(
+        "--quick", action="store_true", help="one seed, experiments (a)-(c) only, half the OPD steps (about 2 minutes)"
+    )
     p.add_argument("--seeds", default=None, help="comma-separated judged seeds (default 0,1,2)")
     p.add_argument("--workers", type=int, default=None, help="parallel job processes, one thread each (default 2)")
     p.add_argument("--tiny", action="store_true", help="seconds-long run of the machinery (nothing can reproduce)")
