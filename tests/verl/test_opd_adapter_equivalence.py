@@ -196,6 +196,24 @@ CASES = {
 }
 
 
+def local_engine(rollouts, student, teacher, reference, cfg):
+    """The local engine's side on the same rollouts: the batch, its reads and targets (with the reference's log-probs
+    when cfg.use_kl), and a copy of the student for its update."""
+    prompts, responses, scores, groups = rollouts
+    batch = collate(prompts, responses, groups, pad_id=0)
+    reads = score(student, teacher, batch, cfg, token_budget=1 << 20)
+    targets = build_targets(
+        cfg,
+        reads,
+        response_ids_NT=batch.response_ids_NT,
+        response_mask_NT=batch.response_mask_NT,
+        group_index_N=batch.group_index_N,
+        outcome_scores_N=torch.tensor(scores),
+    )
+    local_reference(reference, batch, targets, cfg)
+    return batch, reads, targets, copy.deepcopy(student)
+
+
 def assert_same_metrics_loss_and_gradients(
     spec, cfg, data, store, mbs, n_rows, students, reads, targets, masks, loss_local
 ):
@@ -239,18 +257,9 @@ def test_verl_path_equals_local_engine(models, rollouts, reference, overrides):
     with_teacher = cfg.needs_teacher
 
     # --- local engine
-    batch = collate(prompts, responses, groups, pad_id=0)
-    reads_local = score(student, teacher if with_teacher else None, batch, cfg, token_budget=1 << 20)
-    targets_local = build_targets(
-        cfg,
-        reads_local,
-        response_ids_NT=batch.response_ids_NT,
-        response_mask_NT=batch.response_mask_NT,
-        group_index_N=batch.group_index_N,
-        outcome_scores_N=torch.tensor(scores),
+    batch, reads_local, targets_local, student_local = local_engine(
+        rollouts, student, teacher if with_teacher else None, reference, cfg
     )
-    local_reference(reference, batch, targets_local, cfg)
-    student_local = copy.deepcopy(student)
     loss_local, metrics_local = step_loss(
         cfg, targets_local, response_logits(student_local, batch), totals=loss_totals(targets_local, MAX_RESP)
     )
@@ -355,18 +364,7 @@ def test_full_vocabulary_verl_path_equals_local_engine(models, rollouts, verl_as
     cfg = OPDConfig(temperature=0.7, teacher_temperature=0.9, **overrides)
 
     # --- local engine: the teacher's logits next to the student's
-    batch = collate(prompts, responses, groups, pad_id=0)
-    reads_local = score(student, teacher, batch, cfg, token_budget=1 << 20)
-    targets_local = build_targets(
-        cfg,
-        reads_local,
-        response_ids_NT=batch.response_ids_NT,
-        response_mask_NT=batch.response_mask_NT,
-        group_index_N=batch.group_index_N,
-        outcome_scores_N=torch.tensor(scores),
-    )
-    local_reference(reference, batch, targets_local, cfg)
-    student_local = copy.deepcopy(student)
+    batch, reads_local, targets_local, student_local = local_engine(rollouts, student, teacher, reference, cfg)
     with torch.no_grad():
         teacher_logits = response_logits(teacher, batch)
     loss_local, metrics_local = step_loss(
