@@ -44,49 +44,8 @@ def splits(world_seed: int, sizes: dict[str, int]) -> dict[str, list[tuple[int, 
     return out
 
 
-def lab_rows(pairs: list[tuple[int, int]], template: str, split: str) -> list[dict]:
-    """Rows in the RL parquet schema, one data source per template (so validation reports each)."""
-    rows = []
-    for i, (a, b) in enumerate(pairs):
-        p = LabProblem(a, b, template)
-        rows.append(
-            {
-                "data_source": f"lab_{template}",
-                "prompt": p.messages(),
-                "ability": "math",
-                "reward_model": {"ground_truth": p.answer, "style": "rule"},
-                "extra_info": {"index": i, "split": split, "question": p.question},
-            }
-        )
-    return rows
-
-
-def build_world(lab_dir: Path, world_seed: int, sizes: dict[str, int]) -> dict:
-    """The tokenizer and the OPD / test parquet files (both templates); returns their paths."""
-    from opd.toy import build_toy_tokenizer
-    from opd.toy.lab_world import corpus
-    from opd.toy.task import write_parquet
-
-    key = {"name": "world", "world_seed": world_seed, "sizes": sizes}
-    out = job_dir(lab_dir, "world", key)
-    if (out / "result.json").is_file():
-        return json.loads((out / "result.json").read_text())
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build_toy_tokenizer(tmp / "tokenizer", vocab_size=VOCAB_SIZE, texts=corpus())
-    split = splits(world_seed, sizes)
-    result = {"tokenizer": str(out / "tokenizer")}
-    for template in TEMPLATES:
-        for name in ("prompts", "test"):
-            write_parquet(lab_rows(split[name], template, name), tmp / f"{name}_{template}.parquet")
-            result[f"{name}_{template}"] = str(out / f"{name}_{template}.parquet")
-    (tmp / "result.json").write_text(json.dumps(result, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return result
-
-
 def _finish(out: Path, tmp: Path, result: dict) -> dict:
+    """Publish a finished job: its result last, then the folder renamed into place (a crash leaves only `.tmp`)."""
     (tmp / "result.json").write_text(json.dumps(result, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -95,6 +54,35 @@ def _finish(out: Path, tmp: Path, result: dict) -> dict:
 
 def _cached(out: Path) -> dict | None:
     return json.loads((out / "result.json").read_text()) if (out / "result.json").is_file() else None
+
+
+def _fresh_tmp(out: Path) -> Path:
+    """The job's work folder beside `out`, emptied of anything an interrupted run left."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def build_world(lab_dir: Path, world_seed: int, sizes: dict[str, int]) -> dict:
+    """The tokenizer and the OPD / test parquet files (both templates, one data source each); returns their paths."""
+    from opd.toy import build_toy_tokenizer, rl_rows
+    from opd.toy.lab_world import corpus
+    from opd.toy.task import write_parquet
+
+    out = job_dir(lab_dir, "world", {"name": "world", "world_seed": world_seed, "sizes": sizes})
+    if (done := _cached(out)) is not None:
+        return done
+    tmp = _fresh_tmp(out)
+    build_toy_tokenizer(tmp / "tokenizer", vocab_size=VOCAB_SIZE, texts=corpus())
+    split = splits(world_seed, sizes)
+    result = {"tokenizer": str(out / "tokenizer")}
+    for template in TEMPLATES:
+        for name in ("prompts", "test"):
+            problems = [LabProblem(a, b, template) for a, b in split[name]]
+            write_parquet(rl_rows(problems, name, data_source=f"lab_{template}"), tmp / f"{name}_{template}.parquet")
+            result[f"{name}_{template}"] = str(out / f"{name}_{template}.parquet")
+    return _finish(out, tmp, result)
 
 
 def accuracies(model, tok, test: list[tuple[int, int]]) -> dict[str, float]:
@@ -153,6 +141,7 @@ def _quiet() -> None:
 def sft_job(lab_dir: Path, spec: dict) -> dict:
     """Train one model by SFT: on gold answers of `spec['pattern']`, or (`spec['samples_from']`) on a teacher's
     accepted samples, from a fresh init or (`spec['init_from']`) from another model's weights."""
+    from transformers import AutoTokenizer
 
     from opd.sft.trainer import SFTConfig, encode_dataset, train_sft
     from opd.toy import build_tiny_model, load_model, save_model
@@ -165,8 +154,6 @@ def sft_job(lab_dir: Path, spec: dict) -> dict:
     _quiet()
     split = splits(spec["world_seed"], spec["sizes"])
     world = build_world(lab_dir, spec["world_seed"], spec["sizes"])
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(world["tokenizer"])
     rng = random.Random(spec["data_seed"])
     pool = split[spec["pool"]][: spec["n_problems"]]
@@ -210,8 +197,7 @@ def sft_job(lab_dir: Path, spec: dict) -> dict:
         evaluate=stop.get("evaluate"),
     )
     model.eval()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_tmp(out)
     save_model(model, tok, tmp / "model")
     result = {
         "name": spec["name"],
@@ -238,7 +224,6 @@ SERIES = (
 def opd_job(lab_dir: Path, spec: dict) -> dict:
     """OPD from spec['teacher'] into spec['student'] on prompts of spec['template'], with the local engine; returns
     the accuracy curves (greedy, both templates) and the dynamics series."""
-
     from opd.engines.local import train
     from opd.engines.local.config import resolve
     from opd.engines.local.logging import read_metrics
@@ -250,8 +235,7 @@ def opd_job(lab_dir: Path, spec: dict) -> dict:
     t0 = time.perf_counter()
     _quiet()
     world = build_world(lab_dir, spec["world_seed"], spec["sizes"])
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_tmp(out)
     cfg = resolve(
         None,
         {
@@ -287,7 +271,6 @@ def opd_job(lab_dir: Path, spec: dict) -> dict:
 
 def check_job(lab_dir: Path, spec: dict) -> dict:
     """`opd check` of (student, teacher) on prompts of spec['template']: the pair's initial alignment."""
-
     from opd.check import CheckSettings, run_check
 
     out = job_dir(lab_dir, "checks", spec)
@@ -307,9 +290,7 @@ def check_job(lab_dir: Path, spec: dict) -> dict:
             progress=False,
         )
     )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _fresh_tmp(out)
     result = {
         "name": spec["name"],
         "metrics": report["metrics"],

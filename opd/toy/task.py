@@ -112,11 +112,11 @@ def make_splits(seed: int, n_train: int, n_dev: int, n_test: int) -> dict[str, l
     return {s: out[s] for s in SPLITS}
 
 
-def rl_rows(problems: list[Problem], split: str) -> list[dict]:
-    """Rows in the RL parquet schema (docs/workflow.md §1)."""
+def rl_rows(problems: list[Problem], split: str, data_source: str = DATA_SOURCE) -> list[dict]:
+    """Rows in the RL parquet schema (docs/workflow.md §1); any problem with `messages()`, `answer` and `question`."""
     return [
         {
-            "data_source": DATA_SOURCE,
+            "data_source": data_source,
             "prompt": p.messages(),
             "ability": "math",
             "reward_model": {"ground_truth": p.answer, "style": "rule"},
