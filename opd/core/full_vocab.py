@@ -17,8 +17,6 @@ Logits are expected finite (real model outputs); -inf logits would make A undefi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from opd.core.logits import (
@@ -29,6 +27,7 @@ from opd.core.logits import (
     _head_chunk,
     hidden_chunk_rows,
 )
+from opd.core.types import OutputHead
 
 # The weightings this kernel implements in closed form over the vocabulary (a weight mode registered by a plugin
 # works on slot supports; over the full vocabulary it needs its own kernel here).
@@ -171,15 +170,6 @@ def full_vocab_pg_loss_NT(
 # that is 110 rows: peak ~1/20 of the naive path (bench/bench_rewards.py), where 256 rows would need ~600 MiB.
 # Fewer rows cost speed (each chunk's rank-R update of the output embedding's gradient streams the whole [V, H]
 # matrix).
-
-
-@dataclass(frozen=True)
-class OutputHead:
-    """A model's last layer, so a loss can rebuild any chunk of its logits: logits = hidden @ weight.T (+ bias)."""
-
-    hidden_NTH: torch.Tensor  # final hidden states at the scored positions (after the final norm)
-    weight_VH: torch.Tensor  # the output embedding (lm_head.weight), possibly tied to the input embedding
-    bias_V: torch.Tensor | None = None
 
 
 class _FullVocabPGFromHidden(torch.autograd.Function):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.core.types import LogitStats
+from opd.core.types import LogitStats, OutputHead
 
 # Rows (positions) per chunk in the logits kernels. At V = 151,936 a 256-row float32 chunk is ~150 MB, so the
 # chunked paths peak at 1/16-1/64 of a naive full log-softmax (bench/bench_rewards.py); tiny vocabularies pay only
@@ -268,8 +268,60 @@ class _LogprobsAt(torch.autograd.Function):
         return grad_logits_NTV, None, None, None
 
 
+class _LogprobsAtHead(torch.autograd.Function):
+    """`_LogprobsAt` from final hidden states: each chunk's logits come from the head's matmul, in forward and again
+    in backward (one more matmul than from logits), so no [R, V] tensor is kept or returned: backward turns each
+    chunk's d lp / d logits into the hidden states' and the output embedding's gradients at once. Rows whose
+    incoming gradient is all zero (padding, masked slots) are skipped in backward."""
+
+    @staticmethod
+    def forward(ctx, h_RH, w_VH, b_V, ids_RJ, temperature, rows):  # type: ignore[override]
+        lp_RJ = torch.empty(ids_RJ.shape, dtype=torch.float32, device=h_RH.device)
+        acc = torch.promote_types(w_VH.dtype, torch.float32)  # the chunks' dtype: float32, or float64 heads'
+        lse_R = torch.empty(h_RH.shape[0], dtype=acc, device=h_RH.device)
+        for start in range(0, h_RH.shape[0], rows):
+            stop = min(start + rows, h_RH.shape[0])
+            x_RV = _head_chunk(h_RH[start:stop], w_VH, b_V, temperature)
+            lse_R[start:stop] = torch.logsumexp(x_RV, dim=-1)
+            lp_RJ[start:stop] = x_RV.gather(-1, ids_RJ[start:stop]) - lse_R[start:stop, None]
+        ctx.save_for_backward(h_RH, w_VH, b_V, ids_RJ, lse_R)
+        ctx.temperature, ctx.rows = temperature, rows
+        return lp_RJ
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_RJ):  # type: ignore[override]
+        h_RH, w_VH, b_V, ids_RJ, lse_R = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        tau = ctx.temperature
+        grad_h = torch.zeros_like(h_RH) if want_h else None
+        grad_w = torch.zeros_like(w_VH) if want_w else None
+        acc = torch.promote_types(w_VH.dtype, torch.float32)  # the chunks' dtype: float32, or float64 heads'
+        grad_b = torch.zeros(w_VH.shape[0], dtype=acc, device=w_VH.device) if want_b else None
+        live = (grad_RJ != 0).any(-1).nonzero()[:, 0]  # rows that receive any gradient
+        h_live, ids_live, lse_live = h_RH[live], ids_RJ[live], lse_R[live]
+        g_live = grad_RJ[live].to(acc)
+        for start in range(0, live.shape[0], ctx.rows):
+            stop = min(start + ctx.rows, live.shape[0])
+            h_c, g_RJ = h_live[start:stop], g_live[start:stop]
+            # softmax rebuilt from the saved normaliser, then -softmax * sum_j g + scatter of g at the ids
+            p_RV = _head_chunk(h_c, w_VH, b_V, tau).sub_(lse_live[start:stop, None]).exp_()
+            g_RV = p_RV.mul_(-g_RJ.sum(-1, keepdim=True))
+            g_RV.scatter_add_(-1, ids_live[start:stop], g_RJ)
+            if tau != 1.0:
+                g_RV.div_(tau)
+            if grad_b is not None:
+                grad_b += g_RV.sum(0)
+            g_RV = g_RV.to(w_VH.dtype)
+            if grad_h is not None:
+                grad_h[live[start:stop]] = g_RV @ w_VH
+            if grad_w is not None:
+                grad_w.addmm_(g_RV.T, h_c)
+        return grad_h, grad_w, None if grad_b is None else grad_b.to(b_V.dtype), None, None, None
+
+
 def logprobs_at(
-    logits_NTV: torch.Tensor,
+    logits_NTV: torch.Tensor | OutputHead,
     ids_NTJ: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -281,8 +333,23 @@ def logprobs_at(
     `log_softmax(logits.float() / temperature).gather(-1, ids)` in value and gradient, but no float32 [N, T, V]
     tensor is created in forward, and backward allocates only the gradient itself (in the logits' dtype) plus
     O(chunk_size * V) float32 scratch. Also fine under torch.no_grad(). Not twice differentiable.
+    Given an `OutputHead` instead of logits, the same values with gradients w.r.t. its hidden states, weight and
+    bias, and no [N, T, V] tensor at all (not even the gradient): chunks of `hidden_chunk_rows` rows.
     """
     _check_temperature(temperature)
+    if isinstance(logits_NTV, OutputHead):
+        head = logits_NTV
+        lead, (vocab, hidden) = tuple(head.hidden_NTH.shape[:-1]), head.weight_VH.shape
+        _check_ids_for(ids_NTJ, (*lead, vocab))
+        lp_RJ = _LogprobsAtHead.apply(
+            head.hidden_NTH.reshape(-1, hidden),
+            head.weight_VH,
+            head.bias_V,
+            ids_NTJ.reshape(-1, ids_NTJ.shape[-1]).long(),
+            float(temperature),
+            hidden_chunk_rows(chunk_size, vocab, hidden),
+        )
+        return lp_RJ.reshape(ids_NTJ.shape)
     _check_ids(ids_NTJ, logits_NTV)
     ids_RJ = ids_NTJ.reshape(-1, ids_NTJ.shape[-1]).long()
     lp_RJ = _LogprobsAt.apply(logits_NTV, ids_RJ, float(temperature), int(chunk_size))

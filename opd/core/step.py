@@ -321,8 +321,9 @@ def build_targets(
 # --- 3. loss ----------------------------------------------------------------------------------------------------
 
 
-def target_logprobs(cfg: OPDConfig, logits_NTV: torch.Tensor, targets: Targets) -> torch.Tensor:
-    """A model's log-probs at the target slots, [n, T, C], differentiable (full-vocabulary normalised)."""
+def target_logprobs(cfg: OPDConfig, logits_NTV: torch.Tensor | OutputHead, targets: Targets) -> torch.Tensor:
+    """A model's log-probs at the target slots, [n, T, C], differentiable (full-vocabulary normalised), from its
+    logits or its `OutputHead` (the same values; then no [n, T, V] tensor exists, gradient included)."""
     n_support = targets.ids_NTC.shape[-1] - int(targets.extra_sampled_slot)
     lp = slot_logprobs(
         logits_NTV,
@@ -363,7 +364,7 @@ def needs_student_logits(cfg: OPDConfig, targets: Targets) -> bool:
 def step_loss(
     cfg: OPDConfig,
     targets: Targets,
-    logits_NTV: torch.Tensor | None,
+    logits_NTV: torch.Tensor | OutputHead | None,
     *,
     totals: BatchTotals,
     teacher_logits_NTV: torch.Tensor | None = None,
@@ -374,7 +375,8 @@ def step_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The update's loss on (a micro-batch of) the targets: policy + full-vocabulary + kl_coef * KL terms.
 
-    `logits_NTV` are the student's logits with gradient; `teacher_logits_NTV` (no grad) only for the full vocabulary.
+    `logits_NTV` are the student's logits with gradient, or its `OutputHead` (then the slot log-probs never build
+    [T, V] logits); `teacher_logits_NTV` (no grad) only for the full vocabulary.
     An engine whose logits live elsewhere (a logits hook) may pass `lp_NTC` = `target_logprobs(...)` with gradient
     instead, and no logits (then the full-vocabulary term is unavailable).
     With the full vocabulary, both models' `OutputHead`s (final hidden states and output embedding) may replace
@@ -387,7 +389,10 @@ def step_loss(
         raise ValueError("step_loss needs one of logits_NTV and lp_NTC, not both")
     if logits_NTV is None and lp_NTC is None and (needs_student_logits(cfg, targets) or not from_heads):
         raise ValueError("step_loss needs the student's logits_NTV (or lp_NTC) for these targets")
-    anchor = next(x for x in (logits_NTV, lp_NTC, student_head and student_head.hidden_NTH) if x is not None)
+    if isinstance(logits_NTV, OutputHead) and targets.full_vocab and not from_heads:
+        raise ValueError("the full-vocabulary loss from the student's OutputHead needs the teacher's OutputHead too")
+    own_head = logits_NTV if isinstance(logits_NTV, OutputHead) else student_head
+    anchor = next(x for x in (logits_NTV, lp_NTC, own_head and own_head.hidden_NTH) if torch.is_tensor(x))
     loss = anchor.new_zeros((), dtype=torch.float32)
     metrics: dict[str, float] = {}
     lp = lp_NTC

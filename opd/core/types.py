@@ -35,3 +35,13 @@ class Support:
     in_student_topk_NTC: torch.Tensor  # bool: v_c in S_t
     in_teacher_topk_NTC: torch.Tensor  # bool: v_c in T_t
     has_tail: bool = False
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A model's last layer, so a kernel can rebuild any chunk of its logits: logits = hidden @ weight.T (+ bias).
+    Passed where logits would be, it lets the reads and losses run without a [T, V] tensor."""
+
+    hidden_NTH: torch.Tensor  # final hidden states at the scored positions (after the final norm)
+    weight_VH: torch.Tensor  # the output embedding (lm_head.weight), possibly tied to the input embedding
+    bias_V: torch.Tensor | None = None

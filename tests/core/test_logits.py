@@ -7,6 +7,7 @@ import torch
 
 from opd.core import logits as logits_module
 from opd.core.logits import RowChunks, head_logit_stats, logit_stats, logprobs_at
+from opd.core.types import OutputHead
 
 
 def ref_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -265,3 +266,76 @@ def test_head_logit_stats_rejects_bad_input():
         head_logit_stats(hidden, weight, k=14)
     with pytest.raises(ValueError, match="chunk_size"):
         head_logit_stats(hidden, weight, k=2, chunk_size=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_logprobs_at_from_output_head_matches_float64(dtype, temperature, bias, chunk):
+    """Value and the gradients w.r.t. hidden states, weight and bias equal float64 autograd through the built
+    logits, with rows of zero upstream gradient (padding) and a repeated id."""
+    gen = torch.Generator().manual_seed(11 + chunk)
+    hidden, weight, b = _head(gen, 3, 5, 8, 61, dtype, bias)
+    ids = torch.randint(0, 61, (3, 5, 4), generator=gen)
+    ids[1, 2, 3] = ids[1, 2, 0]
+    upstream = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+    upstream[0, 3:] = 0  # padded positions: skipped in backward, their gradients exactly 0
+    upstream[2, 1, :2] = 0  # one row with some zero slots
+
+    def leaf(x):
+        return None if x is None else x.clone().requires_grad_(True)
+
+    ours = OutputHead(leaf(hidden), leaf(weight), leaf(b))
+    lp = logprobs_at(ours, ids, temperature=temperature, chunk_size=chunk)
+    (lp.double() * upstream).sum().backward()
+
+    ref_in = [None if x is None else x.double().requires_grad_(True) for x in (hidden, weight, b)]
+    ref = ref_logprobs(torch.nn.functional.linear(*ref_in), temperature).gather(-1, ids)
+    (ref * upstream).sum().backward()
+
+    assert lp.dtype == torch.float32 and ours.hidden_NTH.grad.dtype == dtype
+    torch.testing.assert_close(lp.double(), ref.detach(), atol=3e-5, rtol=1e-5)
+    for got, want in zip((ours.hidden_NTH, ours.weight_VH, ours.bias_V), ref_in):
+        if want is not None:
+            torch.testing.assert_close(got.grad.double(), want.grad, atol=3e-5, rtol=1e-5)
+    assert not ours.hidden_NTH.grad[0, 3:].any()
+
+
+def test_logprobs_at_from_output_head_equals_the_logits_path_and_builds_no_vocab_tensor(monkeypatch):
+    """The head path gives the logits path's values and gradients (float32), and with a small element cap no
+    tensor as large as the [N, T, V] logits is allocated in forward or backward."""
+    gen = torch.Generator().manual_seed(12)
+    N, T, H, V = 2, 16, 8, 97
+    hidden, weight, b = _head(gen, N, T, H, V, torch.float32, True)
+    ids = torch.randint(0, V, (N, T, 3), generator=gen)
+    upstream = torch.randn(N, T, 3, generator=gen)
+
+    h1, w1, b1 = (x.clone().requires_grad_(True) for x in (hidden, weight, b))
+    (logprobs_at(torch.nn.functional.linear(h1, w1, b1), ids, temperature=0.9) * upstream).sum().backward()
+
+    monkeypatch.setattr(logits_module, "HIDDEN_CHUNK_ELEMENTS_MIN", 4 * V)
+    monkeypatch.setattr(logits_module, "HIDDEN_CHUNK_ELEMENTS", 4 * V)  # 4 rows a chunk
+    h2, w2, b2 = (x.clone().requires_grad_(True) for x in (hidden, weight, b))
+    biggest = []
+
+    def watch(x):
+        biggest.append(x.numel())
+        return x
+
+    real_head_chunk = logits_module._head_chunk
+    monkeypatch.setattr(logits_module, "_head_chunk", lambda *a: watch(real_head_chunk(*a)))
+    lp = logprobs_at(OutputHead(h2, w2, b2), ids, temperature=0.9)
+    (lp * upstream).sum().backward()
+    assert biggest and max(biggest) <= 4 * V < N * T * V
+    tol = dict(atol=1e-5, rtol=1e-5)
+    for got, want in ((h2, h1), (w2, w1), (b2, b1)):
+        torch.testing.assert_close(got.grad, want.grad, **tol)
+
+
+def test_logprobs_at_from_output_head_rejects_bad_ids():
+    head = OutputHead(torch.zeros(2, 3, 4), torch.zeros(13, 4))
+    with pytest.raises(ValueError, match="expected ids in"):
+        logprobs_at(head, torch.full((2, 3, 1), 13))
+    with pytest.raises(ValueError, match="leading dims"):
+        logprobs_at(head, torch.zeros(2, 4, 1, dtype=torch.long))

@@ -24,6 +24,7 @@ from opd.core.step import (
     read_teacher,
     step_diagnostics,
     step_loss,
+    target_logprobs,
 )
 
 F64 = torch.float64
@@ -355,3 +356,75 @@ def test_reads_from_output_heads_equal_the_logits_reads(case):
             if a is not None:
                 torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
     assert got_t.lp_at_other_NTK.shape == (N, T, got_s.topk_ids_NTK.shape[-1])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        CASES[0],
+        CASES[2],
+        CASES[5],
+        CASES[9],
+        CASES[10],
+        dict(top_k=3, adv_estimator="token_reward_direct", use_kl=True, kl_coef=0.3),
+        dict(top_k=-1, adv_estimator="token_reward_direct_plus_grpo", grpo_outcome_weight=2.0),
+    ],
+    ids=_case_id,
+)
+def test_loss_from_the_students_output_head_equals_the_logits_path(case):
+    """The student's `OutputHead` in place of its logits (slot log-probs from hidden states, tail bucket and extra
+    sampled slot included): the same loss, metrics and gradients w.r.t. hidden states and output embedding."""
+    cfg = OPDConfig(temperature=0.9, chunk_size=4, **case)
+    gen = torch.Generator().manual_seed(len(_case_id(case)))
+    H = 5
+    s_h, t_h = (torch.randn(N, T, H, generator=gen, dtype=F64) for _ in range(2))
+    s_w, t_w = (torch.randn(V, H, generator=gen, dtype=F64) for _ in range(2))
+    s_b = torch.randn(V, generator=gen, dtype=F64)
+    _, _, ids, mask, outcome = make_batch(seed=4)
+    t_logits = t_h @ t_w.T
+    with torch.no_grad():
+        s_logits = s_h @ s_w.T + s_b
+        reads = StepReads(student=read_student(cfg, s_logits, ids))
+        reads.teacher = read_teacher(cfg, t_logits, ids, reads.student.topk_ids_NTK)
+        reads.student.lp_at_other_NTK = read_student_at_teacher(cfg, s_logits, reads.teacher.topk_ids_NTK)
+    targets = build_targets(
+        cfg, reads, response_ids_NT=ids, response_mask_NT=mask, group_index_N=GROUPS, outcome_scores_N=outcome
+    )
+    if cfg.use_kl:
+        targets.ref_lp_NTC = target_logprobs(cfg, s_logits + 0.3 * torch.randn(N, T, V, generator=gen), targets)
+    totals = loss_totals(targets, norm_length=T)
+    results = []
+    for via_head in (False, True):
+        h, w, b = (x.clone().requires_grad_(True) for x in (s_h, s_w, s_b))
+        teacher = {"teacher_head": OutputHead(t_h, t_w)} if via_head else {"teacher_logits_NTV": t_logits}
+        if via_head:
+            head = OutputHead(h, w, b)
+            loss, metrics = step_loss(cfg, targets, head, totals=totals, student_head=head, **teacher)
+        else:
+            loss, metrics = step_loss(cfg, targets, h @ w.T + b, totals=totals, **teacher)
+        loss.backward()
+        results.append((float(loss), metrics, h.grad, w.grad, b.grad))
+    (loss_a, m_a, *grads_a), (loss_b, m_b, *grads_b) = results
+    # the logits path reads float32 chunks, a float64 head stays float64: float32-level agreement (the tail bucket's
+    # log(1 - covered mass) amplifies it, hence the brute-force test's tolerances)
+    assert loss_b == pytest.approx(loss_a, rel=1e-4, abs=1e-6)
+    assert m_b.keys() == m_a.keys()
+    for key in m_a:
+        assert m_b[key] == pytest.approx(m_a[key], rel=1e-4, abs=1e-5), key
+    for got, want in zip(grads_b, grads_a):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert grads_a[0].abs().max() > 1e-3  # a real signal was compared
+    assert (grads_b[0][mask == 0] == 0).all()  # padded positions get no gradient from the head path either
+
+
+def test_loss_from_a_student_head_without_the_teachers_is_refused_for_the_full_vocabulary():
+    cfg = OPDConfig(top_k=-1)
+    gen = torch.Generator().manual_seed(1)
+    s_h, s_w = torch.randn(N, T, 3, generator=gen, dtype=F64), torch.randn(V, 3, generator=gen, dtype=F64)
+    _, teacher, ids, mask, outcome = make_batch(seed=1)
+    with torch.no_grad():
+        reads = StepReads(student=read_student(cfg, s_h @ s_w.T, ids))
+        reads.teacher = read_teacher(cfg, teacher, ids, reads.student.topk_ids_NTK)
+    targets = build_targets(cfg, reads, response_ids_NT=ids, response_mask_NT=mask, group_index_N=GROUPS)
+    with pytest.raises(ValueError, match="teacher's OutputHead"):
+        step_loss(cfg, targets, OutputHead(s_h, s_w), totals=loss_totals(targets, T), teacher_logits_NTV=teacher)
