@@ -11,6 +11,7 @@ truncated importance weights between a separate rollout engine (vLLM) and the tr
 
 from __future__ import annotations
 
+from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
@@ -67,23 +68,31 @@ class RolloutBatch:
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]], group_index: list[int], pad_id: int) -> RolloutBatch:
-    """Left-pad prompts, right-pad responses (an empty response keeps one masked column)."""
+    """Left-pad prompts, right-pad responses (an empty response keeps one masked column).
+
+    Rows are laid out in flat Python lists, one conversion per tensor: per-row tensor writes cost ~20 us a row."""
     n = len(prompts)
     P = max(len(p) for p in prompts)
     T = max(1, max(len(r) for r in responses))
-    ids = torch.full((n, P + T), pad_id, dtype=torch.long)
-    attn = torch.zeros((n, P + T), dtype=torch.long)
-    resp = torch.zeros((n, T), dtype=torch.long)
-    mask = torch.zeros((n, T), dtype=torch.float32)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, P - len(p) : P] = torch.as_tensor(p, dtype=torch.long)
-        attn[i, P - len(p) : P] = 1
-        if r:
-            ids[i, P : P + len(r)] = torch.as_tensor(r, dtype=torch.long)
-            attn[i, P : P + len(r)] = 1
-            resp[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1.0
-    return RolloutBatch(ids, attn, resp, mask, torch.as_tensor(group_index, dtype=torch.long), P)
+    ids, attn, resp, mask = [], [], [], []
+    for p, r in zip(prompts, responses):
+        lp, lr = len(p), len(r)
+        ids += [pad_id] * (P - lp)
+        ids += p
+        ids += r
+        ids += [pad_id] * (T - lr)
+        attn += [0] * (P - lp) + [1] * (lp + lr) + [0] * (T - lr)
+        resp += r
+        resp += [0] * (T - lr)
+        mask += [1.0] * lr + [0.0] * (T - lr)
+    return RolloutBatch(
+        torch.frombuffer(array("q", ids), dtype=torch.long).view(n, P + T),
+        torch.frombuffer(array("q", attn), dtype=torch.long).view(n, P + T),
+        torch.frombuffer(array("q", resp), dtype=torch.long).view(n, T),
+        torch.frombuffer(array("f", mask), dtype=torch.float32).view(n, T),
+        torch.as_tensor(group_index, dtype=torch.long),
+        P,
+    )
 
 
 def micro_batch_bounds(batch: RolloutBatch, token_budget: int) -> list[tuple[int, int]]:
