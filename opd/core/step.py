@@ -165,7 +165,7 @@ def read_teacher(
 
 @torch.no_grad()
 def read_student_at_teacher(
-    cfg: OPDConfig, student_logits_NTV: torch.Tensor, teacher_topk_ids_NTK: torch.Tensor
+    cfg: OPDConfig, student_logits_NTV: torch.Tensor | OutputHead, teacher_topk_ids_NTK: torch.Tensor
 ) -> torch.Tensor | None:
     """log p at the teacher's top-k ids, for strategies whose slots include them (only_tch, union, ...); else None."""
     if not needs_student_at_teacher(cfg):

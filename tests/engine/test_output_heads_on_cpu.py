@@ -1,12 +1,20 @@
-"""The full-vocabulary update from output heads (no [T, V] logits, one teacher forward per step) equals the logits
-path on the same session, and a model whose logits are not its head at its last hidden state falls back."""
+"""The update and the reads from output heads (no [T, V] logits; with the full vocabulary one teacher forward per
+step) equal the logits path on the same session, and a model whose logits are not its head at its last hidden state
+falls back."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from opd.engines.local import heads, trainer
+from opd.engines.local import heads, scoring, trainer, update
+
+
+def _logits_only(monkeypatch) -> None:
+    """Every pass of the step from logits, as for models without a usable output head."""
+    monkeypatch.setattr(trainer, "use_output_heads", lambda *a: False)
+    monkeypatch.setattr(scoring, "has_output_head", lambda model: False)
+    monkeypatch.setattr(update, "has_output_head", lambda model: False)
 
 
 def _count_calls(module) -> list[int]:
@@ -35,7 +43,7 @@ def test_heads_path_equals_the_logits_path(tiny_cfg, monkeypatch, settings):
         assert heads.has_output_head(s.student) and heads.has_output_head(s.teacher)  # checked once, here
         teacher_calls = _count_calls(s.teacher.base_model)
         if not via_heads:
-            monkeypatch.setattr(trainer, "use_output_heads", lambda *a: False)
+            _logits_only(monkeypatch)
         metrics = trainer.train_step(s, 1)
         results.append((metrics, [p.detach().clone() for p in s.student.parameters()], teacher_calls[0]))
     (m_heads, w_heads, calls_heads), (m_logits, w_logits, calls_logits) = results
@@ -64,7 +72,7 @@ def test_a_model_with_a_changed_head_falls_back(tiny_cfg, capsys):
 
 
 @pytest.mark.parametrize("top_k", [-1, 4])
-def test_teacher_reads_from_hidden_states_equal_its_logits_reads(tiny_cfg, top_k):
+def test_teacher_reads_from_hidden_states_equal_its_logits_reads(tiny_cfg, monkeypatch, top_k):
     """Scoring with `teacher_hidden` reads the teacher from its hidden states chunk by chunk (its [n, T, V] logits
     are never built): the same reads, and the full-vocabulary KL, as scoring from its logits."""
     from opd.engines.local.scoring import score
@@ -75,6 +83,7 @@ def test_teacher_reads_from_hidden_states_equal_its_logits_reads(tiny_cfg, top_k
     kw = dict(token_budget=s.cfg.micro_batch_tokens, vocab_size=s.vocab_width)
     hidden: list = []
     via_hidden = score(s.student, s.teacher, batch, s.cfg.algo, teacher_hidden=hidden, **kw)
+    monkeypatch.setattr(scoring, "has_output_head", lambda model: False)
     via_logits = score(s.student, s.teacher, batch, s.cfg.algo, **kw)
     assert len(hidden) > 1  # several micro-batches
     mask = batch.response_mask_NT.bool()
@@ -87,3 +96,47 @@ def test_teacher_reads_from_hidden_states_equal_its_logits_reads(tiny_cfg, top_k
         assert via_logits.full_kl_NT[mask].abs().max() > 0
     else:
         assert via_hidden.full_kl_NT is None and via_logits.full_kl_NT is None
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"algo.top_k": 4, "micro_batch_tokens": 40},
+        {"algo.top_k": 4, "algo.top_k_strategy": "union", "algo.tail_bucket": True},
+        {"algo.top_k": 4, "algo.adv_estimator": "token_reward_direct_plus_grpo", "algo.use_kl": True},
+        {"algo.top_k": 0},
+        {"algo.top_k": 0, "algo.adv_estimator": "grpo"},
+    ],
+    ids=["topk", "union+tail", "outcome+kl", "sampled", "grpo"],
+)
+def test_slot_update_from_the_students_head_equals_the_logits_path(tiny_cfg, monkeypatch, settings):
+    """Top-k and sampled-token supports: the student's slot log-probs from its hidden states (and the teacher's and
+    the reference's reads from theirs) give the logits path's step; no lm_head runs in scoring or the update."""
+    results = []
+    for via_heads in (True, False):
+        torch.manual_seed(0)
+        s = trainer.setup(tiny_cfg(**settings))
+        models = [m for m in (s.student, s.teacher, s.reference) if m is not None]
+        assert all(heads.has_output_head(m) for m in models)  # the once-per-model check runs its head: not counted
+        if not via_heads:
+            _logits_only(monkeypatch)
+        heads_run = [_count_calls(m.lm_head) for m in models]
+        grads = []  # the gradients the optimiser steps on (Adam's first step would amplify float noise near 0)
+        s.optimizer.register_step_pre_hook(lambda *_: grads.extend(p.grad.clone() for p in s.student.parameters()))
+        problems = [s.train_set.problems[i] for i in s.schedule.batch(1)]
+        plan, seen = trainer.step_plan(s, len(problems))
+        rollouts = trainer.sample_rollouts(s, problems, observe=seen)
+        sampler_calls = heads_run[0][0]
+        rollouts.scores = [float(i % 3 == 0) for i in range(len(rollouts.texts))]  # outcome advantages not all 0
+        scores = trainer.score_rollouts(s, rollouts.batch, heads=plan, seen=seen)
+        targets = trainer.rollout_targets(s, rollouts, rollouts.batch, scores.reads)
+        metrics = trainer.update_student(s, rollouts.batch, targets, scores)
+        head_calls = heads_run[0][0] - sampler_calls + sum(c[0] for c in heads_run[1:])
+        results.append((metrics, grads, head_calls))
+    (m_heads, g_heads, calls_heads), (m_logits, g_logits, calls_logits) = results
+    assert calls_heads == 0 and calls_logits > 0
+    for key in m_logits:
+        assert m_heads[key] == pytest.approx(m_logits[key], rel=1e-4, abs=1e-6), key
+    assert m_heads["actor/grad_norm"] > 0 and len(g_heads) == len(g_logits) > 0
+    for a, b in zip(g_heads, g_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

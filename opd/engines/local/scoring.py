@@ -3,9 +3,10 @@
 The engine only moves tensors: what is read from the logits is `opd.core.step` (read_student, read_teacher, ...).
 Per micro-batch the student and the teacher each run once in eval mode; their logits live only inside the
 micro-batch, and only [N, T, K]-sized reads are kept. The student's log-probs at the teacher's top-k ids reuse the
-student logits of the same micro-batch (no third forward), and only when the strategy needs them. When the update
-runs from output heads (`teacher_hidden`), the teacher's reads come from its final hidden states chunk by chunk
-(`opd.core.logits.head_logit_stats`): its [n, T, V] logits are never built.
+student logits (or head) of the same micro-batch (no third forward), and only when the strategy needs them.
+A model that exposes its output embedding (`opd.engines.local.heads`) is read from its final hidden states chunk by
+chunk (`opd.core.logits.head_logit_stats`): its [n, T, V] logits are never built. With the full vocabulary the
+teacher's hidden states are kept (`teacher_hidden`) for the update.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from opd.core.config import OPDConfig
 from opd.core.step import (
     ModelStats,
+    OutputHead,
     StepReads,
     Targets,
     read_full_kl,
@@ -27,7 +29,7 @@ from opd.core.step import (
     student_reads_suffice,
     target_logprobs,
 )
-from opd.engines.local.heads import head_logits, output_head, response_hidden
+from opd.engines.local.heads import has_output_head, head_logits, output_head, response_hidden
 from opd.engines.local.rollout import RolloutBatch, micro_batch_bounds
 
 
@@ -43,6 +45,18 @@ def response_logits(model, mb: RolloutBatch, vocab_size: int | None = None) -> t
     )
     logits = out.logits[:, :-1]
     return logits if vocab_size is None else logits[..., :vocab_size]
+
+
+def _source(model, mb: RolloutBatch, vocab_size: int | None, *, head: bool, keep: list | None = None):
+    """What a model's reads are taken from: its `OutputHead` where it has one and `head` allows it (the reads are
+    the same, and its [n, T, V] logits are never built), else its logits. `keep`, when given, receives the final
+    hidden states (the full-vocabulary update rebuilds the teacher's logits from them)."""
+    if keep is None and not (head and has_output_head(model)):
+        return response_logits(model, mb, vocab_size)
+    hidden = response_hidden(model, mb)
+    if keep is not None:
+        keep.append(hidden)
+    return output_head(model, hidden, vocab_size)
 
 
 def _sync(device: torch.device) -> None:
@@ -82,24 +96,20 @@ def score(
         mb = batch.rows(start, stop)
         t0 = time.perf_counter()
         if student_reads is None:
-            s_logits = response_logits(student, mb, vocab_size)
+            s_logits = _source(student, mb, vocab_size, head=cfg.support != "full")
             reads = StepReads(student=read_student(cfg, s_logits, mb.response_ids_NT))
-            _sync(s_logits.device)
+            _sync(batch.response_ids_NT.device)
         else:
             s_logits = None
             reads = StepReads(student=_rows(student_reads, start, stop, mb.resp_width))
         t1 = time.perf_counter()
         clock["student"] += t1 - t0
         if teacher is not None:
-            if teacher_hidden is None:
-                t_source = response_logits(teacher, mb, vocab_size)
-            else:  # read from its hidden states chunk by chunk: the teacher's [n, T, V] logits are never built
-                teacher_hidden.append(response_hidden(teacher, mb))
-                t_source = output_head(teacher, teacher_hidden[-1], vocab_size)
+            t_source = _source(teacher, mb, vocab_size, head=True, keep=teacher_hidden)
             reads.teacher = read_teacher(cfg, t_source, mb.response_ids_NT, reads.student.topk_ids_NTK)
             reads.student.lp_at_other_NTK = read_student_at_teacher(cfg, s_logits, reads.teacher.topk_ids_NTK)
-            if s_logits is not None:
-                t_logits = head_logits(t_source) if teacher_hidden is not None else t_source
+            if s_logits is not None and cfg.support == "full":  # the student's logits: it has no usable head
+                t_logits = head_logits(t_source) if isinstance(t_source, OutputHead) else t_source
                 reads.full_kl_NT = read_full_kl(cfg, s_logits, t_logits)
                 del t_logits
             del t_source
@@ -201,6 +211,6 @@ def reference_logprobs(
     chunks = []
     for start, stop in micro_batch_bounds(batch, token_budget):
         mb = batch.rows(start, stop)
-        logits = response_logits(reference, mb, vocab_size)
-        chunks.append(target_logprobs(cfg, logits, targets.rows(start, stop, mb.resp_width)))
+        source = _source(reference, mb, vocab_size, head=True)
+        chunks.append(target_logprobs(cfg, source, targets.rows(start, stop, mb.resp_width)))
     return _pad_cat(chunks, N, T)

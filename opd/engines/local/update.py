@@ -4,10 +4,11 @@ One mini-batch, one epoch, one optimiser step per training step (on-policy, rati
 accumulation over micro-batches (token budget) passes the whole batch's token / sequence counts to the core's loss,
 so the summed micro-batch losses equal the full-batch loss and micro-batching never changes the gradient.
 The loss is the core's `step_loss` (policy loss on the [N, T, C] targets with the K dimension kept, the
-full-vocabulary surrogate and the KL-to-reference term). The full-vocabulary surrogate runs from both models' final
-hidden states and output embeddings (the teacher's kept from the scoring pass), so neither model's [T, V] logits
-exist; a model whose logits are not its head at its last hidden state falls back to logits, and the teacher re-runs
-here without grad. A non-finite gradient norm skips the optimiser step.
+full-vocabulary surrogate and the KL-to-reference term). The student enters as its final hidden states and output
+embedding (`OutputHead`): its slot log-probs and the full-vocabulary surrogate (against the teacher's head, its
+hidden states kept from the scoring pass) are built chunk by chunk, so no [T, V] logits exist, nor their gradient.
+A model whose logits are not its head at its last hidden state falls back to logits (with the full vocabulary the
+teacher then re-runs here without grad). A non-finite gradient norm skips the optimiser step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from opd.core.config import OPDConfig
 from opd.core.step import Targets, loss_totals, merge_loss_metrics, needs_student_logits, step_loss
-from opd.engines.local.heads import head_logits, output_head, response_hidden
+from opd.engines.local.heads import has_output_head, output_head, response_hidden
 from opd.engines.local.rollout import RolloutBatch, micro_batch_bounds
 from opd.engines.local.scoring import response_logits
 from opd.optim import clip_grad_norm
@@ -48,14 +49,17 @@ def loss_and_backward(
     for i, (start, stop) in enumerate(micro_batch_bounds(batch, token_budget)):
         mb = batch.rows(start, stop)
         tg = targets.rows(start, stop, mb.resp_width)
-        if teacher_hidden is not None:
+        if teacher_hidden is not None or (not tg.full_vocab and has_output_head(student)):
             s_head = output_head(student, response_hidden(student, mb), vocab_size)
-            t_head = output_head(teacher, teacher_hidden[i], vocab_size)
-            logits = head_logits(s_head) if needs_student_logits(cfg, tg) else None
-            kl_out = None if full_kl_NT is None else full_kl_NT[start:stop, : mb.resp_width]
-            loss, metrics = step_loss(
-                cfg, tg, logits, totals=totals, student_head=s_head, teacher_head=t_head, full_kl_out_NT=kl_out
-            )
+            full = {}
+            if teacher_hidden is not None:
+                full = dict(
+                    student_head=s_head,
+                    teacher_head=output_head(teacher, teacher_hidden[i], vocab_size),
+                    full_kl_out_NT=None if full_kl_NT is None else full_kl_NT[start:stop, : mb.resp_width],
+                )
+            source = s_head if needs_student_logits(cfg, tg) else None
+            loss, metrics = step_loss(cfg, tg, source, totals=totals, **full)
         else:
             logits = response_logits(student, mb, vocab_size)
             teacher_logits = None
