@@ -117,3 +117,73 @@ def test_clip_grad_norm_is_accurate_and_clips_like_torch():
     torch_norm = float(torch.nn.utils.clip_grad_norm_(params(), 1.0))
     assert abs(clip_grad_norm(params(), 1.0) - want) <= abs(torch_norm - want)
     assert clip_grad_norm([torch.nn.Parameter(torch.zeros(2))], 1.0) == 0.0  # no gradient at all
+
+
+def _reference_clip_grad_norm(params, max_norm):
+    """clip_grad_norm as it was before the `_foreach_norm` path: ~12 ops per parameter."""
+    from opd.optim import NORM_CHUNK
+
+    def norm_squared(g):
+        flat = g.detach().reshape(-1)
+        whole = flat.numel() // NORM_CHUNK * NORM_CHUNK
+        partial = torch.linalg.vector_norm(flat[:whole].view(-1, NORM_CHUNK).float(), dim=1)
+        rest = torch.linalg.vector_norm(flat[whole:].float())
+        return partial.double().square().sum() + rest.double().square()
+
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    total = torch.stack([norm_squared(p.grad).to(params[0].grad.device) for p in params]).sum().sqrt()
+    if max_norm != float("inf"):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["llama_like", "single", "with_large", "chunk_multiple", "non_contiguous", "bf16", "no_grad_some", "nonfinite"],
+)
+def test_clip_grad_norm_equals_the_per_parameter_reference_bitwise(case):
+    from opd.optim import NORM_CHUNK, clip_grad_norm
+
+    gen = torch.Generator().manual_seed(len(case))
+    shapes = {
+        "llama_like": [(273, 64), (64,), (64, 64), (32, 64), (128, 64), (64, 128), (64,), (273, 64)],
+        "single": [(7,)],
+        "with_large": [(5, 3), (NORM_CHUNK * 2 + 11,), (64,), (300, 300), (1,)],
+        "chunk_multiple": [(NORM_CHUNK,), (NORM_CHUNK - 1,), (3,)],
+        "non_contiguous": [(40, 30), (64, 64), (9,)],
+        "bf16": [(40, 30), (64,)],
+        "no_grad_some": [(4, 4), (5,), (6, 2)],
+        "nonfinite": [(4, 4), (5,), (6, 2)],
+    }[case]
+    grads = [torch.randn(*s, generator=gen) * 10 ** float(torch.randint(-6, 2, (), generator=gen)) for s in shapes]
+    if case == "non_contiguous":
+        grads = [g.t() if g.ndim == 2 else g for g in grads]
+    if case == "bf16":
+        grads = [g.bfloat16() for g in grads]
+    if case == "nonfinite":
+        grads[1][2] = float("nan")
+
+    def params():
+        out = []
+        for i, g in enumerate(grads):
+            p = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype))
+            if not (case == "no_grad_some" and i == 1):
+                p.grad = g.clone() if g.is_contiguous() else g.t().clone().t()  # keep the layout
+            out.append(p)
+        return out
+
+    want = _reference_clip_grad_norm(params(), float("inf"))
+    got = clip_grad_norm(params(), float("inf"))
+    assert got == want or (got != got and want != want)  # bitwise the same float64 (nan for nan gradients)
+    # clipping below, exactly at, and above the norm: the same gradients, bit for bit
+    for max_norm in (want / 3, want, want * (1 + 1e-6) + 1e-6, want * 2, 1.0):
+        if want != want and max_norm != 1.0:
+            continue
+        ref, ours = params(), params()
+        _reference_clip_grad_norm(ref, max_norm)
+        clip_grad_norm(ours, max_norm)
+        for a, b in zip(ref, ours):
+            assert (a.grad is None and b.grad is None) or torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0))
+            assert a.grad is None or a.grad.stride() == b.grad.stride()
