@@ -44,13 +44,17 @@ def make_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; with decay_1d_params=False, 1-D ones (biases, norms) get no decay."""
     params = [p for p in model.parameters() if p.requires_grad]
+    # All float32 on CPU: the foreach implementation (there a loop of the same per-tensor kernels, so the same bits as
+    # torch's CPU default, the for-loop; tests/test_optim.py) with less dispatch. Not for bf16: its foreach scalar
+    # multiply rounds the scalar to bf16 (other bits). Elsewhere torch's default (foreach on CUDA).
+    foreach = True if params and all(p.is_cpu and p.dtype == torch.float32 for p in params) else None
     if decay_1d_params:
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach)
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=foreach)
 
 
 def make_scheduler(

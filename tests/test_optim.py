@@ -3,6 +3,7 @@ the demo's settings reproduce exactly what each tool computed before the two wer
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -187,3 +188,48 @@ def test_clip_grad_norm_equals_the_per_parameter_reference_bitwise(case):
         for a, b in zip(ref, ours):
             assert (a.grad is None and b.grad is None) or torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0))
             assert a.grad is None or a.grad.stride() == b.grad.stride()
+
+
+@pytest.mark.parametrize(
+    "decay_1d_params, betas, weight_decay", [(True, (0.9, 0.999), 0.01), (False, (0.9, 0.95), 0.1)]
+)
+def test_make_optimizer_steps_bitwise_like_torchs_for_loop_adamw(decay_1d_params, betas, weight_decay):
+    """make_optimizer uses foreach AdamW for float32 CPU parameters: bit for bit the for-loop implementation (torch's
+    CPU default) over several scheduled steps, with gradients of many magnitudes, zeros and a frozen parameter."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(273, 64), torch.nn.Linear(64, 128), torch.nn.LayerNorm(128), torch.nn.Linear(128, 273)
+    )
+    model[2].bias.requires_grad_(False)
+    twin = copy.deepcopy(model)
+    opt = make_optimizer(model, lr=1e-3, betas=betas, weight_decay=weight_decay, decay_1d_params=decay_1d_params)
+    assert all(group["foreach"] is True for group in opt.param_groups)
+    ref_params = [p for p in twin.parameters() if p.requires_grad]
+    if decay_1d_params:
+        ref = torch.optim.AdamW(ref_params, lr=1e-3, betas=betas, weight_decay=weight_decay, foreach=False)
+    else:
+        groups = [
+            {"params": [p for p in ref_params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in ref_params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        ref = torch.optim.AdamW(groups, lr=1e-3, betas=betas, foreach=False)
+    schedulers = [make_scheduler(o, kind="cosine", total_steps=8, warmup_ratio=0.25) for o in (opt, ref)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(8):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            if p.requires_grad:
+                scale = 10 ** float(torch.randint(-8, 1, (), generator=gen))
+                p.grad = torch.randn(p.shape, generator=gen) * scale
+                if step == 2:
+                    p.grad.view(-1)[::3] = 0.0
+                q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        for s in schedulers:
+            s.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(opt.state, ref.state):
+        assert all(torch.equal(opt.state[p][k], ref.state[q][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    # bf16 (foreach rounds its scalars to bf16): torch's own default
+    assert make_optimizer(model.bfloat16(), lr=1e-3, betas=betas, weight_decay=0.0).param_groups[0]["foreach"] is None
