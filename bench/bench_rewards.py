@@ -10,6 +10,9 @@ What is compared, on bf16 logits as a model would produce them (N = 1 sequence o
           (`full_vocab_pg_loss_from_hidden`, no [T, V] logits)  vs  the head's logits materialised, then as naive
           fullpg, backward into the hidden states and the output embedding. Its peak excludes the returned
           gradients (the hidden states' and the output embedding's, which every implementation returns).
+  slots_hidden  the top-k update's student side, forward + backward: log-probs at K ids per position from the
+          final hidden states and output embedding (`logprobs_at` of an `OutputHead`)  vs  the head's logits
+          materialised, float32 log_softmax, gather, backward. Peak as fullpg_hidden's.
 Each (path, implementation, V, T, chunk) case runs in a fresh subprocess so allocations cannot leak between
 cases. Peak memory on CPU is the process's resident-set high-water mark (VmHWM, reset through
 /proc/self/clear_refs once the inputs exist) minus the resident set at that moment: the extra memory the
@@ -31,8 +34,9 @@ import subprocess
 import sys
 import time
 
-PATHS = ("topk", "fullkl", "fullpg", "fullpg_hidden")
-HIDDEN = 1024  # Qwen3-0.6B's hidden size, for fullpg_hidden
+PATHS = ("topk", "fullkl", "fullpg", "fullpg_hidden", "slots_hidden")
+HEAD_PATHS = ("fullpg_hidden", "slots_hidden")  # inputs: hidden states and output embeddings, not logits
+HIDDEN = 1024  # Qwen3-0.6B's hidden size, for the HEAD_PATHS
 DEFAULT_SIZES = "32768:8192,151936:2048"
 
 
@@ -88,7 +92,7 @@ def _run_case(path: str, impl: str, V: int, T: int, k: int, chunk: int, device: 
         full_vocab_pg_loss_NT,
         full_vocab_reverse_kl,
     )
-    from opd.core.logits import logit_stats
+    from opd.core.logits import logit_stats, logprobs_at
     from opd.core.rewards import compute_rewards
     from opd.core.support import build_support
 
@@ -162,7 +166,28 @@ def _run_case(path: str, impl: str, V: int, T: int, k: int, chunk: int, device: 
         loss.backward()
         return -adv.sum() + h.grad[0, :8].float().abs().sum()
 
+    def _slot_ids_and_upstream(h, w):
+        gen = torch.Generator(device=h.device).manual_seed(2)
+        ids = torch.randint(0, w.shape[0], (*h.shape[:-1], k), generator=gen, device=h.device)
+        return ids, torch.randn(ids.shape, generator=gen, device=h.device)
+
+    def slots_hidden_chunked(s, t):
+        h, w = _student_leaves(s)
+        ids, up = _slot_ids_and_upstream(h, w)
+        lp = logprobs_at(OutputHead(h, w), ids, chunk_size=chunk)
+        (lp * up).sum().backward()
+        return lp.detach().sum() + h.grad[0, :8].float().abs().sum()
+
+    def slots_hidden_naive(s, t):
+        h, w = _student_leaves(s)
+        ids, up = _slot_ids_and_upstream(h, w)
+        lp = torch.log_softmax(F.linear(h, w).float(), -1).gather(-1, ids)
+        (lp * up).sum().backward()
+        return lp.detach().sum() + h.grad[0, :8].float().abs().sum()
+
     fn = {
+        ("slots_hidden", "chunked"): slots_hidden_chunked,
+        ("slots_hidden", "naive"): slots_hidden_naive,
         ("fullpg_hidden", "chunked"): fullpg_hidden_chunked,
         ("fullpg_hidden", "naive"): fullpg_hidden_naive,
         ("topk", "chunked"): topk_chunked,
@@ -173,14 +198,14 @@ def _run_case(path: str, impl: str, V: int, T: int, k: int, chunk: int, device: 
         ("fullpg", "naive"): fullpg_naive,
     }[(path, impl)]
 
-    make = _make_heads if path == "fullpg_hidden" else _make_logits
+    make = _make_heads if path in HEAD_PATHS else _make_logits
     warm_s, warm_t = make(4, 64, device, seed=1)
     fn(warm_s, warm_t)  # first-call overheads (kernel selection, lazy init) off the clock
     del warm_s, warm_t
     s, t = make(T, V, device, seed=0)
-    # fullpg_hidden: the gradients it returns (hidden states, output embedding) are not "extra"
-    returned = sum(x.numel() * x.element_size() for x in s) if path == "fullpg_hidden" else 0
-    inputs = sum(x.numel() * x.element_size() for x in (*s, *t)) if path == "fullpg_hidden" else 2 * s.numel() * 2
+    # the head paths: the gradients they return (hidden states, output embedding) are not "extra"
+    returned = sum(x.numel() * x.element_size() for x in s) if path in HEAD_PATHS else 0
+    inputs = sum(x.numel() * x.element_size() for x in (*s, *t)) if path in HEAD_PATHS else 2 * s.numel() * 2
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -215,7 +240,7 @@ def _mem_available() -> int:
 def _naive_estimate(path: str, V: int, T: int) -> int:
     """Bytes the naive path needs at its peak (inputs + float32 [T, V] tensors alive together), for skipping."""
     per = T * V * 4
-    return 2 * T * V * 2 + {"topk": 4, "fullkl": 4, "fullpg": 6, "fullpg_hidden": 7}[path] * per
+    return 2 * T * V * 2 + {"topk": 4, "fullkl": 4, "fullpg": 6, "fullpg_hidden": 7, "slots_hidden": 4}[path] * per
 
 
 def _subprocess(args, path, impl, V, T, chunk) -> dict:
