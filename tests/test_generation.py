@@ -172,3 +172,88 @@ def test_compiled_sampler_falls_back_to_eager_where_it_cannot_compile(model, mon
     assert a == b == c
     err = capsys.readouterr().err
     assert err.count("compiled sampling is not available") == 1 and "no C++ compiler" in err
+
+
+def _reference_sample_batch(model, prompts, max_new_tokens, eos, pad_id, temperature, top_p, rep_penalty, generator):
+    """The eager sampler loop as it was before the EOS lookup table and list-built padding (per-row writes, isin,
+    a per-step length count)."""
+    from opd.generation import _DynamicDecoder
+
+    B, L = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, L - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        attn[i, L - len(p) :] = 1
+    position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
+    seen = input_ids.masked_fill(attn == 0, -1) if rep_penalty != 1.0 else None
+    decoder = _DynamicDecoder(model, attn)
+    logits = decoder.prefill(input_ids, position_ids)
+    next_pos = position_ids[:, -1] + 1
+    done = torch.zeros(B, dtype=torch.bool)
+    generated = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
+    n_gen = torch.zeros(B, dtype=torch.long)
+    observed = []
+    for step in range(max_new_tokens):
+        raw = logits
+        if seen is not None:
+            logits = _apply_repetition_penalty(logits.float(), seen, rep_penalty)
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            scaled = logits.float() / temperature
+            if top_p < 1.0:
+                scaled = _filter_top_p(scaled, top_p)
+            tok = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        observed.append((step, raw.clone(), tok.clone()))
+        generated[:, step] = tok
+        n_gen += (~done).long()
+        done = done | torch.isin(tok, eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if seen is not None:
+            seen = torch.cat([seen, tok.masked_fill(done, -1)[:, None]], dim=1)
+        logits = decoder.step(tok, next_pos)
+        next_pos = next_pos + 1
+    return [row[: int(n)] for row, n in zip(generated.tolist(), n_gen.tolist())], observed
+
+
+@pytest.mark.parametrize(
+    "eos_ids, pad_id",
+    [([], PAD), ([EOS], PAD), ([EOS, 7, 3], PAD), ([EOS], EOS), ([EOS, 10 * V], 2), ([-1, 6], PAD), (4, PAD)],
+)
+def test_sampler_equals_the_reference_loop(model, eos_ids, pad_id):
+    """Same tokens, observed logits and tokens, and random stream as the reference loop: empty / unreachable EOS
+    lists, PAD that is an EOS, single rows, one-token responses, rows finishing at different steps, and greedy,
+    tempered, top-p and repetition-penalised sampling."""
+    g = torch.Generator().manual_seed(len(str(eos_ids)) + pad_id)
+    settings = [(1.0, 1.0, 1.0), (0.0, 1.0, 1.0), (0.7, 0.9, 1.0), (1.3, 1.0, 1.2), (2.0, 0.5, 0.8)]
+    staggered = False  # some batch has rows finishing at different steps
+    for (temperature, top_p, rep), (B, steps) in zip(settings * 2, [(1, 1), (1, 12), (5, 10), (7, 30), (3, 2)] * 2):
+        lengths = torch.randint(1, 9, (B,), generator=g).tolist()
+        prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
+        seed = int(torch.randint(0, 1000, (1,), generator=g))
+        seen = []
+        ours_gen, ref_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        got = sample(
+            model,
+            prompts,
+            max_new_tokens=steps,
+            eos_token_ids=eos_ids,
+            pad_token_id=pad_id,
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=rep,
+            generator=ours_gen,
+            observe=lambda first, step, logits, tok: seen.append((step, logits.clone(), tok.clone())),
+        )
+        eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids))
+        want, observed = _reference_sample_batch(model, prompts, steps, eos, pad_id, temperature, top_p, rep, ref_gen)
+        assert got == want
+        staggered |= len({len(r) for r in got}) > 1
+        assert len(seen) == len(observed)
+        for (s1, l1, t1), (s2, l2, t2) in zip(seen, observed):
+            assert s1 == s2 and torch.equal(l1, l2) and torch.equal(t1, t2)
+        assert torch.equal(ours_gen.get_state(), ref_gen.get_state())
+    assert staggered or not eos_ids
