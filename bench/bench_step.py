@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             record(("rollout (sampling)", "generated"), t_roll, gen_tokens, m_roll)
             record(("student + teacher no-grad passes", "prompt+response"), t_score, all_tokens, m_score)
-            record(("- of which student", "prompt+response"), passes["student"], all_tokens, m_score)
+            if seen is None:  # else the student's reads came from the sampler's logits: no student pass to time
+                record(("- of which student", "prompt+response"), passes["student"], all_tokens, m_score)
             record(("- of which teacher", "prompt+response"), passes["teacher"], all_tokens, m_score)
             record(("support/rewards/advantages (core)", "generated"), t_sig, gen_tokens, m_sig)
             record(("update (fwd+bwd+AdamW)", "prompt+response"), t_upd, all_tokens, m_upd)
