@@ -268,7 +268,7 @@ def test_head_logit_stats_rejects_bad_input():
         head_logit_stats(hidden, weight, k=2, chunk_size=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
@@ -295,10 +295,15 @@ def test_logprobs_at_from_output_head_matches_float64(dtype, temperature, bias, 
     (ref * upstream).sum().backward()
 
     assert lp.dtype == torch.float32 and ours.hidden_NTH.grad.dtype == dtype
-    torch.testing.assert_close(lp.double(), ref.detach(), atol=3e-5, rtol=1e-5)
+    # bf16: the head's matmul rounds its logits to bf16 (as the model's lm_head does), so the values are compared with
+    # the float64 log-softmax of those logits; the gradients are bf16
+    low = dtype == torch.bfloat16
+    want_lp = ref_logprobs(torch.nn.functional.linear(hidden, weight, b), temperature).gather(-1, ids) if low else ref
+    torch.testing.assert_close(lp.double(), want_lp.detach(), atol=3e-5, rtol=1e-5)
     for got, want in zip((ours.hidden_NTH, ours.weight_VH, ours.bias_V), ref_in):
         if want is not None:
-            torch.testing.assert_close(got.grad.double(), want.grad, atol=3e-5, rtol=1e-5)
+            tol = dict(atol=0.05, rtol=0.02) if low else dict(atol=3e-5, rtol=1e-5)
+            torch.testing.assert_close(got.grad.double(), want.grad, **tol)
     assert not ours.hidden_NTH.grad[0, 3:].any()
 
 
@@ -339,3 +344,29 @@ def test_logprobs_at_from_output_head_rejects_bad_ids():
         logprobs_at(head, torch.full((2, 3, 1), 13))
     with pytest.raises(ValueError, match="leading dims"):
         logprobs_at(head, torch.zeros(2, 4, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+        ),
+    ],
+)
+def test_logprobs_at_from_output_head_on_device_matches_cpu(device):
+    """Nothing of the head path is created on the CPU by accident: the same values and gradients on `device`."""
+    gen = torch.Generator().manual_seed(13)
+    hidden, weight, b = _head(gen, 2, 7, 8, 53, torch.float32, True)
+    ids = torch.randint(0, 53, (2, 7, 3), generator=gen)
+    upstream = torch.randn(2, 7, 3, generator=gen)
+    upstream[1, 4:] = 0
+    results = []
+    for dev in ("cpu", device):
+        leaves = [x.to(dev).requires_grad_(True) for x in (hidden, weight, b)]
+        lp = logprobs_at(OutputHead(*leaves), ids.to(dev), temperature=0.8, chunk_size=3)
+        (lp * upstream.to(dev)).sum().backward()
+        results.append([lp.detach().cpu()] + [x.grad.cpu() for x in leaves])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
