@@ -20,9 +20,23 @@ computation needs on top of the logits it is given. On CUDA it is torch.cuda.max
 allocation before the call. Times are one run after a small warm-up, wall clock.
 The parent checks that both implementations agree (sum of the outputs) and prints a markdown table.
 
+Achieved rate of the chunked implementation (the last two columns), against the device's copy bandwidth: before the
+cases, one more subprocess (same threads) times `dst.copy_(src)` of a float32 tensor of --copy-mib MiB (default
+256 on CPU, 1024 on CUDA; synchronised around each copy on CUDA), best of 5 after one untimed copy, counted as
+read + write bytes (2 x size) / seconds. Each case's "achieved" figure is the bytes (or FLOPs) the computation
+must at least move (or do) once, divided by its time; it is a lower bound on the traffic (the chunked kernels
+read some inputs twice, e.g. fullpg recomputes the advantage in backward), not a measurement of it:
+  topk, fullkl   both bf16 logits tensors read once: 2 x T x V x 2 bytes (the outputs are O(T x K), negligible).
+  fullpg         both logits read once plus the gradient of the student's logits written once: 3 x T x V x 2 bytes.
+  fullpg_hidden, slots_hidden  matmul-bound, not bandwidth-bound: reported as TFLOP/s, 2 x T x V x H per head
+                 matmul, 4 matmuls each (fullpg_hidden: forward logits of both models + 2 backward matmuls;
+                 slots_hidden: 1 forward + 1 recomputed in backward + 2 backward), so 8 x T x V x H FLOPs;
+                 the "% of copy bandwidth" column is blank for them.
+
     python bench/bench_rewards.py                                   # CPU defaults (~5 min on 2 busy cores)
     python bench/bench_rewards.py --sizes 32768:2048,151936:2048 --chunk-sizes 256,1024   # chunk-size effect
     python bench/bench_rewards.py --device cuda --sizes 32768:8192,151936:8192 --chunk-sizes 1024
+    python bench/bench_rewards.py --sizes 32768:256 --copy-mib 64                 # a quick small run
 """
 
 from __future__ import annotations
@@ -38,6 +52,41 @@ PATHS = ("topk", "fullkl", "fullpg", "fullpg_hidden", "slots_hidden")
 HEAD_PATHS = ("fullpg_hidden", "slots_hidden")  # inputs: hidden states and output embeddings, not logits
 HIDDEN = 1024  # Qwen3-0.6B's hidden size, for the HEAD_PATHS
 DEFAULT_SIZES = "32768:8192,151936:2048"
+LOGIT_BYTES = 2  # bf16 logits
+HEAD_MATMULS = {"fullpg_hidden": 4, "slots_hidden": 4}  # [T, H] x [H, V]-sized matmuls per case, see the docstring
+
+
+def min_bytes(path: str, V: int, T: int, element_size: int = LOGIT_BYTES) -> int | None:
+    """Bytes a logits path must at least move once (None for the matmul-bound head paths)."""
+    reads = 2 * T * V * element_size  # both logits tensors, once
+    return {"topk": reads, "fullkl": reads, "fullpg": reads + T * V * element_size}.get(path)
+
+
+def matmul_flops(path: str, V: int, T: int, H: int = HIDDEN) -> int | None:
+    """FLOPs of a head path's [T, H] x [H, V] matmuls, 2 x T x V x H each (None for the logits paths)."""
+    n = HEAD_MATMULS.get(path)
+    return None if n is None else n * 2 * T * V * H
+
+
+def copy_bandwidth(device: str, mib: float, repeats: int = 5) -> float:
+    """Bytes per second of dst.copy_(src) of a float32 tensor of `mib` MiB, read + write, best of `repeats`."""
+    import torch
+
+    n = max(1, int(mib * 2**20) // 4)
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # page faults / lazy init off the clock
+    cuda = device.startswith("cuda")
+    best = float("inf")
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(src.device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        if cuda:
+            torch.cuda.synchronize(src.device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n * 4 / max(best, 1e-12)
 
 
 def _rss_bytes(field: str) -> int:
@@ -243,13 +292,30 @@ def _naive_estimate(path: str, V: int, T: int) -> int:
     return 2 * T * V * 2 + {"topk": 4, "fullkl": 4, "fullpg": 6, "fullpg_hidden": 7, "slots_hidden": 4}[path] * per
 
 
-def _subprocess(args, path, impl, V, T, chunk) -> dict:
+def _run_child(args, flag: str, payload: list) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    cmd = [sys.executable, __file__, "--_case", json.dumps([path, impl, V, T, args.k, chunk, args.device])]
+    cmd = [sys.executable, __file__, flag, json.dumps(payload)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["exit %d" % out.returncode])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _subprocess(args, path, impl, V, T, chunk) -> dict:
+    return _run_child(args, "--_case", [path, impl, V, T, args.k, chunk, args.device])
+
+
+def _achieved(path: str, V: int, T: int, case: dict | None, copy_bps: float | None) -> tuple[str, str]:
+    """The chunked case's achieved rate ("X GB/s" or "X TFLOP/s") and its % of the copy bandwidth (or blank)."""
+    if not case or "error" in case:
+        return "n/a", ""
+    seconds = max(case["seconds"], 1e-12)
+    flops = matmul_flops(path, V, T)
+    if flops is not None:
+        return f"{flops / seconds / 1e12:.3g} TFLOP/s", ""
+    bps = min_bytes(path, V, T) / seconds
+    pct = f"{100 * bps / copy_bps:.1f}%" if copy_bps else "n/a"
+    return f"{bps / 1e9:.3g} GB/s", pct
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,12 +332,23 @@ def main(argv: list[str] | None = None) -> int:
         default=12.0,
         help="skip naive cases estimated above this many GB (or above 80%% of free memory on CPU)",
     )
+    parser.add_argument(
+        "--copy-mib",
+        type=float,
+        default=None,
+        help="size of the float32 copy that measures the device's copy bandwidth (default 256 on CPU, 1024 on CUDA)",
+    )
     parser.add_argument("--_case", help=argparse.SUPPRESS)
+    parser.add_argument("--_copy", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args._case:
         path, impl, V, T, k, chunk, device = json.loads(args._case)
         print(json.dumps(_run_case(path, impl, V, T, k, chunk, device)))
+        return 0
+    if args._copy:
+        device, mib = json.loads(args._copy)
+        print(json.dumps({"bytes_per_second": copy_bandwidth(device, mib)}))
         return 0
 
     sizes = [tuple(int(x) for x in pair.split(":")) for pair in args.sizes.split(",")]
@@ -281,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--paths: unknown {bad}; valid: {', '.join(PATHS)}")
     chunks = [int(c) for c in args.chunk_sizes.split(",")]
     gib = 1024**3
+    copy_mib = args.copy_mib or (1024 if args.device.startswith("cuda") else 256)
+    copy = _run_child(args, "--_copy", [args.device, copy_mib])
+    copy_bps = copy.get("bytes_per_second")
+    print(f"copy bandwidth measured ({copy_mib:g} MiB)", file=sys.stderr, flush=True)
     rows, skipped = [], []
     for path in paths:
         for V, T in sizes:
@@ -310,21 +391,27 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\nDevice: {args.device}, threads per case: {args.threads}, K = {args.k}, N = 1, bf16 logits; "
-        "peak = extra memory over the inputs (MiB).\n"
+        "peak = extra memory over the inputs (MiB)."
     )
+    if copy_bps:
+        print(f"device copy bandwidth: {copy_bps / 1e9:.3g} GB/s ({copy_mib:g} MiB copy, read + write)\n")
+    else:
+        print(f"device copy bandwidth: n/a ({copy.get('error', 'no result')})\n")
     print(
-        "| path | V | T | chunk | chunked s | naive s | chunked peak MiB | naive peak MiB | naive/chunked mem | agree |"
+        "| path | V | T | chunk | chunked s | naive s | chunked peak MiB | naive peak MiB | naive/chunked mem | agree "
+        "| achieved GB/s (or TFLOP/s) | % of copy bandwidth |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for path, V, T, chunk, chunked, naive in rows:
         ratio, agree = "n/a", "n/a"
         if naive and chunked and "error" not in naive and "error" not in chunked:
             ratio = f"{naive['peak_extra_bytes'] / max(chunked['peak_extra_bytes'], 1):.1f}x"
             a, b = chunked["checksum"], naive["checksum"]
             agree = "yes" if abs(a - b) <= 1e-3 * max(1.0, abs(b)) else f"NO ({a:.4g} vs {b:.4g})"
+        rate, pct = _achieved(path, V, T, chunked, copy_bps)
         print(
             f"| {path} | {V} | {T} | {chunk} | {sec(chunked)} | {sec(naive)} | {mib(chunked)} | {mib(naive)} "
-            f"| {ratio} | {agree} |"
+            f"| {ratio} | {agree} | {rate} | {pct} |"
         )
     for line in skipped:
         print(f"- skipped {line}")
