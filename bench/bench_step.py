@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=2 python bench/bench_step.py                       # CPU, toy teacher/student sizes
     python bench/bench_step.py --device cuda --prompts 64 --n 8 --max-resp 256
+    python bench/bench_step.py --device cuda --dtype bf16 --shapes qwen3-1.7b:qwen3-0.6b --vocab 151936 \
+        --prompts 32 --n 4 --max-resp 256                           # Qwen-shaped random models (bench/sizes.py)
 
 It builds the toy world in a temporary folder (BPE tokenizer trained locally, teacher and student from
 `opd.toy`, untrained, so every response runs to --max-resp tokens: the worst case for the sampler), then times
@@ -13,7 +15,11 @@ tokens for the rollout, the core's maths, the metrics and the whole step, and pr
 model passes and the update (the table says which). Peak memory: on CUDA the peak allocated during each phase; on
 Linux CPUs the process's resident-set high-water mark during the phase (reset through /proc/self/clear_refs before
 each phase; it includes the models, data and interpreter, ~the steady resident set), elsewhere the process's peak.
-Prints a markdown table.
+Prints a markdown table, then the model FLOP rate of the two passes that are matmul-bound at a real model's size:
+the update (6 FLOPs per matmul parameter per token: forward + backward, the head only at the response positions,
+which is all it runs at) and the teacher's scoring pass (2 per parameter per token), and their MFU against
+`--peak-tflops` (by default the dense bf16 peak of a known GPU; none on a CPU). Attention's score and value
+products are not counted, as usual: small next to the matmuls at a few hundred positions.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from pathlib import Path
 
 import torch
 from rss import reset_peak, status_mb  # bench/rss.py, beside this script
+from sizes import SHAPES, matmul_params, parse_pair, random_model  # bench/sizes.py
+
+# dense bf16 peak TFLOP/s of the GPUs this is likely to meet (vendor figures, no sparsity)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -64,20 +74,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--micro-batch-tokens", type=int, default=16384)
     parser.add_argument("--dtype", default="fp32", help="MODEL_DTYPE: fp32 | bf16 | fp16")
+    parser.add_argument(
+        "--shapes", default="toy", help=f"TEACHER:STUDENT model shapes ({', '.join(SHAPES)}; bench/sizes.py)"
+    )
+    parser.add_argument("--vocab", type=int, help="pad both vocabularies to this many rows (e.g. 151936)")
+    parser.add_argument("--layers", type=int, help="override both models' depth (a CPU smoke run of a real shape)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak for the MFU lines (default: known GPUs)")
     args = parser.parse_args(argv)
+    try:
+        teacher_shape, student_shape = parse_pair(args.shapes)
+    except ValueError as exc:
+        parser.error(f"--shapes: {exc}")
 
     from opd.core.step import step_diagnostics
     from opd.engines.local import trainer
     from opd.engines.local.config import resolve
-    from opd.toy import build_tiny_model, build_toy_tokenizer, save_model, write_datasets
-    from opd.toy.models import SIZES
+    from opd.toy import build_toy_tokenizer, save_model, write_datasets
 
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tok = build_toy_tokenizer(root / "tok")
-        teacher_dir = save_model(build_tiny_model(tok, size="teacher", seed=1), tok, root / "teacher")
-        student_dir = save_model(build_tiny_model(tok, size="student", seed=2), tok, root / "student")
+        shape = dict(vocab=args.vocab, layers=args.layers)
+        teacher_dir = save_model(random_model(tok, teacher_shape, "teacher", seed=1, **shape), tok, root / "teacher")
+        student_dir = save_model(random_model(tok, student_shape, "student", seed=2, **shape), tok, root / "student")
         n_steps = args.warmup + args.steps
         data = write_datasets(root / "data", seed=0, n_train=args.prompts * n_steps, n_dev=1, n_test=1)
         cfg = resolve(
@@ -106,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         s = trainer.setup(cfg)
         rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        flops: dict[str, list[tuple[float, float]]] = {"update": [], "teacher pass": []}  # (FLOPs, seconds)
 
         def record(name, seconds, tokens, peak):
             rows.setdefault(name, []).append((seconds, tokens, peak))
@@ -133,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             record(("support/rewards/advantages (core)", "generated"), t_sig, gen_tokens, m_sig)
             record(("update (fwd+bwd+AdamW)", "prompt+response"), t_upd, all_tokens, m_upd)
             record(("dynamics metrics", "generated"), t_diag, gen_tokens, m_diag)
+            flops["update"].append((6 * _model_flops(s.student, all_tokens, gen_tokens, s.vocab_width), t_upd))
+            teacher_flops = 2 * _model_flops(s.teacher, all_tokens, gen_tokens, s.vocab_width)
+            flops["teacher pass"].append((teacher_flops, passes["teacher"]))
             record(
                 ("whole step", "generated"),
                 t_roll + t_score + t_sig + t_upd + t_diag,
@@ -140,10 +164,14 @@ def main(argv: list[str] | None = None) -> int:
                 max(m_roll, m_score, m_sig, m_upd, m_diag),
             )
 
+        shapes = {
+            role: _describe(shape, m)
+            for role, shape, m in (("t", teacher_shape, s.teacher), ("s", student_shape, s.student))
+        }
+        vocab = s.student.get_output_embeddings().weight.shape[0]
     threads = torch.get_num_threads()
-    (tl, tw), (sl, sw) = SIZES["teacher"], SIZES["student"]
     print(
-        f"\nOPD step, toy teacher ({tl} layers, d={tw}) -> student ({sl} layers, d={sw}), vocab {len(tok)}, "
+        f"\nOPD step, teacher {shapes['t']} -> student {shapes['s']}, random weights, vocab {vocab:,}, "
         f"{args.prompts} prompts x {args.n} samples x {args.max_resp} tokens, K={args.k} {args.strategy}, "
         f"{args.dtype}, device {device}"
         + (f" ({threads} threads)" if device.type == "cpu" else "")
@@ -157,7 +185,34 @@ def main(argv: list[str] | None = None) -> int:
         tok_s = sum(v[1] for v in vals) / max(sum(v[0] for v in vals), 1e-9)
         peak = max(v[2] for v in vals)
         print(f"| {name} | {sec:.4f} | {tok_s:,.0f} | {counted} | {peak:,.0f} |")
+    peak_tflops = args.peak_tflops or _known_peak(device, args.dtype)
+    print()
+    for name, vals in flops.items():
+        rate = sum(f for f, _ in vals) / max(sum(t for _, t in vals), 1e-9) / 1e12
+        mfu = f", MFU {100 * rate / peak_tflops:.1f}% of {peak_tflops:g} TFLOP/s" if peak_tflops else ""
+        print(f"{name}: {rate:.3f} model TFLOP/s{mfu}")
     return 0
+
+
+def _model_flops(model, all_tokens: float, response_tokens: float, vocab_width: int | None) -> float:
+    """Matmul parameter-token products of one pass: the body at every token, the output head (over the vocabulary
+    the step reads) only at the response positions, which is where the step runs it."""
+    head = model.get_output_embeddings().weight
+    rows = vocab_width or head.shape[0]
+    body = matmul_params(model) - head.numel()
+    return body * all_tokens + rows * head.shape[1] * response_tokens
+
+
+def _describe(shape: str, model) -> str:
+    c = model.config
+    return f"{shape} ({c.num_hidden_layers} layers, d={c.hidden_size})"
+
+
+def _known_peak(device: torch.device, dtype: str) -> float | None:
+    if device.type != "cuda" or dtype not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,12 @@ def random_model(tokenizer, shape: str, role: str, *, seed: int, vocab: int | No
 
     if shape == "toy":
         config = tiny_config(tokenizer, size=role, arch="llama")
+        if layers is not None:
+            config.num_hidden_layers = layers
     else:
+        dims = dict(QWEN3[shape], **({} if layers is None else {"num_hidden_layers": layers}))
         config = Qwen3Config(
-            **QWEN3[shape],
+            **dims,
             num_key_value_heads=8,
             head_dim=128,
             vocab_size=len(tokenizer),
@@ -57,8 +60,6 @@ def random_model(tokenizer, shape: str, role: str, *, seed: int, vocab: int | No
         )
     if vocab is not None:
         config.vocab_size = vocab
-    if layers is not None:
-        config.num_hidden_layers = layers
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
