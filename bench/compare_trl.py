@@ -3,23 +3,30 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/compare_trl.py --repeats 3            # both vocabularies (minutes)
     OMP_NUM_THREADS=1 .venv/bin/python bench/compare_trl.py --vocab toy --repeats 3
     OMP_NUM_THREADS=1 .venv/bin/python bench/compare_trl.py --check-loss           # loss / gradient agreement only
+    python bench/compare_trl.py --device cuda --dtype bf16 --shapes qwen3-1.7b:qwen3-0.6b --vocab 151936 \\
+        --prompts 64 --new-tokens 256 --repeats 3                                # a real shape on a GPU
 
 Needs the `bench` extra (`pip install -c constraints.txt -e ".[bench]"`: trl==1.16.0). Nothing is downloaded
-(HF_HUB_OFFLINE=1): the script builds, in a temporary folder, the toy BPE tokenizer (`opd.toy`), 8 toy prompts, and
-a Llama-style student (2 layers, d = 64) and teacher (3 layers, d = 64) from `LlamaConfig` with random weights,
-once at the toy vocabulary and once with the vocabulary padded to 151,936 rows (Qwen-sized; embedding and tied
-lm_head get the extra rows, random like the others; the tokenizer never produces those ids but the models sample
-them). Both tools read the same folders.
+(HF_HUB_OFFLINE=1): the script builds, in a temporary folder, the toy BPE tokenizer (`opd.toy`), the toy prompts
+(--prompts, default 8), and a teacher and student with random weights of the --shapes (bench/sizes.py; default
+toy: a Llama-style student of 2 layers, d = 64, and teacher of 3 layers, d = 64; --layers shortens a real shape so
+that it smoke-tests on a CPU), once per --vocab entry: the toy vocabulary, or padded to that many rows (151,936 is
+Qwen's; embedding and tied lm_head get the extra rows, random like the others; the tokenizer never produces those
+ids but the models sample them). Both tools read the same folders.
+
+The defaults (toy shapes, fp32, CPU, 8 prompts x 32 tokens) are the settings of the tables in docs/benchmarks;
+--device cuda / --dtype bf16 / --shapes / --prompts / --new-tokens change both tools alike (ours: `device`,
+`model_dtype`; TRL: `use_cpu`, `bf16`, models loaded in that dtype).
 
 The same step in both:
-- the same 8 prompts (chat template of the toy tokenizer; the check mode asserts that both tokenise them to the
-  same ids), one sample per prompt, exactly 32 new tokens, temperature 1, top_p 1, no top-k cut, fp32, CPU, one
+- the same prompts (chat template of the toy tokenizer; the check mode asserts that both tokenise them to the
+  same ids), all of them in every step, one sample per prompt, temperature 1, top_p 1, no top-k cut, one CPU
   thread (torch.set_num_threads(1); set OMP_NUM_THREADS=1 too), AdamW lr 1e-6, weight decay 0.01, constant lr,
   gradient clipping at 1.0, no gradient checkpointing;
-- exactly 32 response tokens in both: TRL gets `generation_kwargs={"min_new_tokens": 32}` (transformers masks EOS
-  until 32 tokens are out), our engine gets an empty `Session.eos_ids` (the sampler never stops early; an EOS it
-  samples, probability ~1/V under these untrained models, is an ordinary token). Each measurement checks that
-  every response is 32 tokens long;
+- exactly --new-tokens response tokens in both: TRL gets `generation_kwargs={"min_new_tokens": N}` (transformers
+  masks EOS until N tokens are out), our engine gets an empty `Session.eos_ids` (the sampler never stops early; an
+  EOS it samples, probability ~1/V under these untrained models, is an ordinary token). Each measurement checks
+  that every response is N tokens long;
 - the loss: TRL `beta=1` (reverse KL over the full vocabulary, token mean, from hidden states in chunks); ours
   `LOG_PROB_TOP_K=-1` (`algo.top_k=-1`: full-vocabulary reverse KL, token mean; the default estimator adds no outcome
   term), and `algo.top_k=16` as a second row (a cheaper, different loss: top-16 support of the student); rows
@@ -36,16 +43,19 @@ ours K=-1, ours K=16, TRL, ...), and the table gives medians over `--repeats` me
 `--steps` timed steps); the ratio column is the median of the paired ratios (repeat r of ours over repeat r of
 TRL). Peak RSS is the subprocess's resident-set high-water mark from just before its first step (Linux:
 VmHWM after a reset through /proc/self/clear_refs), "above start" subtracts the resident set at that moment
-(interpreter, libraries, models). Child processes (our math-verify grading workers) are not included.
+(interpreter, libraries, models). Child processes (our math-verify grading workers) are not included. On CUDA
+the same columns hold `torch.cuda.max_memory_allocated()` from the same point ("peak GPU MiB": the host's
+resident set would mostly measure libraries), and each step's clock stops after a device synchronize.
 
-Tokens/s: "generated" counts the sampled response tokens (8 x 32), "scored" the prompt + response tokens that
-the step's forward passes read (the same in both tools).
+Tokens/s: "generated" counts the sampled response tokens (prompts x new tokens), "scored" the prompt + response
+tokens that the step's forward passes read (the same in both tools).
 
 Loss check (`--check-loss`, and once per vocabulary at the start of a normal run): our `train_step` runs on its own
 rollouts (captured by wrapping `trainer.sample_rollouts`), then TRL's `compute_loss` + backward and a plain float64
 PyTorch reference run on exactly those tokens with fresh copies of the same student and teacher; it prints the
 three losses and gradient norms (ours: `actor/grad_norm`, before clipping) and TRL's largest gradient deviation
-from the reference.
+from the reference. It runs on --device; with --dtype bf16 it is skipped (with a note): a float64 reference of
+the fp32 weights would mostly measure bf16 rounding, not whether the two losses agree, so check with fp32.
 """
 
 from __future__ import annotations
@@ -61,19 +71,19 @@ import time
 from pathlib import Path
 
 from rss import reset_peak, status_mb  # bench/rss.py, beside this script
+from sizes import QWEN_VOCAB, parse_pair, random_model  # bench/sizes.py, beside this script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-QWEN_VOCAB = 151_936
-N_PROMPTS = 8
+N_PROMPTS = 8  # defaults of --prompts / --new-tokens
 NEW_TOKENS = 32
 LR = 1e-6
 WEIGHT_DECAY = 0.01
 GRAD_CLIP = 1.0
-SIZES = {"student": ("student", 2), "teacher": ("teacher", 1)}  # role -> (opd.toy size, seed)
+SEEDS = {"student": 2, "teacher": 1}  # role -> weight seed (the toy shape's size is the role)
 PHASE_KEYS = (
     "perf/time_rollout_s",
     "perf/time_score_s",
@@ -88,7 +98,12 @@ RESULT_TAG = "COMPARE_TRL_RESULT "
 # --- memory ---------------------------------------------------------------------------------------------------
 
 
-def _peak_mb() -> float:
+def _peak_mb(device: str = "cpu") -> float:
+    """Peak since `_start_mark`: the GPU's allocated memory on CUDA, else the resident set."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
     hwm = status_mb("VmHWM")
     if hwm is not None:
         return hwm
@@ -98,11 +113,31 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def _start_mark() -> float:
-    """Resident set now; the high-water mark restarts here."""
+def _start_mark(device: str = "cpu") -> float:
+    """Memory in use now (CUDA: allocated, else resident); the high-water mark restarts here."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
     rss = status_mb("VmRSS") or 0.0
     reset_peak()
     return rss
+
+
+def _sync(device: str) -> None:
+    """Wait for queued GPU work, so a step's clock stops after its kernels (no-op on CPU)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
 
 
 def _one_thread() -> None:
@@ -118,38 +153,30 @@ def _one_thread() -> None:
 # --- the shared world -----------------------------------------------------------------------------------------
 
 
-def _build_model(tokenizer, size: str, seed: int, vocab: int):
-    """A random-init Llama-style model of the toy `size`, its vocabulary (embedding = tied lm_head) `vocab` rows."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from opd.toy import tiny_config
-
-    config = tiny_config(tokenizer, size=size, arch="llama")
-    config.vocab_size = vocab
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
-
-
-def build_world(root: Path, vocabs: list[str]) -> dict:
+def build_world(
+    root: Path, vocabs: list[str], shapes: str = "toy", layers: int | None = None, prompts: int = N_PROMPTS
+) -> dict:
+    """Tokenizer, `prompts` training prompts (every step reads all of them) and, per vocabulary, the random-weight
+    teacher and student of `shapes` ('<teacher>:<student>', bench/sizes.py; `layers` overrides non-toy depths)."""
     from transformers.utils import logging as hf_logging
 
     from opd.toy import build_toy_tokenizer, save_model, write_datasets
 
     hf_logging.disable_progress_bar()
+    teacher_shape, student_shape = parse_pair(shapes)
+    shape_of = {"student": student_shape, "teacher": teacher_shape}
     tok = build_toy_tokenizer(root / "tok")
-    data = write_datasets(root / "data", seed=0, n_train=N_PROMPTS, n_dev=1, n_test=1)
-    world = {"train": str(data["train"]), "toy_vocab": len(tok), "models": {}}
+    data = write_datasets(root / "data", seed=0, n_train=prompts, n_dev=1, n_test=1)
+    world = {"train": str(data["train"]), "toy_vocab": len(tok), "models": {}, "describe": {}}
     for name in vocabs:
         vocab = len(tok) if name == "toy" else int(name)
         folders = {}
-        for role, (size, seed) in SIZES.items():
-            model = _build_model(tok, size, seed, vocab)
+        for role, seed in SEEDS.items():
+            shape = shape_of[role]
+            depth = None if shape == "toy" else layers
+            model = random_model(tok, shape, role, seed=seed, vocab=vocab, layers=depth)
+            c, family = model.config, "Llama-style" if shape == "toy" else f"{shape}-shaped"
+            world["describe"][role] = (family, c.num_hidden_layers, c.hidden_size)
             folders[role] = save_model(model, tok, root / f"v{vocab}" / role)
             del model
         world["models"][name] = {"vocab": vocab, **folders}
@@ -177,20 +204,20 @@ def _our_session(spec: dict, n_steps: int, run_dir: Path):
             "reward_model_path": spec["teacher"],
             "train_dataset": spec["train"],
             "test_files": [],
-            "mini_batch_size": N_PROMPTS,
+            "mini_batch_size": spec["prompts"],
             "n_responses": 1,
-            "max_resp_length": NEW_TOKENS,
-            "rollout_batch_size": N_PROMPTS,
+            "max_resp_length": spec["new_tokens"],
+            "rollout_batch_size": spec["prompts"],
             "top_p": 1.0,
             "repetition_penalty": 1.0,
-            "device": "cpu",
-            "model_dtype": "fp32",
+            "device": spec["device"],
+            "model_dtype": spec["dtype"],
             "gradient_checkpointing": False,
             "lr": LR,
             "lr_scheduler": "constant",
             "weight_decay": WEIGHT_DECAY,
             "grad_clip": GRAD_CLIP,
-            "total_epochs": n_steps,  # 8 prompts, 8 per step: every step reads the same 8 prompts
+            "total_epochs": n_steps,  # as many prompts as one step takes: every step reads the same prompts
             "total_steps": n_steps,
             "test_freq": 0,
             "save_freq": 0,
@@ -206,7 +233,7 @@ def _our_session(spec: dict, n_steps: int, run_dir: Path):
         },
     )
     s = trainer.setup(cfg)
-    s.eos_ids = []  # never stop before NEW_TOKENS (TRL side: min_new_tokens), see the module docstring
+    s.eos_ids = []  # never stop before --new-tokens (TRL side: min_new_tokens), see the module docstring
     return trainer, s
 
 
@@ -220,29 +247,32 @@ def run_ours(spec: dict) -> dict:
         # the rule grader's math-verify workers start in the background at setup (a one-time ~1-2 s of CPU, beside
         # the model loading of a real run); timing steps while they start would bill it to this short run's steps
         wait_for_workers()
-        start_mb = _start_mark()
+        device, new_tokens = spec["device"], spec["new_tokens"]
+        start_mb = _start_mark(device)
         times, phases, losses = [], {k: [] for k in PHASE_KEYS}, []
         scored = first_step = None
         for step in range(1, n_steps + 1):
+            _sync(device)
             t0 = time.perf_counter()
             metrics = trainer.train_step(s, step)
+            _sync(device)
             dt = time.perf_counter() - t0
             first_step = dt if first_step is None else first_step
-            if metrics["train/response_length"] != NEW_TOKENS:
-                raise RuntimeError(f"ours: mean response length {metrics['train/response_length']} != {NEW_TOKENS}")
+            if metrics["train/response_length"] != new_tokens:
+                raise RuntimeError(f"ours: mean response length {metrics['train/response_length']} != {new_tokens}")
             scored = round(metrics["perf/tokens_per_s"] * metrics["perf/time_step_s"])
             losses.append(metrics["actor/loss"])
             if step > spec["warmup"]:
                 times.append(dt)
                 for k in PHASE_KEYS:
                     phases[k].append(metrics[k])
-        peak_mb = _peak_mb()
+        peak_mb = _peak_mb(device)
     return {
         "times": times,
         "first_step_s": first_step,
         "phases": phases,
         "losses": losses,
-        "gen_tokens": N_PROMPTS * NEW_TOKENS,
+        "gen_tokens": spec["prompts"] * new_tokens,
         "scored_tokens": scored,
         "start_mb": start_mb,
         "peak_mb": peak_mb,
@@ -253,7 +283,6 @@ def run_ours(spec: dict) -> dict:
 
 
 def _trl_trainer(spec: dict, n_steps: int, out_dir: Path, callbacks=()):
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DistillationConfig, DistillationTrainer
@@ -270,28 +299,29 @@ def _trl_trainer(spec: dict, n_steps: int, out_dir: Path, callbacks=()):
             return out
 
     tokenizer = AutoTokenizer.from_pretrained(spec["student"], padding_side="left", truncation_side="left")
-    student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32, local_files_only=True)
-    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32, local_files_only=True)
+    dtype = _torch_dtype(spec["dtype"])
+    student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=dtype, local_files_only=True)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=dtype, local_files_only=True)
     dataset = Dataset.from_dict({"prompt": _trl_prompts(spec["train"])})
     args = DistillationConfig(
         output_dir=str(out_dir),
         max_steps=n_steps,
-        per_device_train_batch_size=N_PROMPTS,
+        per_device_train_batch_size=spec["prompts"],
         gradient_accumulation_steps=1,
         learning_rate=LR,
         lr_scheduler_type="constant",
         weight_decay=WEIGHT_DECAY,
         max_grad_norm=GRAD_CLIP,
-        bf16=False,
+        bf16=spec["dtype"] == "bf16",
         fp16=False,
         gradient_checkpointing=False,
-        use_cpu=True,
+        use_cpu=spec["device"] == "cpu",
         beta=1.0,
         temperature=1.0,
         top_p=1.0,
         top_k=0,
-        max_completion_length=NEW_TOKENS,
-        generation_kwargs={"min_new_tokens": NEW_TOKENS},
+        max_completion_length=spec["new_tokens"],
+        generation_kwargs={"min_new_tokens": spec["new_tokens"]},
         report_to="none",
         save_strategy="no",
         logging_steps=n_steps + 1,
@@ -315,27 +345,31 @@ def run_trl(spec: dict) -> dict:
     _one_thread()
     from transformers import TrainerCallback
 
+    device, new_tokens = spec["device"], spec["new_tokens"]
+
     class StepClock(TrainerCallback):
         def __init__(self):
             self.times: list[float] = []
             self.t0 = 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            _sync(device)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)
             self.times.append(time.perf_counter() - self.t0)
 
     n_steps = spec["warmup"] + spec["steps"]
     clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
         trl_trainer = _trl_trainer(spec, n_steps, Path(tmp), callbacks=[clock])
-        start_mb = _start_mark()
+        start_mb = _start_mark(device)
         trl_trainer.train()
-        peak_mb = _peak_mb()
+        peak_mb = _peak_mb(device)
         m = trl_trainer._metrics["train"]
         lengths = m.get("completions/min_length", []) + m.get("completions/max_length", [])
-        if len(clock.times) != n_steps or any(v != NEW_TOKENS for v in lengths):
+        if len(clock.times) != n_steps or any(v != new_tokens for v in lengths):
             raise RuntimeError(f"TRL: {len(clock.times)} steps, completion lengths {sorted(set(lengths))}")
         prompt_ids, _, _ = trl_trainer._tokenize_prompts(_trl_prompts(spec["train"]))
     w = spec["warmup"]
@@ -343,8 +377,8 @@ def run_trl(spec: dict) -> dict:
         "times": clock.times[w:],
         "first_step_s": clock.times[0],
         "phases": {"generate": trl_trainer.gen_times[w:]},
-        "gen_tokens": N_PROMPTS * NEW_TOKENS,
-        "scored_tokens": sum(len(p) for p in prompt_ids) + N_PROMPTS * NEW_TOKENS,
+        "gen_tokens": spec["prompts"] * new_tokens,
+        "scored_tokens": sum(len(p) for p in prompt_ids) + spec["prompts"] * new_tokens,
         "start_mb": start_mb,
         "peak_mb": peak_mb,
     }
@@ -361,7 +395,10 @@ def _grad_norm(model) -> float:
 
 
 def run_check(spec: dict) -> dict:
-    """Ours, TRL and a float64 reference: loss and gradient on the same tokens, from the same initial weights."""
+    """Ours, TRL and a float64 reference: loss and gradient on the same tokens, from the same initial weights
+    (fp32 models only: the driver skips it for bf16; on spec["device"])."""
+    if spec["dtype"] != "fp32":
+        raise ValueError("the loss check compares fp32 models with a float64 reference; run it with --dtype fp32")
     _one_thread()
     import torch
     from transformers import AutoModelForCausalLM
@@ -385,7 +422,7 @@ def run_check(spec: dict) -> dict:
             raise RuntimeError("train_step no longer calls trainer.sample_rollouts: cannot capture its rollouts")
         ours_prompt_ids = [list(s.train_set.problems[i].prompt_ids) for i in range(len(s.train_set.problems))]
         del s
-        b = captured["batch"]
+        b = captured["batch"].to(spec["device"])  # TRL's loss and the reference run on the models' device
         P, T = b.prompt_width, b.resp_width
         mask = b.response_mask_NT
 
@@ -409,7 +446,7 @@ def run_check(spec: dict) -> dict:
         # plain float64 reference: token mean of KL(p_student || q_teacher) over the full vocabulary
         def load(role):
             m = AutoModelForCausalLM.from_pretrained(spec[role], dtype=torch.float32, local_files_only=True)
-            return m.to(torch.float64)
+            return m.to(spec["device"], torch.float64)
 
         student, teacher = load("student"), load("teacher")
         student.train()
@@ -436,6 +473,22 @@ def run_check(spec: dict) -> dict:
 
 
 # --- driver ---------------------------------------------------------------------------------------------------
+
+
+def worker_options(args: argparse.Namespace) -> dict:
+    """The command-line options every worker's spec carries (the rest is per world / per tool)."""
+    return {"device": args.device, "dtype": args.dtype, "prompts": args.prompts, "new_tokens": args.new_tokens}
+
+
+def describe_models(describe: dict) -> str:
+    """'Llama-style student (2 layers, d=64) <- teacher (3 layers, d=64)': the family once where both share it."""
+    parts = []
+    for role in ("student", "teacher"):
+        family, layers, width = describe[role]
+        same = role == "teacher" and family == describe["student"][0]
+        plural = "s" if layers != 1 else ""
+        parts.append(("" if same else f"{family} ") + f"{role} ({layers} layer{plural}, d={width})")
+    return " <- ".join(parts)
 
 
 def _worker(spec: dict) -> dict:
@@ -475,9 +528,15 @@ def _med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", default=f"toy,{QWEN_VOCAB}", help=f"comma list: toy and/or sizes (toy,{QWEN_VOCAB})")
+    parser.add_argument("--shapes", default="toy", help="model shapes TEACHER:STUDENT (bench/sizes.py; default toy)")
+    parser.add_argument("--layers", type=int, help="depth of both non-toy models (a CPU smoke run of a real shape)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="both tools' device (default cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="model dtype (default fp32)")
+    parser.add_argument("--prompts", type=int, default=N_PROMPTS, help=f"prompts per step (default {N_PROMPTS})")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help=f"response tokens (default {NEW_TOKENS})")
     parser.add_argument("--repeats", type=int, default=3, help="fresh-subprocess measurements per tool (>= 3)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first, in both tools")
@@ -491,10 +550,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="skip the loss check before the timings")
     parser.add_argument("--json", help="also write the raw measurements here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
         print(RESULT_TAG + json.dumps(_worker(json.loads(args.worker))), flush=True)
         return 0
+    try:
+        parse_pair(args.shapes)
+    except ValueError as e:
+        parser.error(str(e))
 
     import torch
     import transformers
@@ -504,8 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     ks = [int(k) for k in args.ks.split(",")]
     compiled_ks = [int(k) for k in args.compiled_ks.split(",") if k.strip()]
     raw: dict = {"args": vars(args), "vocabs": {}}
+    mem = "GPU" if args.device == "cuda" else "RSS"
     with tempfile.TemporaryDirectory() as tmp:
-        world = build_world(Path(tmp), vocabs)
+        world = build_world(Path(tmp), vocabs, args.shapes, args.layers, args.prompts)
         for name in vocabs:
             models = world["models"][name]
             vocab = models["vocab"]
@@ -515,9 +584,12 @@ def main(argv: list[str] | None = None) -> int:
                 "train": world["train"],
                 "warmup": args.warmup,
                 "steps": args.steps,
+                **worker_options(args),
             }
             entry = raw["vocabs"].setdefault(str(vocab), {"runs": {}})
-            if args.check_loss or not args.no_check:
+            if (args.check_loss or not args.no_check) and args.dtype != "fp32":
+                print(f"loss check, V={vocab:,}: skipped ({args.dtype}: the float64 reference is for fp32)", flush=True)
+            elif args.check_loss or not args.no_check:
                 entry["check"] = _spawn({**base, "tool": "check"})
                 _print_check(vocab, entry["check"])
             if args.check_loss:
@@ -530,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                     entry["runs"].setdefault(label, []).append(res)
                     print(
                         f"V={vocab:,} repeat {r + 1}/{args.repeats} {label}: {_med(res['times']):.3f} s/step, "
-                        f"peak RSS {res['peak_mb']:,.0f} MiB",
+                        f"peak {mem} {res['peak_mb']:,.0f} MiB",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -539,15 +611,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_loss:
         return 0
 
+    where = "CPU, 1 thread" if args.device == "cpu" else f"CUDA ({torch.cuda.get_device_name()}), 1 CPU thread"
     print(
-        f"\nOne OPD step, {N_PROMPTS} prompts x 1 sample x {NEW_TOKENS} new tokens, Llama-style student (2 layers, "
-        f"d=64) <- teacher (3 layers, d=64), random init, fp32, CPU, 1 thread; TRL {trl.__version__}, transformers "
-        f"{transformers.__version__}, torch {torch.__version__}; median of {args.repeats} fresh-process "
+        f"\nOne OPD step, {args.prompts} prompts x 1 sample x {args.new_tokens} new tokens, "
+        f"{describe_models(world['describe'])}, random init, {args.dtype}, {where}; TRL {trl.__version__}, "
+        f"transformers {transformers.__version__}, torch {torch.__version__}; median of {args.repeats} fresh-process "
         f"measurements x {args.steps} timed steps after {args.warmup} warm-up\n"
     )
     print(
-        "| vocab | tool | loss | s / step | generated tok/s | scored tok/s | peak RSS MiB | above start MiB "
-        "| s / step ours/TRL | peak RSS ours/TRL |"
+        f"| vocab | tool | loss | s / step | generated tok/s | scored tok/s | peak {mem} MiB | above start MiB "
+        f"| s / step ours/TRL | peak {mem} ours/TRL |"
     )
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     loss_names = {"TRL": "reverse KL, full vocab (beta=1)"}
