@@ -27,8 +27,8 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
 else
   rewards=(--device cuda --sizes 151936:8192 --chunk-sizes 1024)
   pair=(--device cuda --dtype bf16 --shapes qwen3-1.7b:qwen3-0.6b)
-  step=(--vocab 151936 --prompts 32 --n 4 --max-resp 256 --steps 3 --warmup 1)
-  trl=(--prompts 32 --new-tokens 256 --repeats 3 --steps 2 --vocab 151936 --ks=-1,16 --compiled-ks '')
+  step=(--vocab 151936 --prompts 16 --n 4 --max-resp 256 --steps 2 --warmup 1)
+  trl=(--prompts 16 --new-tokens 128 --repeats 3 --steps 2 --vocab 151936 --ks=-1,16 --compiled-ks '')
 fi
 
 "$py" bench/bench_rewards.py "${rewards[@]}" | tee "$out/bench_rewards.md"
