@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from opd.generation import _apply_repetition_penalty, _filter_top_p, sample
+from opd.generation import _apply_repetition_penalty, _filter_top_p, sample, sample_from_probs
 
 V, EOS, PAD = 50, 1, 0
 
@@ -80,6 +80,37 @@ def test_sampled_frequencies_follow_the_model_distribution(model):
     with torch.no_grad():
         probs = (model(torch.tensor([p])).logits[0, -1].double() / temp).softmax(-1)
     assert (counts - probs).abs().max() < 0.03
+
+
+def test_sample_from_probs_draws_the_exact_distribution_with_one_uniform_per_row():
+    """Frequencies over many rows match the probabilities (tiny ones included), zero-probability ids never come up,
+    unnormalised rows are normalised, and a row costs one float64 uniform of the generator's stream."""
+    probs = torch.tensor([0.0, 0.5, 1e-3, 0.0, 0.299, 0.2, 0.0])
+    n = 200_000
+    gen = torch.Generator().manual_seed(3)
+    ids = sample_from_probs((probs * 3.0).expand(n, -1), gen)  # a total of 3: sampling normalises by the row's mass
+    freq = torch.bincount(ids, minlength=probs.numel()).double() / n
+    assert (freq[probs == 0] == 0).all()
+    sd = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 5 * sd + 1e-12).all(), freq  # 5 standard errors per id
+    twin = torch.Generator().manual_seed(3)
+    torch.rand((n, 1), generator=twin, dtype=torch.float64)
+    assert torch.equal(gen.get_state(), twin.get_state())
+
+
+def test_sample_from_probs_picks_each_id_at_its_cumulative_interval():
+    """Inverse-CDF: the uniform u lands on the first id whose cumulative mass exceeds u * total."""
+    probs = torch.tensor([[0.25, 0.0, 0.25, 0.5]], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    u = torch.rand((1, 1), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = int((probs.cumsum(-1) > u).double().argmax())
+    assert int(sample_from_probs(probs, gen)) == want
+
+
+def test_sample_from_probs_refuses_a_non_finite_row():
+    probs = torch.tensor([[0.5, 0.5], [float("nan"), 0.5]])
+    with pytest.raises(ValueError, match="not finite"):
+        sample_from_probs(probs, torch.Generator().manual_seed(0))
 
 
 def test_top_p_keeps_smallest_nucleus():
@@ -204,7 +235,7 @@ def _reference_sample_batch(model, prompts, max_new_tokens, eos, pad_id, tempera
             scaled = logits.float() / temperature
             if top_p < 1.0:
                 scaled = _filter_top_p(scaled, top_p)
-            tok = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+            tok = sample_from_probs(scaled.softmax(-1), generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         observed.append((step, raw.clone(), tok.clone()))
         generated[:, step] = tok

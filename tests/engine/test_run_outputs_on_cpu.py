@@ -197,11 +197,25 @@ def test_every_estimator_and_option_runs_a_step(tiny_cfg, monkeypatch, settings)
 
 
 def test_format_reward_masks_responses_without_a_box(tiny_cfg):
-    """A random tiny student never writes \\boxed: with ENABLE_FORMAT_REWARD every response leaves the loss."""
+    """With ENABLE_FORMAT_REWARD a response without \\boxed leaves the loss (its row of the mask is 0) and one with
+    it stays; when none has it the step updates nothing. The texts are set here: a random tiny student may write
+    any token, \\boxed included. (train/format_ok counts any final answer found, boxed or not: not this rule.)"""
     s = trainer.setup(tiny_cfg(ENABLE_FORMAT_REWARD="True", weight_decay=0.0))
-    metrics = trainer.train_step(s, 1)
-    # (train/format_ok counts responses where the grader found any final answer, boxed or not: not this rule)
-    assert not any("\\boxed" in sample["response"] for sample in s.last_samples)
+    problems = [s.train_set.problems[i] for i in s.schedule.batch(1)]
+    heads, seen = trainer.step_plan(s, len(problems))
+    rollouts = trainer.sample_rollouts(s, problems, observe=seen)
+    batch = rollouts.batch
+    scores = trainer.score_rollouts(s, batch, heads=heads, seen=seen)
+    unboxed = [text.replace("\\boxed", "") for text in rollouts.texts]
+
+    rollouts.texts = ["\\boxed{7}"] + unboxed[1:]
+    kept = trainer.rollout_targets(s, rollouts, batch, scores.reads).response_mask_NT.sum(-1) > 0
+    assert kept.tolist() == [True] + [False] * (len(unboxed) - 1)  # every response has >= 1 token (EOS counts)
+
+    rollouts.texts = unboxed
+    targets = trainer.rollout_targets(s, rollouts, batch, scores.reads)
+    assert not targets.response_mask_NT.any()
+    metrics = trainer.update_student(s, batch, targets, scores)
     assert metrics["actor/grad_norm"] == 0.0 and metrics["actor/loss"] == 0.0
 
 
