@@ -224,6 +224,16 @@ def _stats(logits_shape: tuple, ranges, chunk_at, *, k: int, ids_NTJ, device) ->
     )
 
 
+def _logprobs_at_grad_(
+    x_RV: torch.Tensor, lse_R: torch.Tensor, ids_RJ: torch.Tensor, g_RJ: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """d (sum_j g[r, j] lp[r, ids[r, j]]) / d logits for one chunk, given x = logits / tau and the saved normaliser:
+    (scatter of g at the ids - softmax(x) * sum_j g) / tau, built in `x_RV`'s buffer (its values are consumed)."""
+    g_RV = x_RV.sub_(lse_R[:, None]).exp_().mul_(-g_RJ.sum(-1, keepdim=True))
+    g_RV.scatter_add_(-1, ids_RJ, g_RJ)
+    return g_RV.div_(tau) if tau != 1.0 else g_RV
+
+
 class _LogprobsAt(torch.autograd.Function):
     """lp[r, j] = x[r, ids[r, j]] / tau - logsumexp(x[r] / tau), with a chunked backward.
 
@@ -257,14 +267,10 @@ class _LogprobsAt(torch.autograd.Function):
         grad_RV = grad_logits_NTV.view(-1, chunks.vocab)
         grad_RJ = grad_RJ.to(torch.float32)
         for start, stop in chunks.ranges():
-            g_RJ = grad_RJ[start:stop]
-            # softmax rebuilt in place from the saved normaliser, then -softmax * sum_j g + scatter of g at the ids.
-            p_RV = _float_chunk(chunks.rows(start, stop), tau).sub_(lse_R[start:stop, None]).exp_()
-            g_RV = p_RV.mul_(-g_RJ.sum(-1, keepdim=True))
-            g_RV.scatter_add_(-1, ids_RJ[start:stop], g_RJ)
-            if tau != 1.0:
-                g_RV.div_(tau)
-            grad_RV[start:stop] = g_RV
+            x_RV = _float_chunk(chunks.rows(start, stop), tau)
+            grad_RV[start:stop] = _logprobs_at_grad_(
+                x_RV, lse_R[start:stop], ids_RJ[start:stop], grad_RJ[start:stop], tau
+            )
         return grad_logits_NTV, None, None, None
 
 
@@ -303,13 +309,9 @@ class _LogprobsAtHead(torch.autograd.Function):
         g_live = grad_RJ[live].to(acc)
         for start in range(0, live.shape[0], ctx.rows):
             stop = min(start + ctx.rows, live.shape[0])
-            h_c, g_RJ = h_live[start:stop], g_live[start:stop]
-            # softmax rebuilt from the saved normaliser, then -softmax * sum_j g + scatter of g at the ids
-            p_RV = _head_chunk(h_c, w_VH, b_V, tau).sub_(lse_live[start:stop, None]).exp_()
-            g_RV = p_RV.mul_(-g_RJ.sum(-1, keepdim=True))
-            g_RV.scatter_add_(-1, ids_live[start:stop], g_RJ)
-            if tau != 1.0:
-                g_RV.div_(tau)
+            h_c = h_live[start:stop]
+            x_RV = _head_chunk(h_c, w_VH, b_V, tau)
+            g_RV = _logprobs_at_grad_(x_RV, lse_live[start:stop], ids_live[start:stop], g_live[start:stop], tau)
             if grad_b is not None:
                 grad_b += g_RV.sum(0)
             g_RV = g_RV.to(w_VH.dtype)
